@@ -1,0 +1,52 @@
+"""The FlexAttention call over one layer's page pool, compiled or eager."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+AttentionMode = Literal["compiled", "eager"]
+
+_compiled: Any = None
+
+
+def compiled_flex_attention() -> Any:
+    """flex_attention compiled once per process with static shapes.
+
+    `dynamic=False`: a dynamic batch disqualifies the FlexDecoding kernel on GPU and breaks the CPU
+    template; the cache keeps every shape static instead (fixed pools, bucketed batch and query length).
+    """
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def attend(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_mask: BlockMask,
+    score_mod: Any,
+    scale: float | None,
+    mode: AttentionMode = "compiled",
+    kernel_options: dict | None = None,
+) -> torch.Tensor:
+    """Attend padded queries over a layer's whole pool.
+
+    Args:
+        q: (Bp, Hq, Lqp, D) queries, Bp/Lqp the bucketed batch and query length.
+        k_pool, v_pool: (1, Hkv, N * P, D) one layer's pool, broadcast over the batch.
+        block_mask: maps each (row, query block) to the physical pages it may read.
+    Returns:
+        (Bp, Hq, Lqp, D); rows whose every key is masked are 0.
+    """
+    enable_gqa = q.shape[1] != k_pool.shape[1]
+    if mode == "eager":
+        # Eager flex ignores the block lists and reads only the mask_mod.
+        return flex_attention(q, k_pool, v_pool, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                              enable_gqa=enable_gqa)
+    return compiled_flex_attention()(q, k_pool, v_pool, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                     enable_gqa=enable_gqa, kernel_options=kernel_options)

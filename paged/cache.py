@@ -1,0 +1,310 @@
+"""PagedKVCache: per-layer K/V page pools, a page table per sequence, and FlexAttention over them.
+
+    cache = PagedKVCache(CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, page_size=16,
+                                   num_pages=64, max_seq_len=512))
+    cache.admit("a"); cache.admit("b")
+    cache.plan(["a", "b"], [5, 3])           # once per step: allocates pages, builds the block mask
+    for layer in range(2):
+        out = cache.run(layer, q, k, v)      # q (2, 5, Hq, D), k/v (2, 5, Hkv, D) -> (2, 5, Hq, D)
+
+Every request is validated before anything changes; a rejected request leaves the cache exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import torch
+
+from paged.allocator import PageAllocator, PlacementPolicy
+from paged.attention import AttentionMode, attend
+from paged.errors import UnsupportedConfigError
+from paged.mods import MaskMod, ScoreMod, causal
+from paged.plan import StepBuffers, StepPlan, bucket, fill_block_lists, padded_query_len, physical_mods
+from paged.spec import CacheSpec
+from paged.stats import MemoryStats
+from paged.validation import check_new_id, check_run, check_step, lookup
+from torch.nn.attention.flex_attention import BlockMask
+
+
+@dataclass
+class SequenceState:
+    """Host bookkeeping of one live sequence: its pages in logical order and its stored length."""
+
+    pages: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+class PagedKVCache:
+    """A paged KV cache attended by FlexAttention. The `paged` backend.
+
+    Args:
+        spec: the cache's shape (layers, kv heads, head dim, page size, pool pages, max length, dtype, device).
+        policy: page placement policy name ("lowest", "lifo", "fifo", "random") or a PlacementPolicy.
+        seed: seed of the "random" policy.
+        attention: "compiled" (fused FlexAttention kernels) or "eager" (reads only the mask_mod; for checks).
+        kernel_options: passed to compiled flex_attention (e.g. {"num_stages": 3, "num_warps": 4}).
+        poison_free_pages: debug aid: fill pages with NaN when they are freed, and zero them when handed out,
+            so any read of memory a sequence does not own turns its output into NaN.
+
+    Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
+    """
+
+    def __init__(
+        self,
+        spec: CacheSpec,
+        *,
+        policy: str | PlacementPolicy = "lowest",
+        seed: int = 0,
+        attention: AttentionMode = "compiled",
+        kernel_options: dict | None = None,
+        poison_free_pages: bool = False,
+    ) -> None:
+        if attention not in ("compiled", "eager"):
+            raise UnsupportedConfigError(f"attention must be 'compiled' or 'eager', got {attention!r}")
+        self.spec = spec
+        self.allocator = PageAllocator(spec.num_pages, policy, seed)
+        self.attention = attention
+        self.kernel_options = kernel_options
+        self.poison = poison_free_pages
+        L, H, N, P, D = spec.num_layers, spec.num_kv_heads, spec.num_pages, spec.page_size, spec.head_dim
+        # Zero-filled: uninitialised memory may hold NaN, and masked slots of a partly filled page are read.
+        self.k_pool = torch.zeros(L, H, N * P, D, dtype=spec.dtype, device=spec.device)
+        self.v_pool = torch.zeros_like(self.k_pool)
+        if self.poison:
+            self.k_pool.fill_(float("nan"))
+            self.v_pool.fill_(float("nan"))
+        # Logical page index of every physical page (-1 when free). Forks share only prefixes, so a shared
+        # page has the same logical index in every owner: one global table serves all sequences.
+        self.page_logical = torch.full((N,), -1, dtype=torch.int32, device=spec.device)
+        self._seqs: dict[Hashable, SequenceState] = {}
+        # CPU codegen needs the block lists to span the whole pool; on GPU a sequence's pages suffice.
+        self._table_width = N if spec.device.type == "cpu" else spec.max_pages_per_seq
+        self._buffers: dict[tuple[int, int], StepBuffers] = {}
+        self._plan: StepPlan | None = None
+
+    # ------------------------------------------------------------------ sequences
+    @property
+    def seq_ids(self) -> list[Hashable]:
+        return list(self._seqs)
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
+
+    def length(self, seq_id: Hashable) -> int:
+        """Tokens stored for a live sequence."""
+        return self._get(seq_id).length
+
+    def pages(self, seq_id: Hashable) -> list[int]:
+        """Physical pages of a live sequence, in logical order."""
+        return list(self._get(seq_id).pages)
+
+    def _get(self, seq_id: Hashable) -> SequenceState:
+        return lookup(self._seqs, seq_id)
+
+    def admit(self, seq_id: Hashable) -> None:
+        """Start an empty sequence. It takes no pages until tokens are appended."""
+        check_new_id(self._seqs, seq_id)
+        self._plan = None
+        self._seqs[seq_id] = SequenceState()
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """Start `child_id` as a copy of `parent_id`'s history, sharing its pages (copy-on-write)."""
+        parent = self._get(parent_id)
+        check_new_id(self._seqs, child_id)
+        self._plan = None
+        self.allocator.share(parent.pages)
+        self._seqs[child_id] = SequenceState(list(parent.pages), parent.length)
+
+    def finish(self, seq_id: Hashable) -> None:
+        """End a sequence; pages no other sequence shares are free at once."""
+        state = self._get(seq_id)
+        self._plan = None
+        del self._seqs[seq_id]
+        freed = self.allocator.release(state.pages)
+        if freed:
+            idx = torch.tensor(freed, device=self.spec.device)
+            self.page_logical[idx] = -1
+            if self.poison:
+                self._fill_pages(idx, float("nan"))
+
+    def _fill_pages(self, pages: torch.Tensor, value: float) -> None:
+        L, H, N, P, D = (self.spec.num_layers, self.spec.num_kv_heads, self.spec.num_pages,
+                         self.spec.page_size, self.spec.head_dim)
+        for pool in (self.k_pool, self.v_pool):
+            pool.view(L, H, N, P, D)[:, :, pages] = value
+
+    # ------------------------------------------------------------------ plan / run
+    def plan(
+        self,
+        seq_ids: Sequence[Hashable],
+        q_lens: Sequence[int],
+        *,
+        mask_mod: MaskMod | None = None,
+        score_mod: ScoreMod | None = None,
+    ) -> StepPlan:
+        """Reserve room for one step's new tokens and build the step's block mask (once for all layers).
+
+        Args:
+            seq_ids: live sequences taking part in this step, each at most once.
+            q_lens: new tokens per sequence: 1 for a decode token, more for a prefill chunk.
+            mask_mod, score_mod: optional FlexAttention mods in LOGICAL positions (see `paged.mods`);
+                `mask_mod` replaces the default causal mask.
+        Raises (before any change): UnknownSequenceError, DuplicateSequenceError, InvalidRequestError,
+            SequenceTooLongError, OutOfPagesError.
+        """
+        seq_ids, q_lens = check_step(self.length, self._seqs, seq_ids, q_lens, self.spec.max_seq_len, mask_mod,
+                                     score_mod)
+        spec, P = self.spec, self.spec.page_size
+        states = [self._seqs[s] for s in seq_ids]
+
+        # Pages to add, and shared partly filled last pages that must be copied before they are written.
+        grow = [math.ceil((st.length + q) / P) - len(st.pages) for st, q in zip(states, q_lens)]
+        cow = [st.length % P != 0 and self.allocator.refcount(st.pages[-1]) > 1 for st in states]
+        new_pages = self.allocator.allocate(sum(grow) + sum(cow), what=f"step of {len(seq_ids)} sequence(s)")
+
+        # ---- from here on nothing can fail on bad input: commit
+        self._plan = None
+        start_lens = tuple(st.length for st in states)
+        it = iter(new_pages)
+        assigned, assigned_logical, copies = [], [], []
+        for st, q, g, c in zip(states, q_lens, grow, cow):
+            if c:
+                old, fresh = st.pages[-1], next(it)
+                copies.append((old, fresh))
+                self.allocator.release([old])
+                st.pages[-1] = fresh
+                assigned.append(fresh)
+                assigned_logical.append(len(st.pages) - 1)
+            for _ in range(g):
+                assigned.append(next(it))
+                assigned_logical.append(len(st.pages))
+                st.pages.append(assigned[-1])
+            st.length += q
+        if assigned:
+            idx = torch.tensor(assigned, device=spec.device)
+            self.page_logical[idx] = torch.tensor(assigned_logical, dtype=torch.int32, device=spec.device)
+            if self.poison:
+                self._fill_pages(idx, 0.0)
+        for old, fresh in copies:
+            for pool in (self.k_pool, self.v_pool):
+                pool[:, :, fresh * P:(fresh + 1) * P] = pool[:, :, old * P:(old + 1) * P]
+
+        self._plan = self._build_plan(seq_ids, q_lens, start_lens, states, mask_mod, score_mod)
+        return self._plan
+
+    def _buffers_for(self, padded_batch: int, padded_q: int) -> StepBuffers:
+        key = (padded_batch, padded_q)
+        if key not in self._buffers:
+            self._buffers[key] = StepBuffers(padded_batch, padded_q, min(padded_q, 128), self._table_width,
+                                             self.spec.device)
+        return self._buffers[key]
+
+    def _build_plan(self, seq_ids, q_lens, start_lens, states, mask_mod, score_mod) -> StepPlan:
+        spec, P = self.spec, self.spec.page_size
+        B, max_q = len(seq_ids), max(q_lens)
+        buf = self._buffers_for(bucket(B), padded_query_len(max_q))
+        Bp, W = buf.padded_batch, buf.width
+
+        table = torch.full((Bp, W), -1, dtype=torch.int32)
+        for b, st in enumerate(states):
+            table[b, :len(st.pages)] = torch.tensor(st.pages, dtype=torch.int32)
+        q_start = torch.zeros(Bp, dtype=torch.long)
+        q_start[:B] = torch.tensor(start_lens)
+        q_len = torch.zeros(Bp, dtype=torch.long)
+        q_len[:B] = torch.tensor(q_lens)
+        num_pages = torch.zeros(Bp, dtype=torch.long)
+        num_pages[:B] = torch.tensor([len(st.pages) for st in states])
+        lists = fill_block_lists(buf, table, num_pages, q_start, q_len, P, causal_default=mask_mod is None)
+
+        # One host->device copy per tensor, into the bucket's persistent buffers.
+        buf.page_table.copy_(table)
+        buf.q_start.copy_(q_start)
+        buf.q_len.copy_(q_len)
+        for name, host in lists.items():
+            getattr(buf, name).copy_(host)
+
+        # Slot of every new token, and its row in the caller's flattened (B * max_q) inputs.
+        pos = torch.cat([torch.arange(s, s + q) for s, q in zip(start_lens, q_lens)])             # (T,)
+        rows = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)])             # (T,)
+        owner = torch.cat([torch.full((q,), b) for b, q in enumerate(q_lens)])                     # (T,)
+        slots = table[owner, torch.div(pos, P, rounding_mode="floor")].long() * P + pos % P      # (T,)
+
+        key = (mask_mod, score_mod)
+        if key not in buf.wrapped:
+            buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod)
+        paged_mask, paged_score = buf.wrapped[key]
+        block_mask = BlockMask.from_kv_blocks(
+            buf.kv_num_blocks, buf.kv_indices, buf.full_kv_num_blocks, buf.full_kv_indices,
+            BLOCK_SIZE=(buf.q_block, P), mask_mod=paged_mask,
+            seq_lengths=(buf.padded_q_len, spec.num_pages * P), compute_q_blocks=False)
+        return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, slots.to(spec.device), rows.to(spec.device),
+                        block_mask, paged_score, set())
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+            scale: float | None = None) -> torch.Tensor:
+        """Store one layer's new K/V and attend the new queries over each sequence's whole history.
+
+        Args:
+            layer: 0 <= layer < num_layers; each layer once per plan.
+            q: (B, Lq, Hq, D) queries, row b's first q_lens[b] positions real (Lq >= max q_len; Hq % Hkv == 0).
+            k, v: (B, Lq, Hkv, D) the new tokens' keys and values, same row layout.
+            scale: softmax scale, default 1/sqrt(D).
+        Returns:
+            (B, Lq, Hq, D) attention output; positions past a row's q_len are 0.
+        """
+        plan = self._plan
+        check_run(self.spec, plan is not None, plan.layers_run if plan else set(), plan.batch if plan else 0,
+                  plan.max_q_len if plan else 0, layer, q, k, v)
+        spec, B, Lq = self.spec, plan.batch, plan.max_q_len
+        H, D = spec.num_kv_heads, spec.head_dim
+        q, k, v = q[:, :Lq], k[:, :Lq], v[:, :Lq]
+        plan.layers_run.add(layer)
+
+        slots = plan.slot_mapping
+        self.k_pool[layer][:, slots] = k.reshape(B * Lq, H, D)[plan.token_rows].transpose(0, 1)
+        self.v_pool[layer][:, slots] = v.reshape(B * Lq, H, D)[plan.token_rows].transpose(0, 1)
+
+        buf = plan.buffers
+        qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)
+        qp[:B, :Lq] = q
+        out = attend(qp.transpose(1, 2), self.k_pool[layer:layer + 1], self.v_pool[layer:layer + 1],
+                     plan.block_mask, plan.score_mod, scale, self.attention, self.kernel_options)
+        out = out.transpose(1, 2)[:B, :Lq]                                             # (B, Lq, Hq, D)
+        # Unmasked (full) pages reach padding rows too: zero them so callers never see garbage.
+        valid = torch.arange(Lq, device=q.device)[None, :] < buf.q_len[:B, None]
+        return out * valid[:, :, None, None].to(out.dtype)
+
+    # ------------------------------------------------------------------ memory
+    def memory(self) -> MemoryStats:
+        """Pages in use, distinct tokens stored and waste (a page shared by forks counts once)."""
+        P = self.spec.page_size
+        filled: dict[int, int] = {}
+        for st in self._seqs.values():
+            for i, page in enumerate(st.pages):
+                filled[page] = max(filled.get(page, 0), min(P, st.length - i * P))
+        used = self.allocator.used_count
+        stored = sum(filled.values())
+        return MemoryStats(
+            live_sequences=len(self._seqs), tokens_stored=stored, slots_reserved=used * P,
+            waste_slots=used * P - stored, capacity_slots=self.spec.capacity_tokens,
+            bytes_per_slot=self.spec.bytes_per_token, page_size=P, total_pages=self.spec.num_pages,
+            pages_in_use=used, free_pages=self.allocator.free_count)
+
+    def poison_free_pages(self, value: float = float("nan")) -> None:
+        """Fill every free page of every layer with `value` (a debug aid for isolation checks)."""
+        free = self.allocator.policy.free_pages()
+        if free:
+            self._fill_pages(torch.tensor(free, device=self.spec.device), value)
+
+    def snapshot(self) -> dict:
+        """A full copy of the cache's state, for checking that a rejected request changed nothing."""
+        return {
+            "sequences": {s: (tuple(st.pages), st.length) for s, st in self._seqs.items()},
+            "allocator": self.allocator.snapshot(),
+            "page_logical": self.page_logical.cpu().clone(),
+            "k_pool": self.k_pool.cpu().clone(),
+            "v_pool": self.v_pool.cpu().clone(),
+        }

@@ -1,0 +1,178 @@
+"""StepPlan: everything one step's attention needs, built ONCE per step and reused by every layer.
+
+FlashInfer's plan/run split: `PagedKVCache.plan` decides where the new tokens go (allocating pages) and
+fills the step's device tensors here; `PagedKVCache.run` is then called once per layer and only reads them.
+
+Shapes are bucketed (batch and query length to powers of two) and the tensors of a bucket are reused in
+place every step, so compiled FlexAttention sees the same shapes and the same mask function each time and
+never recompiles as sequences grow, join or leave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from paged.mods import MaskMod, ScoreMod
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def padded_query_len(max_q_len: int) -> int:
+    """1 for a pure decode step (FlexDecoding's shape), else a power of two >= 16."""
+    return 1 if max_q_len == 1 else bucket(max_q_len, 16)
+
+
+class StepBuffers:
+    """Device tensors of one (padded batch, padded query length) bucket, refilled in place each step.
+
+    Attributes (Bp = padded batch, W = page-table width, Qb = query blocks):
+        page_table: (Bp, W) int32, physical page of each logical page, -1 past the sequence's pages.
+        q_start: (Bp,) int32, logical position of each row's first new token (its length before the step).
+        q_len: (Bp,) int32, new tokens per row (0 for padding rows).
+        kv_num_blocks, full_kv_num_blocks: (Bp, 1, Qb) int32, masked / unmasked pages per query block.
+        kv_indices, full_kv_indices: (Bp, 1, Qb, W) int32, those pages, left-aligned.
+    """
+
+    def __init__(self, padded_batch: int, padded_q_len: int, q_block: int, width: int, device: torch.device):
+        self.padded_batch, self.padded_q_len, self.q_block, self.width = padded_batch, padded_q_len, q_block, width
+        num_q_blocks = padded_q_len // q_block
+        i32 = dict(dtype=torch.int32, device=device)
+        self.page_table = torch.full((padded_batch, width), -1, **i32)
+        self.q_start = torch.zeros(padded_batch, **i32)
+        self.q_len = torch.zeros(padded_batch, **i32)
+        self.kv_num_blocks = torch.zeros(padded_batch, 1, num_q_blocks, **i32)
+        self.kv_indices = torch.zeros(padded_batch, 1, num_q_blocks, width, **i32)
+        self.full_kv_num_blocks = torch.zeros(padded_batch, 1, num_q_blocks, **i32)
+        self.full_kv_indices = torch.zeros(padded_batch, 1, num_q_blocks, width, **i32)
+        # The physical->logical wrappers are built once per (bucket, user mods) so the compiled kernel
+        # sees the same functions, and so the same guards, every step.
+        self.wrapped: dict[tuple, tuple[Callable, Callable | None]] = {}
+
+
+def physical_mods(
+    buffers: StepBuffers,
+    page_logical: torch.Tensor,
+    page_size: int,
+    mask_mod: MaskMod,
+    score_mod: ScoreMod | None,
+) -> tuple[Callable, Callable | None]:
+    """Wrap logical mods into FlexAttention mods over physical pool slots.
+
+    The mask is right on its own (eager FlexAttention reads nothing else): a slot is visible to a query
+    only if its page belongs to the query's sequence (ownership), the query row is real, and the user's
+    logical mask keeps (query position, key position). Keys past the sequence's stored length are never
+    visible because a causal or prefix mask only reaches positions that exist (checked via `kv < kv_len`).
+    """
+    page_table, q_start, q_len = buffers.page_table, buffers.q_start, buffers.q_len
+
+    def to_logical(b, kv_idx):
+        page = kv_idx // page_size
+        logical_page = page_logical[page]  # same logical index for every owner (forks share prefixes)
+        owned = (logical_page >= 0) & (page_table[b, logical_page.clamp(min=0)] == page)
+        return owned, logical_page * page_size + kv_idx % page_size
+
+    def paged_mask(b, h, q_idx, kv_idx):
+        owned, kv_pos = to_logical(b, kv_idx)
+        q_pos = q_start[b] + q_idx
+        stored = kv_pos < q_start[b] + q_len[b]
+        return owned & stored & (q_idx < q_len[b]) & mask_mod(b, h, q_pos, kv_pos)
+
+    if score_mod is None:
+        return paged_mask, None
+
+    def paged_score(score, b, h, q_idx, kv_idx):
+        _, kv_pos = to_logical(b, kv_idx)
+        return score_mod(score, b, h, q_start[b] + q_idx, kv_pos)
+
+    return paged_mask, paged_score
+
+
+@dataclass
+class StepPlan:
+    """One step's plan: which sequences, how many new tokens each, where they go, and the block mask.
+
+    Attributes:
+        seq_ids: the step's sequences, in row order.
+        q_lens: new tokens per sequence (1 for decode, more for a prefill chunk).
+        start_lens: each sequence's length before the step (= logical position of its first new token).
+        slot_mapping: (T,) int64, pool slot (page * P + offset) of each new token, T = sum(q_lens).
+        token_rows: (T,) int64, row of each new token in the caller's flattened (B * max_q_len) inputs.
+        block_mask: FlexAttention BlockMask over (Bp, Lqp) queries and the whole pool.
+        score_mod: physical score_mod or None.
+    """
+
+    seq_ids: tuple[Hashable, ...]
+    q_lens: tuple[int, ...]
+    start_lens: tuple[int, ...]
+    max_q_len: int
+    buffers: StepBuffers
+    slot_mapping: torch.Tensor
+    token_rows: torch.Tensor
+    block_mask: BlockMask
+    score_mod: Callable | None
+    layers_run: set[int]
+
+    @property
+    def batch(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.q_lens)
+
+
+def fill_block_lists(
+    buffers: StepBuffers,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    page_size: int,
+    causal_default: bool,
+) -> dict[str, torch.Tensor]:
+    """Compute the block lists of every (row, query block) on the host.
+
+    Args:
+        page_table: (Bp, W) int32 host page table; num_pages, q_start, q_len: (Bp,) int64 host.
+        causal_default: the mask is plain causality, so pages wholly before a query block are FULL (no mask
+            needed: every query of the block sees every slot) and pages wholly after it are skipped. With
+            a user mask every stored page is listed as masked.
+    Returns the host tensors for kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices.
+    """
+    bp, width = page_table.shape
+    qb = buffers.q_block
+    num_q_blocks = buffers.padded_q_len // qb
+    block = torch.arange(num_q_blocks)                                   # (Qb,)
+    first_row = block * qb                                               # (Qb,)
+    last_row = torch.minimum((block + 1) * qb, q_len[:, None]) - 1       # (Bp, Qb)
+    live = first_row[None, :] < q_len[:, None]                           # (Bp, Qb) block has real queries
+    if causal_default:
+        first_pos = q_start[:, None] + first_row[None, :]
+        last_pos = q_start[:, None] + last_row
+        n_full = torch.div(first_pos + 1, page_size, rounding_mode="floor")      # pages ending <= first query
+        n_visible = torch.div(last_pos, page_size, rounding_mode="floor") + 1    # pages starting <= last query
+    else:
+        n_full = torch.zeros(bp, num_q_blocks, dtype=torch.long)
+        n_visible = num_pages[:, None].expand(bp, num_q_blocks)
+    n_full = torch.where(live, n_full, 0)
+    n_visible = torch.where(live, torch.minimum(n_visible, num_pages[:, None]), 0)
+    col = torch.arange(width)                                            # (W,)
+    table = page_table.long()[:, None, :].expand(bp, num_q_blocks, width)
+    src = (n_full[..., None] + col).clamp(max=width - 1)                 # (Bp, Qb, W)
+    masked_ok = col < (n_visible - n_full)[..., None]
+    kv_indices = torch.where(masked_ok, table.gather(2, src), 0)
+    full_indices = torch.where(col < n_full[..., None], table, 0)
+    return {
+        "kv_num_blocks": (n_visible - n_full)[:, None, :],
+        "kv_indices": kv_indices[:, None],
+        "full_kv_num_blocks": n_full[:, None, :],
+        "full_kv_indices": full_indices[:, None],
+    }
