@@ -10,6 +10,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 AttentionMode = Literal["compiled", "eager"]
 
 _compiled: Any = None
+MAX_COMPILED_SHAPES = 256
 
 
 def compiled_flex_attention() -> Any:
@@ -20,6 +21,9 @@ def compiled_flex_attention() -> Any:
     """
     global _compiled
     if _compiled is None:
+        # Every (padded batch, padded query length, pool) bucket is one compiled graph; dynamo's default
+        # limit of 8 per function would silently drop later buckets to the slow eager path.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILED_SHAPES)
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
 

@@ -62,10 +62,19 @@ def test_round_trip(default_tok: tk.Tokenizer, text: str) -> None:
     assert default_tok.decode(ids) == text
 
 
-def test_round_trip_odd_text(default_tok: tk.Tokenizer) -> None:
-    # Identity normalisation + byte fallback: whitespace and non-ASCII survive too.
-    text = "  two  spaces, a\ttab,\nnewline, café, 日本, 🙂 "
-    assert default_tok.decode(default_tok.encode(text, bos=False)) == text
+def test_round_trip_whitespace_and_ascii(default_tok: tk.Tokenizer) -> None:
+    # Identity normalisation keeps runs of spaces; newline and tab are pieces of their own.
+    text = "  two  spaces,\ta tab,\nnew line; " + "".join(chr(c) for c in range(32, 127)) + " "
+    ids = default_tok.encode(text, bos=False)
+    assert 0 not in ids  # no <unk>
+    assert default_tok.decode(ids) == text
+
+
+def test_non_ascii_maps_to_unk(default_tok: tk.Tokenizer) -> None:
+    # No byte fallback (it would take 256 of the 512 ids): unseen characters become <unk>.
+    ids = default_tok.encode("café", bos=False)
+    assert 0 in ids
+    assert default_tok.decode(ids).startswith("caf")
 
 
 def test_bos_eos_flags(default_tok: tk.Tokenizer) -> None:
@@ -79,7 +88,7 @@ def test_bos_eos_flags(default_tok: tk.Tokenizer) -> None:
 def test_subwords_are_learned(default_tok: tk.Tokenizer) -> None:
     # A trained vocabulary should need far fewer tokens than characters on in-domain text.
     text = " ".join(SENTENCES[:3])
-    assert len(default_tok.encode(text, bos=False)) < len(text) / 2.5
+    assert len(default_tok.encode(text, bos=False)) < len(text) / 2
 
 
 def test_cache_is_reused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,6 +107,26 @@ def test_cache_is_reused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert first == second
     assert len(calls) == 1
     assert second.stat().st_mtime_ns == mtime
+
+
+def test_concurrent_first_use(cache: Path) -> None:
+    """Processes racing to train the default model all end up with one valid file."""
+    env = dict(os.environ, PAGED_CACHE_DIR=str(cache))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    # Load the module file directly: importing the `paged` package would pull in torch (~1 s).
+    code = (
+        "import importlib.util as u, sys; "
+        f"s = u.spec_from_file_location('tok', {str(Path(tk.__file__))!r}); "
+        "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.Tokenizer().model_path)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(3)
+    ]
+    paths = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1
+    assert [p.name for p in cache.iterdir()] == [Path(paths.pop()).name]
 
 
 def test_edited_corpus_retrains(
@@ -151,15 +180,24 @@ def _cli(*args: str, cache: Path) -> str:
     return proc.stdout
 
 
-def test_cli_encode_decode_train(cache: Path, default_tok: tk.Tokenizer, tmp_path: Path) -> None:
+def test_cli_encode_decode_subprocess(cache: Path, default_tok: tk.Tokenizer) -> None:
     text = SENTENCES[0]
     ids = _cli("encode", text, cache=cache).split()
     assert [int(i) for i in ids] == default_tok.encode(text)
     assert _cli("decode", *ids, cache=cache) == text + "\n"
 
+
+def test_cli_train_and_model_option(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process through main(): the subprocess test above already covers `python -m`.
     out = tmp_path / "cli" / "mine.model"
-    printed = _cli("train", "--out", str(out), "--vocab-size", "400", cache=cache).strip()
-    assert Path(printed) == out and out.is_file()
-    assert tk.Tokenizer(out).vocab_size == 400
-    no_bos = _cli("encode", "--model", str(out), "--no-bos", "hi", cache=cache).split()
-    assert [int(i) for i in no_bos] == tk.Tokenizer(out).encode("hi", bos=False)
+    assert tk.main(["train", "--out", str(out), "--vocab-size", "400"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == out and out.is_file()
+    mine = tk.Tokenizer(out)
+    assert mine.vocab_size == 400
+    tk.main(["encode", "--model", str(out), "--no-bos", "hi there"])
+    ids = capsys.readouterr().out.split()
+    assert [int(i) for i in ids] == mine.encode("hi there", bos=False)
+    tk.main(["decode", "--model", str(out), *ids])
+    assert capsys.readouterr().out == "hi there\n"

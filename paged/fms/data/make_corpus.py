@@ -254,6 +254,13 @@ OPENING = [
     "bytes, 7 days, 42 requests per second, and a temperature of 18 degrees. Digits, commas, "
     "quotation marks, and the occasional question appear so the tokenizer sees them too. Why "
     "not? \"Small data,\" someone once said, \"is still data.\"",
+    "Typists once practised on lines that used every capital from A, B, C and D through J, K, "
+    "Q, V, W, X, Y and Z. Programmers practise on symbols instead: a hash # starts a comment, a "
+    "dollar sign $ marks a price, 50% is a half, & joins two names, and * multiplies. Braces { } "
+    "and brackets [ ] hold code, a backslash \\ escapes, a pipe | chains commands, a tilde ~ means "
+    "home, an @ names a user, a caret ^ raises a power, and an underscore _ joins words like "
+    "page_size. Compare a < b and c > d, or check that x = y + 1 - z / 2; then quote `code` "
+    "between backticks. It's 9 o'clock (nearly), so stop here!",
 ]
 
 
@@ -287,7 +294,7 @@ def make_corpus(seed: int = SEED, target_bytes: int = TARGET_BYTES) -> str:
         para = " ".join(_fill(t, words, rng) for t in templates)
         paragraphs.append(para)
         size += len(para) + 2
-    wrapped = [textwrap.fill(p, width=88) for p in paragraphs]
+    wrapped = [textwrap.fill(p, width=88, break_on_hyphens=False) for p in paragraphs]
     return "\n\n".join(wrapped) + "\n"
 
 

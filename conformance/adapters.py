@@ -1,0 +1,57 @@
+"""Factories for the backends this project ships or knows: `paged`, its eager twin, the oracle, and peers.
+
+Each returns a `BackendFactory`. Third parties offer theirs through the `paged.backends` entry-point group
+or `--backend module:factory` (a zero-argument callable returning a BackendFactory, or a callable
+spec -> backend, which is wrapped with no optional capabilities but the ones it obviously has).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from conformance.contract import CAPABILITIES, BackendFactory
+from oracle import ContiguousOracle
+from paged import PagedKVCache
+
+
+def _make_paged(spec, *, attention="compiled", policy="random", seed=0, **options):
+    # "random" placement scatters pages non-monotonically: the hardest case for the page table.
+    return PagedKVCache(spec, policy=policy, seed=seed, attention=attention, **options)
+
+
+def paged_backend() -> BackendFactory:
+    """The FlexAttention paged backend, compiled kernels."""
+    return BackendFactory(
+        name="paged", make=_make_paged, make_eager=partial(_make_paged, attention="eager"),
+        description="paged.PagedKVCache, compiled FlexAttention, random page placement")
+
+
+def paged_eager_backend() -> BackendFactory:
+    """The paged backend on uncompiled FlexAttention (reads only the mask_mod)."""
+    return BackendFactory(
+        name="paged-eager", make=partial(_make_paged, attention="eager"),
+        capabilities=CAPABILITIES - {"eager"},
+        description="paged.PagedKVCache, eager FlexAttention (mask_mod only)")
+
+
+def oracle_backend() -> BackendFactory:
+    """The oracle itself: the suite must pass on it."""
+    return BackendFactory(
+        name="oracle", make=lambda spec, **_: ContiguousOracle(spec),
+        capabilities=CAPABILITIES - {"paging", "poison", "eager"},
+        description="oracle.ContiguousOracle, float64 contiguous reference")
+
+
+def torch_paged_attention_backend() -> BackendFactory:
+    """torch's private torch.nn.attention.experimental._paged_attention.PagedAttention, as a peer."""
+    from conformance.peers.torch_paged import torch_paged_attention_factory
+
+    return torch_paged_attention_factory()
+
+
+BUILTIN = {
+    "paged": paged_backend,
+    "paged-eager": paged_eager_backend,
+    "oracle": oracle_backend,
+    "torch-paged-attention": torch_paged_attention_backend,
+}

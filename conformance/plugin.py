@@ -1,0 +1,70 @@
+"""pytest plugin (entry point `pytest11`): backend selection, device, Hypothesis profile, GPU marker.
+
+Options:
+    --backend NAME|module:factory   backend under test (default $PAGED_CONFORMANCE_BACKEND or "paged")
+    --device cpu|cuda               where caches live (default $PAGED_DEVICE or cpu)
+    --profile ci|dev|gpu|thorough   Hypothesis profile (default $HYPOTHESIS_PROFILE, ci under CI, else dev)
+Tests marked `gpu` are skipped without a CUDA GPU, unless PAGED_REQUIRE_GPU=1 (tox -e gpu), which fails them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+from conformance.profiles import default_profile, register_profiles
+from conformance.selection import BackendNotFound, resolve_backend
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("paged-conformance")
+    group.addoption("--backend", default=None, help="backend under test: NAME or module:factory")
+    group.addoption("--device", default=None, choices=("cpu", "cuda"), help="device for caches (default cpu)")
+    group.addoption("--profile", default=None, help="Hypothesis profile: ci, dev, gpu, thorough")
+
+
+def gpu_required() -> bool:
+    return os.environ.get("PAGED_REQUIRE_GPU", "") not in ("", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    register_profiles()
+    settings.load_profile(config.getoption("--profile") or default_profile())
+    device = config.getoption("--device") or os.environ.get("PAGED_DEVICE", "cpu")
+    if (device == "cuda" or gpu_required()) and not torch.cuda.is_available():
+        raise pytest.UsageError("a CUDA GPU was required (--device cuda or PAGED_REQUIRE_GPU=1) but none is visible")
+    config._paged_device = device
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return [f"paged: device={config._paged_device} profile={settings._current_profile} torch={torch.__version__} "
+            f"gpu={gpu}"]
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig: pytest.Config) -> torch.device:
+    """The device the caches under test live on (--device)."""
+    return torch.device(pytestconfig._paged_device)
+
+
+@pytest.fixture(scope="session")
+def backend_factory(pytestconfig: pytest.Config):
+    """The BackendFactory selected with --backend / $PAGED_CONFORMANCE_BACKEND."""
+    try:
+        return resolve_backend(pytestconfig.getoption("--backend"))
+    except BackendNotFound as exc:
+        raise pytest.UsageError(str(exc)) from exc

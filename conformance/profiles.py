@@ -1,0 +1,64 @@
+"""Hypothesis profiles for the suite, registered in code and chosen by --profile or HYPOTHESIS_PROFILE.
+
+    ci        bounded and derandomized: the whole CPU suite in a few minutes on 2 cores (loaded under CI=true)
+    dev       a few more examples, random, for local work
+    gpu       more and larger traces (bigger pools, batches, prompts), for the GPU
+    thorough  nightly-sized
+Trace sizes per profile live in `TRACE_LIMITS` and are read by `conformance.traces`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, Phase, settings
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+
+
+@dataclass(frozen=True)
+class TraceLimits:
+    """How big generated traces and configurations may get under a profile."""
+
+    max_ops: int          # operations per trace
+    max_batch: int        # sequences per step
+    max_chunk: int        # tokens per prefill chunk
+    max_seq_len: int      # longest sequence
+    small_configs: bool   # draw configurations from a short fixed list (few compiled shapes on CPU)
+
+
+TRACE_LIMITS = {
+    "ci": TraceLimits(max_ops=14, max_batch=4, max_chunk=12, max_seq_len=48, small_configs=True),
+    "dev": TraceLimits(max_ops=20, max_batch=4, max_chunk=16, max_seq_len=64, small_configs=True),
+    "gpu": TraceLimits(max_ops=40, max_batch=16, max_chunk=64, max_seq_len=512, small_configs=False),
+    "thorough": TraceLimits(max_ops=80, max_batch=32, max_chunk=128, max_seq_len=2048, small_configs=False),
+}
+
+EXAMPLES = {"ci": 12, "dev": 30, "gpu": 60, "thorough": 500}
+
+
+def register_profiles() -> None:
+    settings.register_profile("ci", max_examples=EXAMPLES["ci"], derandomize=True, deadline=None,
+                              suppress_health_check=_SLOW_OK, print_blob=True, database=None)
+    settings.register_profile("dev", max_examples=EXAMPLES["dev"], deadline=None, suppress_health_check=_SLOW_OK,
+                              print_blob=True)
+    settings.register_profile("gpu", max_examples=EXAMPLES["gpu"], deadline=None, suppress_health_check=_SLOW_OK,
+                              print_blob=True, derandomize=True, database=None)
+    settings.register_profile("thorough", max_examples=EXAMPLES["thorough"], deadline=None,
+                              suppress_health_check=_SLOW_OK, print_blob=True,
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink])
+
+
+def default_profile() -> str:
+    """HYPOTHESIS_PROFILE if set, else `ci` under CI, else `dev`."""
+    return os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+
+
+def active_profile() -> str:
+    name = settings._current_profile  # set by load_profile
+    return name if name in TRACE_LIMITS else "dev"
+
+
+def limits() -> TraceLimits:
+    return TRACE_LIMITS[active_profile()]

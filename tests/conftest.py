@@ -1,0 +1,22 @@
+"""Shared fixtures of the project's own tests. `device` comes from the conformance plugin (--device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def dtypes_for(device: torch.device) -> list[torch.dtype]:
+    """fp32 and bf16 on CPU; bf16, fp16 and fp32 on a GPU."""
+    if device.type == "cuda":
+        return [torch.bfloat16, torch.float16, torch.float32]
+    return [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(params=["float32", "bfloat16", "float16"])
+def dtype(request, device) -> torch.dtype:
+    """Each dtype the device supports (parametrised; unsupported ones are skipped)."""
+    dt = getattr(torch, request.param)
+    if dt not in dtypes_for(device):
+        pytest.skip(f"{request.param} is exercised on the GPU only")
+    return dt
