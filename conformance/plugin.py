@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 from conformance.profiles import default_profile, register_profiles
 from conformance.selection import BackendNotFound, resolve_backend
@@ -24,6 +24,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--backend", default=None, help="backend under test: NAME or module:factory")
     group.addoption("--device", default=None, choices=("cpu", "cuda"), help="device for caches (default cpu)")
     group.addoption("--profile", default=None, help="Hypothesis profile: ci, dev, gpu, thorough")
+    group.addoption("--no-shrink", action="store_true",
+                    help="stop at the first failing trace without shrinking it (for pass/fail-only runs)")
 
 
 def gpu_required() -> bool:
@@ -33,7 +35,12 @@ def gpu_required() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     register_profiles()
-    settings.load_profile(config.getoption("--profile") or default_profile())
+    profile = config.getoption("--profile") or default_profile()
+    settings.load_profile(profile)
+    if config.getoption("--no-shrink"):
+        settings.register_profile(f"{profile}-noshrink", parent=settings.get_profile(profile),
+                                  phases=[Phase.explicit, Phase.reuse, Phase.generate])
+        settings.load_profile(f"{profile}-noshrink")
     device = config.getoption("--device") or os.environ.get("PAGED_DEVICE", "cpu")
     if (device == "cuda" or gpu_required()) and not torch.cuda.is_available():
         raise pytest.UsageError("a CUDA GPU was required (--device cuda or PAGED_REQUIRE_GPU=1) but none is visible")

@@ -26,10 +26,12 @@ class TraceLimits:
     max_chunk: int        # tokens per prefill chunk
     max_seq_len: int      # longest sequence
     small_configs: bool   # draw configurations from a short fixed list (few compiled shapes on CPU)
+    mods: tuple[str, ...] = ("sliding_window_5", "prefix_lm_6", "alibi", "soft_cap_2")  # attention mods drawn
 
 
 TRACE_LIMITS = {
-    "ci": TraceLimits(max_ops=14, max_batch=4, max_chunk=12, max_seq_len=48, small_configs=True),
+    "ci": TraceLimits(max_ops=14, max_batch=4, max_chunk=12, max_seq_len=48, small_configs=True,
+                     mods=("sliding_window_5", "alibi")),
     "dev": TraceLimits(max_ops=20, max_batch=4, max_chunk=16, max_seq_len=64, small_configs=True),
     "gpu": TraceLimits(max_ops=40, max_batch=16, max_chunk=64, max_seq_len=512, small_configs=False),
     "thorough": TraceLimits(max_ops=80, max_batch=32, max_chunk=128, max_seq_len=2048, small_configs=False),
@@ -56,7 +58,7 @@ def default_profile() -> str:
 
 
 def active_profile() -> str:
-    name = settings._current_profile  # set by load_profile
+    name = settings._current_profile.removesuffix("-noshrink")  # set by load_profile
     return name if name in TRACE_LIMITS else "dev"
 
 

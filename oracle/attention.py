@@ -45,7 +45,7 @@ def reference_attention(
     q_pos = torch.arange(q_start, q_start + Lq)[None, :, None]                 # (1, Lq, 1)
     kv_pos = torch.arange(S)[None, None, :]                                    # (1, 1, S)
     if score_mod is not None:
-        scores = score_mod(scores, b, h, q_pos, kv_pos)
+        scores = score_mod(scores, b, h, q_pos, kv_pos).to(compute_dtype)  # mods may promote (e.g. ALiBi slopes)
     keep = (kv_pos <= q_pos) if mask_mod is None else mask_mod(b, h, q_pos, kv_pos)
     keep = torch.broadcast_to(keep, scores.shape)
     scores = scores.masked_fill(~keep, float("-inf"))

@@ -294,7 +294,11 @@ class PagedKVCache:
             pages_in_use=used, free_pages=self.allocator.free_count)
 
     def poison_free_pages(self, value: float = float("nan")) -> None:
-        """Fill every free page of every layer with `value` (a debug aid for isolation checks)."""
+        """Fill every free page of every layer with `value`, and keep doing so as pages are freed.
+
+        A debug aid for isolation checks: a read of a page no live sequence owns then shows up as NaN.
+        """
+        self.poison = True  # from now on freed pages are poisoned and handed-out pages scrubbed
         free = self.allocator.policy.free_pages()
         if free:
             self._fill_pages(torch.tensor(free, device=self.spec.device), value)

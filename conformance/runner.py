@@ -1,0 +1,214 @@
+"""Side-by-side runner: replay a trace on a backend and the oracle, checking every step as it goes.
+
+For each `Step` the same random q/k/v (seeded by trace seed, step and layer) go to the backend, the float64
+oracle (golden) and the same-dtype oracle (the plain reference of the correctness policy); every real
+output position of every layer and sequence is compared. The page model says what memory a correct paged
+backend must report and whether a step must be refused for lack of pages.
+
+Any violation raises `ConformanceError` naming the operation, so Hypothesis shrinks the trace to a minimal
+one and prints it as pasteable Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from conformance.contract import Backend, BackendFactory
+from conformance.model import PageModel
+from conformance.policy import compare
+from conformance.snapshots import first_difference
+from conformance.traces import Admit, Finish, Fork, Step, Trace, mods_for
+from oracle import ContiguousOracle
+from paged.errors import OutOfPagesError
+
+
+class ConformanceError(AssertionError):
+    """A backend broke the contract; the message names the operation and what was wrong."""
+
+
+@dataclass
+class ReplayOptions:
+    """Which checks a replay performs besides running every operation."""
+
+    compare_outputs: bool = True
+    check_memory: bool = False      # fragmentation bounds and exact page accounting after every operation
+    poison: bool = False            # NaN-poison free pages after every operation (capability "poison")
+    check_rejections: bool = True   # a step the pool cannot hold must raise OutOfPagesError, state unchanged
+    eager: bool = False             # build the backend's eager twin instead
+    before_op: Any = None           # hook(i, op, backend, model) called before each operation
+    before_run: Any = None          # hook(i, op, backend, layer, q, k, v) called before each layer's run
+
+
+@dataclass
+class ReplayStats:
+    """What a replay did and saw, for the report."""
+
+    steps: int = 0
+    refused_steps: int = 0
+    skipped_steps: int = 0
+    tokens: int = 0
+    comparisons: int = 0
+    worst_error: float = 0.0
+    worst_ratio: float = 0.0        # worst error / its bound (< 1 passes)
+    peak_pages: int = 0
+    max_waste_fraction: float = 0.0
+    outputs: list[torch.Tensor] = field(default_factory=list)  # kept when asked (determinism)
+
+    def merge(self, other: "ReplayStats") -> None:
+        for name in ("steps", "refused_steps", "skipped_steps", "tokens", "comparisons"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.worst_error = max(self.worst_error, other.worst_error)
+        self.worst_ratio = max(self.worst_ratio, other.worst_ratio)
+        self.peak_pages = max(self.peak_pages, other.peak_pages)
+        self.max_waste_fraction = max(self.max_waste_fraction, other.max_waste_fraction)
+
+
+def step_inputs(trace: Trace, step_index: int, layer: int, batch: int, q_len: int, device: torch.device):
+    """q (B, Lq, Hq, D), k and v (B, Lq, Hkv, D) for one step and layer: seeded N(0, 1), never zeros."""
+    c = trace.config
+    gen = torch.Generator().manual_seed((trace.seed * 1_000_003 + step_index * 1009 + layer) % 2**63)
+    q = torch.randn(batch, q_len, c.num_q_heads, c.head_dim, generator=gen)
+    k = torch.randn(batch, q_len, c.num_kv_heads, c.head_dim, generator=gen)
+    v = torch.randn(batch, q_len, c.num_kv_heads, c.head_dim, generator=gen)
+    return tuple(t.to(device=device, dtype=c.torch_dtype) for t in (q, k, v))
+
+
+def replay(trace: Trace, factory: BackendFactory, device: torch.device | str,
+           options: ReplayOptions | None = None, keep_outputs: bool = False) -> ReplayStats:
+    """Run every operation of `trace` on a fresh backend and the oracles; raise ConformanceError on a violation."""
+    opts = options or ReplayOptions()
+    device = torch.device(device)
+    spec = trace.config.spec(device)
+    make = factory.make_eager if opts.eager else factory.make
+    if make is None:
+        raise ValueError(f"backend {factory.name} has no eager twin")
+    backend: Backend = make(spec)
+    gold = ContiguousOracle(spec)
+    ref = ContiguousOracle(spec, compute_dtype=spec.dtype)
+    model = PageModel(spec.num_pages, spec.page_size)
+    paging = factory.has("paging")
+    stats = ReplayStats()
+
+    def where(i: int, op: Any) -> str:
+        return f"op {i} ({op!r})"
+
+    for i, op in enumerate(trace.ops):
+        if opts.before_op:
+            opts.before_op(i, op, backend, model)
+        if isinstance(op, Admit):
+            for x in (backend, gold, ref):
+                x.admit(op.seq)
+            model.admit(op.seq)
+        elif isinstance(op, Finish):
+            for x in (backend, gold, ref):
+                x.finish(op.seq)
+            model.finish(op.seq)
+        elif isinstance(op, Fork):
+            if not factory.has("fork"):
+                stats.skipped_steps += 1
+                continue
+            for x in (backend, gold, ref):
+                x.fork(op.parent, op.child)
+            model.fork(op.parent, op.child)
+        elif isinstance(op, Step):
+            _run_step(i, op, trace, backend, gold, ref, model, factory, paging, opts, stats, keep_outputs, device)
+        if opts.poison:
+            backend.poison_free_pages(float("nan"))
+        if opts.check_memory and paging:
+            _check_memory(where(i, op), backend, model)
+        if paging:
+            mem = backend.memory()
+            stats.peak_pages = max(stats.peak_pages, mem.pages_in_use or 0)
+            stats.max_waste_fraction = max(stats.max_waste_fraction, mem.waste_fraction)
+
+    if opts.check_memory:
+        for seq in list(model.seqs):
+            backend.finish(seq)
+            model.finish(seq)
+        mem = backend.memory()
+        if mem.live_sequences != 0 or mem.tokens_stored != 0 or (paging and mem.pages_in_use != 0):
+            raise ConformanceError(f"after finishing every sequence the backend still holds memory (leak): {mem}")
+    return stats
+
+
+def _run_step(i, op: Step, trace, backend, gold, ref, model: PageModel, factory, paging, opts, stats, keep_outputs,
+              device) -> None:
+    if op.mods is not None and not factory.has("mods"):
+        stats.skipped_steps += 1
+        return
+    if max(op.q_lens) > 1 and not factory.has("chunked_prefill") and any(model.length(s) for s in op.seqs):
+        stats.skipped_steps += 1
+        return
+    needed, free = model.pages_needed(op.seqs, op.q_lens), model.free_pages
+    mask_mod, score_mod = mods_for(op.mods, trace.config.num_q_heads)
+    if needed > free:
+        stats.refused_steps += 1
+        if not (paging and opts.check_rejections):
+            return
+        before = backend.snapshot()
+        try:
+            backend.plan(op.seqs, op.q_lens, mask_mod=mask_mod, score_mod=score_mod)
+        except OutOfPagesError:
+            diff = first_difference(before, backend.snapshot())
+            if diff:
+                raise ConformanceError(f"op {i} ({op!r}): refused for lack of pages but changed state: {diff}")
+            return
+        raise ConformanceError(f"op {i} ({op!r}) needs {needed} pages with {free} free, yet plan() accepted it")
+
+    try:
+        backend.plan(op.seqs, op.q_lens, mask_mod=mask_mod, score_mod=score_mod)
+    except OutOfPagesError as exc:
+        raise ConformanceError(
+            f"op {i} ({op!r}) needs {needed} pages with {free} free, yet plan() refused it: {exc} "
+            f"(external fragmentation or a leak)") from exc
+    gold.plan(op.seqs, op.q_lens, mask_mod=mask_mod, score_mod=score_mod)
+    ref.plan(op.seqs, op.q_lens, mask_mod=mask_mod, score_mod=score_mod)
+    model.step(op.seqs, op.q_lens)
+    stats.steps += 1
+    stats.tokens += sum(op.q_lens)
+    batch, q_len = len(op.seqs), max(op.q_lens)
+    for layer in range(trace.config.num_layers):
+        q, k, v = step_inputs(trace, i, layer, batch, q_len, device)
+        if opts.before_run:
+            opts.before_run(i, op, backend, layer, q, k, v)
+        out = backend.run(layer, q, k, v)
+        if keep_outputs:
+            stats.outputs.append(out.detach().cpu().clone())
+        if not opts.compare_outputs:
+            continue
+        want = gold.run(layer, q, k, v)
+        plain = ref.run(layer, q, k, v)
+        if tuple(out.shape) != tuple(q.shape):
+            raise ConformanceError(f"op {i} ({op!r}) layer {layer}: output shape {tuple(out.shape)}, "
+                                   f"expected {tuple(q.shape)}")
+        for b, (seq, n) in enumerate(zip(op.seqs, op.q_lens)):
+            if n < q_len and bool(out[b, n:].ne(0).any()):
+                raise ConformanceError(f"op {i} ({op!r}) layer {layer}, sequence {seq}: output rows past its "
+                                       f"{n} new token(s) are not 0 (padding must read as zeros)")
+            c = compare(out[b, :n], want[b, :n], plain[b, :n], trace.config.torch_dtype)
+            stats.comparisons += 1
+            stats.worst_error = max(stats.worst_error, c.error)
+            stats.worst_ratio = max(stats.worst_ratio, c.error / c.bound if c.bound else 0.0)
+            if not c.ok:
+                raise ConformanceError(
+                    f"op {i} ({op!r}) layer {layer}, sequence {seq} (row {b}, {n} new token(s) at positions "
+                    f"{model.length(seq) - n}..{model.length(seq) - 1}): {c.describe()}")
+
+
+def _check_memory(where: str, backend, model: PageModel) -> None:
+    mem = backend.memory()
+    P = model.page_size
+    expect = {"live_sequences": len(model.seqs), "pages_in_use": model.pages_in_use,
+              "free_pages": model.free_pages, "tokens_stored": model.tokens_stored}
+    for name, want in expect.items():
+        got = getattr(mem, name)
+        if got != want:
+            raise ConformanceError(f"after {where}: memory().{name} = {got}, a correct paged cache has {want}")
+    if mem.waste_slots > (P - 1) * len(model.seqs):
+        raise ConformanceError(f"after {where}: {mem.waste_slots} wasted slots exceed (page_size - 1) * live "
+                               f"sequences = {(P - 1) * len(model.seqs)}")
+    if mem.slots_reserved != mem.pages_in_use * P or mem.waste_slots != mem.slots_reserved - mem.tokens_stored:
+        raise ConformanceError(f"after {where}: inconsistent memory report {mem}")

@@ -1,0 +1,207 @@
+"""Decode traces: what a serving engine asks of a KV cache, as data, and Hypothesis strategies that make them.
+
+A `Trace` is a cache configuration plus a list of operations (`Admit`, `Step`, `Fork`, `Finish`) and a seed
+for the tensors. Its repr is valid Python: a failing trace printed by Hypothesis can be pasted into a
+regression test (`from conformance.traces import *`).
+
+`traces()` generates realistic serving traces: sequences admitted with prompts of different lengths,
+prefilled whole or in chunks, decoded for varying numbers of steps in batches whose membership changes
+every step, forked (parallel sampling, beam search), finished early, with pools sized so that they run
+near and into exhaustion, and pages freed and reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Union
+
+import torch
+from hypothesis import strategies as st
+
+from conformance.model import PageModel
+from conformance.profiles import TraceLimits, limits
+from paged import mods
+from paged.spec import CacheSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """A cache configuration plus the query head count."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    num_pages: int
+    max_seq_len: int
+    dtype: str = "float32"
+
+    def spec(self, device: torch.device | str = "cpu") -> CacheSpec:
+        return CacheSpec(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                         page_size=self.page_size, num_pages=self.num_pages, max_seq_len=self.max_seq_len,
+                         dtype=DTYPES[self.dtype], device=torch.device(device))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Admit:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """One engine step: `q_lens[i]` new tokens for `seqs[i]` (1 = decode, more = a prefill chunk)."""
+
+    seqs: tuple[int, ...]
+    q_lens: tuple[int, ...]
+    mods: str | None = None
+
+
+@dataclass(frozen=True)
+class Fork:
+    parent: int
+    child: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    seq: int
+
+
+Op = Union[Admit, Step, Fork, Finish]
+
+
+@dataclass(frozen=True)
+class Trace:
+    config: TraceConfig
+    ops: tuple[Op, ...]
+    seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return sum(isinstance(op, Step) for op in self.ops)
+
+
+# ---------------------------------------------------------------- attention modifications used by traces
+MOD_NAMES = ("sliding_window_5", "prefix_lm_6", "alibi", "soft_cap_2")
+
+
+@lru_cache(maxsize=None)
+def mods_for(name: str | None, num_q_heads: int) -> tuple[Callable | None, Callable | None]:
+    """(mask_mod, score_mod) for a trace's mod name. Cached: the same function objects every step."""
+    if name is None:
+        return None, None
+    table = {
+        "sliding_window_5": (mods.sliding_window(5), None),
+        "prefix_lm_6": (mods.prefix_lm(6), None),
+        "alibi": (None, mods.alibi(num_q_heads)),
+        "soft_cap_2": (None, mods.soft_cap(2.0)),
+    }
+    return table[name]
+
+
+# ---------------------------------------------------------------- configurations
+#: Few, small shapes for CPU profiles: every new shape costs a 1-5 s compile there.
+CPU_CONFIGS = (
+    TraceConfig(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=4, num_pages=24, max_seq_len=48),
+    TraceConfig(num_layers=1, num_q_heads=4, num_kv_heads=1, head_dim=32, page_size=8, num_pages=14, max_seq_len=48),
+    TraceConfig(num_layers=2, num_q_heads=2, num_kv_heads=2, head_dim=16, page_size=4, num_pages=24, max_seq_len=48,
+                dtype="bfloat16"),
+)
+
+#: GPU configurations: page sizes >= 16, power-of-two head dims, all three dtypes.
+GPU_CONFIGS = (
+    TraceConfig(2, 8, 2, 64, 16, 96, 512, "bfloat16"),
+    TraceConfig(2, 8, 8, 128, 16, 96, 512, "float16"),
+    TraceConfig(1, 32, 8, 128, 64, 24, 512, "bfloat16"),
+    TraceConfig(2, 4, 1, 64, 32, 48, 512, "float32"),
+    TraceConfig(1, 16, 4, 128, 128, 12, 512, "bfloat16"),
+)
+
+
+@st.composite
+def configs(draw, device: str = "cpu", lim: TraceLimits | None = None) -> TraceConfig:
+    """A cache configuration: a fixed short list on small profiles, drawn freely otherwise."""
+    lim = lim or limits()
+    if device != "cuda":
+        return draw(st.sampled_from(CPU_CONFIGS))
+    if lim.small_configs:
+        return draw(st.sampled_from(GPU_CONFIGS))
+    page = draw(st.sampled_from([16, 32, 64, 128]))
+    kv = draw(st.sampled_from([1, 2, 4, 8]))
+    group = draw(st.sampled_from([1, 2, 4]))
+    max_len = draw(st.sampled_from([256, 512, lim.max_seq_len]))
+    per_seq = -(-max_len // page)
+    pages = draw(st.integers(per_seq, per_seq * 4))
+    return TraceConfig(num_layers=draw(st.integers(1, 2)), num_q_heads=kv * group, num_kv_heads=kv,
+                       head_dim=draw(st.sampled_from([16, 32, 64, 128])), page_size=page, num_pages=pages,
+                       max_seq_len=max_len, dtype=draw(st.sampled_from(sorted(DTYPES))))
+
+
+# ---------------------------------------------------------------- traces
+@st.composite
+def traces(draw, device: str = "cpu", *, fork_weight: int = 1, use_mods: bool = True,
+           lim: TraceLimits | None = None) -> Trace:
+    """A serving trace over one configuration.
+
+    Each operation is drawn from what an engine would do next given the live sequences: admit a request
+    (its prompt then arrives in chunks), step a changing subset of sequences (prompt chunks and decode
+    tokens mixed), fork a sequence (parallel sampling / beam search), or finish one. Pools are small enough
+    that steps run into exhaustion; such steps stay in the trace (a correct backend must refuse them cleanly).
+    """
+    lim = lim or limits()
+    config = draw(configs(device, lim))
+    max_len = min(config.max_seq_len, lim.max_seq_len)
+    model = PageModel(config.num_pages, config.page_size)
+    prompt_left: dict[int, int] = {}
+    next_id = 0
+    ops: list[Op] = []
+    n_ops = draw(st.integers(3, lim.max_ops))
+    for _ in range(n_ops):
+        live = sorted(model.seqs)
+        growable = [s for s in live if model.length(s) < max_len]
+        kinds = ["admit"] * (3 if len(live) < lim.max_batch else 1)
+        if growable:
+            kinds += ["step"] * 6
+        if live:
+            kinds += ["finish"] + ["fork"] * fork_weight
+        kind = draw(st.sampled_from(kinds))
+        if kind == "admit":
+            seq, next_id = next_id, next_id + 1
+            prompt_left[seq] = draw(st.integers(1, max(1, max_len * 3 // 4)))
+            model.admit(seq)
+            ops.append(Admit(seq))
+        elif kind == "finish":
+            seq = draw(st.sampled_from(live))
+            model.finish(seq)
+            ops.append(Finish(seq))
+        elif kind == "fork":
+            parent = draw(st.sampled_from(live))
+            child, next_id = next_id, next_id + 1
+            prompt_left[child] = prompt_left.get(parent, 0)
+            model.fork(parent, child)
+            ops.append(Fork(parent, child))
+        else:
+            count = draw(st.integers(1, min(len(growable), lim.max_batch)))
+            members = draw(st.permutations(growable))[:count]
+            q_lens = []
+            for s in members:
+                room = max_len - model.length(s)
+                want = prompt_left.get(s, 0) or 1
+                chunk = min(want, room, draw(st.integers(1, lim.max_chunk)) if want > 1 else 1)
+                q_lens.append(chunk)
+            mod = draw(st.sampled_from((None,) * 6 + lim.mods)) if use_mods and lim.mods else None
+            if model.pages_needed(members, q_lens) <= model.free_pages:
+                model.step(members, q_lens)
+                for s, q in zip(members, q_lens):
+                    prompt_left[s] = max(0, prompt_left.get(s, 0) - q)
+            ops.append(Step(tuple(members), tuple(q_lens), mod))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return Trace(config, tuple(ops), seed)
