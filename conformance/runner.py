@@ -76,62 +76,81 @@ def step_inputs(trace: Trace, step_index: int, layer: int, batch: int, q_len: in
     return tuple(t.to(device=device, dtype=c.torch_dtype) for t in (q, k, v))
 
 
-def replay(trace: Trace, factory: BackendFactory, device: torch.device | str,
-           options: ReplayOptions | None = None, keep_outputs: bool = False) -> ReplayStats:
-    """Run every operation of `trace` on a fresh backend and the oracles; raise ConformanceError on a violation."""
-    opts = options or ReplayOptions()
-    device = torch.device(device)
-    spec = trace.config.spec(device)
-    make = factory.make_eager if opts.eager else factory.make
-    if make is None:
-        raise ValueError(f"backend {factory.name} has no eager twin")
-    backend: Backend = make(spec)
-    gold = ContiguousOracle(spec)
-    ref = ContiguousOracle(spec, compute_dtype=spec.dtype)
-    model = PageModel(spec.num_pages, spec.page_size)
-    paging = factory.has("paging")
-    stats = ReplayStats()
+class SideBySide:
+    """A backend, the float64 oracle, the same-dtype oracle and the page model, driven in lockstep.
 
-    def where(i: int, op: Any) -> str:
-        return f"op {i} ({op!r})"
+    `apply(op)` performs one operation on all of them and checks the backend (per `options`).
+    """
 
-    for i, op in enumerate(trace.ops):
+    def __init__(self, trace: Trace, factory: BackendFactory, device: torch.device | str,
+                 options: ReplayOptions | None = None, keep_outputs: bool = False) -> None:
+        self.opts = options or ReplayOptions()
+        self.device = torch.device(device)
+        self.trace, self.factory, self.keep_outputs = trace, factory, keep_outputs
+        spec = trace.config.spec(self.device)
+        make = factory.make_eager if self.opts.eager else factory.make
+        if make is None:
+            raise ValueError(f"backend {factory.name} has no eager twin")
+        self.backend: Backend = make(spec)
+        self.gold = ContiguousOracle(spec)
+        self.ref = ContiguousOracle(spec, compute_dtype=spec.dtype)
+        self.model = PageModel(spec.num_pages, spec.page_size)
+        self.paging = factory.has("paging")
+        self.stats = ReplayStats()
+        self.ops_done = 0
+
+    def apply(self, op: Any) -> None:
+        i, opts, backend, model = self.ops_done, self.opts, self.backend, self.model
+        self.ops_done += 1
         if opts.before_op:
             opts.before_op(i, op, backend, model)
         if isinstance(op, Admit):
-            for x in (backend, gold, ref):
+            for x in (backend, self.gold, self.ref):
                 x.admit(op.seq)
             model.admit(op.seq)
         elif isinstance(op, Finish):
-            for x in (backend, gold, ref):
+            for x in (backend, self.gold, self.ref):
                 x.finish(op.seq)
             model.finish(op.seq)
         elif isinstance(op, Fork):
-            if not factory.has("fork"):
-                stats.skipped_steps += 1
-                continue
-            for x in (backend, gold, ref):
+            if not self.factory.has("fork"):
+                self.stats.skipped_steps += 1
+                return
+            for x in (backend, self.gold, self.ref):
                 x.fork(op.parent, op.child)
             model.fork(op.parent, op.child)
         elif isinstance(op, Step):
-            _run_step(i, op, trace, backend, gold, ref, model, factory, paging, opts, stats, keep_outputs, device)
+            _run_step(i, op, self.trace, backend, self.gold, self.ref, model, self.factory, self.paging, opts,
+                      self.stats, self.keep_outputs, self.device)
         if opts.poison:
             backend.poison_free_pages(float("nan"))
-        if opts.check_memory and paging:
-            _check_memory(where(i, op), backend, model)
-        if paging:
+        if opts.check_memory and self.paging:
+            _check_memory(f"op {i} ({op!r})", backend, model)
+        if self.paging:
             mem = backend.memory()
-            stats.peak_pages = max(stats.peak_pages, mem.pages_in_use or 0)
-            stats.max_waste_fraction = max(stats.max_waste_fraction, mem.waste_fraction)
+            self.stats.peak_pages = max(self.stats.peak_pages, mem.pages_in_use or 0)
+            self.stats.max_waste_fraction = max(self.stats.max_waste_fraction, mem.waste_fraction)
 
-    if opts.check_memory:
-        for seq in list(model.seqs):
-            backend.finish(seq)
-            model.finish(seq)
-        mem = backend.memory()
-        if mem.live_sequences != 0 or mem.tokens_stored != 0 or (paging and mem.pages_in_use != 0):
-            raise ConformanceError(f"after finishing every sequence the backend still holds memory (leak): {mem}")
-    return stats
+    def finish_all(self) -> None:
+        """Finish every live sequence; with memory checks on, nothing may remain in use (no leak)."""
+        for seq in list(self.model.seqs):
+            self.backend.finish(seq)
+            self.model.finish(seq)
+        if self.opts.check_memory:
+            mem = self.backend.memory()
+            if mem.live_sequences != 0 or mem.tokens_stored != 0 or (self.paging and mem.pages_in_use != 0):
+                raise ConformanceError(f"after finishing every sequence the backend still holds memory (leak): {mem}")
+
+
+def replay(trace: Trace, factory: BackendFactory, device: torch.device | str,
+           options: ReplayOptions | None = None, keep_outputs: bool = False) -> ReplayStats:
+    """Run every operation of `trace` on a fresh backend and the oracles; raise ConformanceError on a violation."""
+    run = SideBySide(trace, factory, device, options, keep_outputs)
+    for op in trace.ops:
+        run.apply(op)
+    if run.opts.check_memory:
+        run.finish_all()
+    return run.stats
 
 
 def _run_step(i, op: Step, trace, backend, gold, ref, model: PageModel, factory, paging, opts, stats, keep_outputs,

@@ -13,6 +13,7 @@ import torch
 from conformance.contract import BackendFactory
 from paged import PagedKVCache
 from paged.errors import OutOfPagesError
+from paged.mods import causal
 
 
 class OffByOneOffset(PagedKVCache):
@@ -28,14 +29,16 @@ class OffByOneOffset(PagedKVCache):
 class NoOwnershipCheck(PagedKVCache):
     """The mask_mod forgets page ownership: right when compiled (block lists), a leak on the eager path."""
 
-    def _build_plan(self, *args, **kwargs):
-        plan = super()._build_plan(*args, **kwargs)
-        buf, P = plan.buffers, self.spec.page_size
+    def _build_plan(self, seq_ids, q_lens, start_lens, states, mask_mod, score_mod):
+        plan = super()._build_plan(seq_ids, q_lens, start_lens, states, mask_mod, score_mod)
+        buf, P, logical_mask = plan.buffers, self.spec.page_size, mask_mod or causal
 
         def leaky_mask(b, h, q_idx, kv_idx):
-            logical = self.page_logical[kv_idx // P] * P + kv_idx % P
+            logical_page = self.page_logical[kv_idx // P]
+            kv_pos = logical_page * P + kv_idx % P
             q_pos = buf.q_start[b] + q_idx
-            return (logical >= 0) & (logical <= q_pos) & (q_idx < buf.q_len[b])
+            return ((logical_page >= 0) & (kv_pos < buf.q_start[b] + buf.q_len[b]) & (q_idx < buf.q_len[b])
+                    & logical_mask(b, h, q_pos, kv_pos))
 
         plan.block_mask = type(plan.block_mask).from_kv_blocks(
             buf.kv_num_blocks, buf.kv_indices, buf.full_kv_num_blocks, buf.full_kv_indices,

@@ -19,16 +19,18 @@ Where the peer's API cannot express the contract:
 
 * Steps over a subset of the sequences (attention-gym #189, reproduced on torch 2.13). The converted
   mask_mod looks up `physical_to_logical[b]` with the block mask's LOCAL batch index `b`, while the block
-  lists are gathered through `page_table[batch_idx]`. So `convert_logical_block_mask(..., batch_idx=...)`,
-  the documented way to convert "a block mask with smaller batch size than the page table", masks every key
-  whenever `batch_idx != arange(B)`. The peer therefore requires block-mask row b == page-table row b. By
-  default (`rows="slots"`) the adapter does exactly that: the step's block mask and query tensor have one
-  row per page-table row 0..R-1 (R = the highest row in the step + 1, bucketed to a power of two), rows of
-  sequences not in the step get no queries and no blocks, and `batch_idx` is left at its default. Cost:
+  lists are gathered through `page_table[batch_idx]`. So with `convert_logical_block_mask(..., batch_idx=...)`,
+  the documented way to convert "a block mask with smaller batch size than the page table", the mask_mod
+  of local row b answers for page-table row b whenever `batch_idx != arange(B)`: compiled flex finds every
+  slot of the sequence's masked (partly filled) pages closed, eager flex (mask_mod only) attends to another
+  sequence's pages. The peer therefore requires block-mask row b == page-table row b. By default
+  (`rows="slots"`) the adapter does exactly that: the step's block mask and query tensor have one row per
+  page-table row 0..R-1 (R = the highest row in the step + 1, bucketed to a power of two >= `min_rows`), rows
+  of sequences not in the step get no queries and no blocks, and `batch_idx` is left at its default. Cost:
   padded query rows (and, on the eager path, their dense mask evaluation) for sequences not in the step;
-  the peer's own conversion cost (two `R x H x ROWS x num_pages` int32 index tensors per step) is the same
-  either way. `rows="subset"` passes `batch_idx` as the peer documents it and shows the bug (every output 0):
-  kept for demonstration, never the default.
+  the peer's own conversion cost (two `R x H x ROWS x num_pages` int32 index tensors per step) is paid
+  either way. `rows="subset"` passes `batch_idx` as the peer documents it and shows the bug: kept for
+  demonstration, never the default.
 
 * fork: NOT offered (capability "fork" left out). The peer has no page sharing or reference counts. A fork
   could be emulated by reserving the child's own pages and copying the parent's K/V, which keeps the two

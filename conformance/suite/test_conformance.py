@@ -120,3 +120,13 @@ def test_determinism(backend, device, trace):
             raise ConformanceError(f"output {i} differs between two runs of the same trace "
                                    f"(max diff {float((a.double() - b.double()).abs().max()):.3g})")
     record("determinism", first)
+
+
+def test_stateful(backend, device):
+    """A RuleBasedStateMachine over admit / step / fork / finish with every check as an invariant."""
+    from hypothesis import settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    from conformance.stateful import machine_for
+
+    run_state_machine_as_test(machine_for(backend, device), settings=settings(settings.default, stateful_step_count=12))

@@ -1,0 +1,141 @@
+"""Eager and compiled FlexAttention over the paged cache: both correct, and in agreement.
+
+They read different things (FACTS.md, FlexAttention): compiled flex trusts the block lists and skips every page
+not listed; eager flex ignores the block lists and reads only the mask_mod, over the whole pool. So the
+mask_mod must be right on its own (page ownership + length + causality); the last test shows that dropping
+the ownership check leaks other sequences' pages on the eager path while the compiled path hides the bug.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import paged.cache
+from conformance.policy import CEILING, compare
+from oracle import ContiguousOracle
+from paged import CacheSpec, PagedKVCache, mods
+
+HQ = 4
+P = 16
+
+# |eager - compiled| allowed per element: eps(dtype) * |out| + 1e-5. Both compute from the same stored K/V and
+# accumulate in float32 (low-precision inputs are upcast inside flex); they differ by summation order and the
+# online softmax's rescaling (float32 noise: measured <= 5e-7 on CPU, hence the 1e-5 absolute term), then each
+# rounds once to the output dtype, and two roundings of nearly equal values differ by at most one ulp, which
+# is <= eps * |out| (bf16: measured exactly one ulp, 0.0156 at |out| in [2, 4)).
+AGREE_ABS = 1e-5
+
+
+def make_spec(device, dtype, num_pages=24) -> CacheSpec:
+    return CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, page_size=P, num_pages=num_pages, max_seq_len=128,
+                     dtype=dtype, device=device)
+
+
+class Twins:
+    """The same trace on an eager and a compiled PagedKVCache, next to the float64 and same-dtype oracles."""
+
+    def __init__(self, spec: CacheSpec, seed: int = 0, attentions=("eager", "compiled"), **options) -> None:
+        self.spec = spec
+        self.paged = {a: PagedKVCache(spec, attention=a, **options) for a in attentions}
+        self.gold, self.ref = ContiguousOracle(spec), ContiguousOracle(spec, compute_dtype=spec.dtype)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.max_excess = 0.0   # max over elements of |eager - compiled| - allowed; must stay <= 0
+
+    def do(self, op: str, *args) -> None:
+        for c in (*self.paged.values(), self.gold, self.ref):
+            getattr(c, op)(*args)
+
+    def step(self, ids, lens, **mods_) -> dict[str, list]:
+        """Run one step; return, per attention mode, the policy Comparison of every (layer, sequence)."""
+        spec, dtype = self.spec, self.spec.dtype
+        for c in (*self.paged.values(), self.gold, self.ref):
+            c.plan(ids, lens, **mods_)
+        B, Lq = len(ids), max(lens)
+        results: dict[str, list] = {a: [] for a in self.paged}
+        for layer in range(spec.num_layers):
+            q, k, v = (torch.randn(B, Lq, h, spec.head_dim, generator=self.gen).to(dtype).to(spec.device)
+                       for h in (HQ, spec.num_kv_heads, spec.num_kv_heads))
+            outs = {a: c.run(layer, q, k, v) for a, c in self.paged.items()}
+            gold, ref = self.gold.run(layer, q, k, v), self.ref.run(layer, q, k, v)
+            for a, out in outs.items():
+                results[a] += [compare(out[b, :n], gold[b, :n], ref[b, :n], dtype) for b, n in enumerate(lens)]
+            if len(outs) == 2:
+                e, c = outs["eager"].double(), outs["compiled"].double()
+                allowed = torch.finfo(dtype).eps * torch.maximum(e.abs(), c.abs()) + AGREE_ABS
+                self.max_excess = max(self.max_excess, ((e - c).abs() - allowed).max().item())
+        return results
+
+    def checked_step(self, ids, lens, **mods_) -> None:
+        for a, comparisons in self.step(ids, lens, **mods_).items():
+            for c in comparisons:
+                assert c.ok, f"{a} flex, step {ids} {lens}: {c.describe()}"
+        assert self.max_excess <= 0, f"eager and compiled differ by {self.max_excess:.3g} more than one rounding"
+
+
+def test_eager_and_compiled_agree(device, dtype):
+    t = Twins(make_spec(device, dtype), seed=1, policy="random")
+    for s in "abc":
+        t.do("admit", s)
+    t.checked_step(["a", "b", "c"], [13, 16, 5])
+    t.checked_step(["a", "b", "c"], [1, 1, 1])
+    t.do("fork", "a", "d")
+    t.checked_step(["d", "a", "c"], [1, 9, 1])
+    t.do("finish", "b")
+    t.do("admit", "e")
+    t.checked_step(["e", "d", "a"], [7, 1, 1])
+    t.checked_step(["e", "d", "a"], [1, 1, 1])
+    for cache in t.paged.values():
+        assert cache.snapshot()["sequences"] == t.paged["eager"].snapshot()["sequences"]
+
+
+@pytest.mark.parametrize("mask_name,score_name", [("sliding_window", "alibi"), ("prefix_lm", "soft_cap")])
+def test_eager_mask_mods_alone_are_right(device, mask_name, score_name):
+    """Eager reads nothing but the mask_mod: this checks the physical->logical mods on their own."""
+    kw = {"mask_mod": {"sliding_window": mods.sliding_window(5), "prefix_lm": mods.prefix_lm(6)}[mask_name],
+          "score_mod": {"alibi": mods.alibi(HQ), "soft_cap": mods.soft_cap(1.0)}[score_name]}
+    t = Twins(make_spec(device, torch.float32), seed=2, attentions=("eager",), policy="random")
+    for s in "abc":
+        t.do("admit", s)
+    t.checked_step(["a", "b", "c"], [13, 3, 16], **kw)
+    t.checked_step(["a", "b", "c"], [1, 9, 1], **kw)
+    t.do("fork", "a", "d")
+    t.checked_step(["d", "a", "c"], [1, 1, 1], **kw)
+
+
+def physical_mods_without_ownership(buffers, page_logical, page_size, mask_mod, score_mod):
+    """paged.plan.physical_mods minus the ownership check: any live page with the right LOGICAL index passes,
+    whichever sequence owns it (the bug FACTS.md describes)."""
+    q_start, q_len = buffers.q_start, buffers.q_len
+
+    def to_logical(b, kv_idx):
+        logical_page = page_logical[kv_idx // page_size]
+        return logical_page >= 0, logical_page * page_size + kv_idx % page_size   # no page_table[b, ...] check
+
+    def paged_mask(b, h, q_idx, kv_idx):
+        live, kv_pos = to_logical(b, kv_idx)
+        q_pos = q_start[b] + q_idx
+        return live & (kv_pos < q_start[b] + q_len[b]) & (q_idx < q_len[b]) & mask_mod(b, h, q_pos, kv_pos)
+
+    assert score_mod is None
+    return paged_mask, None
+
+
+def test_ownership_check_matters_on_the_eager_path(device, monkeypatch):
+    """Without the ownership check, eager flex reads other live sequences' pages; compiled flex hides it.
+
+    No poison here: the other sequences' pages hold real, finite data, so the leak shows as a wrong answer.
+    """
+    # PagedKVCache looks physical_mods up in paged.cache (imported from paged.plan): patch it there.
+    monkeypatch.setattr(paged.cache, "physical_mods", physical_mods_without_ownership)
+    t = Twins(make_spec(device, torch.float32), seed=3, policy="lowest")
+    for s in "abc":
+        t.do("admit", s)
+    results = t.step(["a", "b", "c"], [16, 16, 5])          # every sequence owns a logical page 0
+    results2 = t.step(["a", "b", "c"], [1, 2, 1])           # ... and a, b now a logical page 1
+    eager = results["eager"] + results2["eager"]
+    assert not all(c.ok for c in eager), "the broken mask must be caught on the eager path"
+    assert max(c.error for c in eager) > 10 * CEILING[torch.float32], "a leak is a gross error, not rounding"
+    assert all(c.finite for c in eager)
+    for c in results["compiled"] + results2["compiled"]:
+        assert c.ok, f"compiled flex skips unlisted pages, so it stays right: {c.describe()}"
