@@ -40,10 +40,11 @@ def reference_attention(
     vh = v.to(compute_dtype).transpose(0, 1).repeat_interleave(group, dim=0)   # (Hq, S, D)
     scores = (qh @ kh.transpose(1, 2)) * scale                                 # (Hq, Lq, S)
 
-    b = torch.tensor(row)
-    h = torch.arange(Hq)[:, None, None]                                        # (Hq, 1, 1)
-    q_pos = torch.arange(q_start, q_start + Lq)[None, :, None]                 # (1, Lq, 1)
-    kv_pos = torch.arange(S)[None, None, :]                                    # (1, 1, S)
+    dev = scores.device
+    b = torch.tensor(row, device=dev)
+    h = torch.arange(Hq, device=dev)[:, None, None]                            # (Hq, 1, 1)
+    q_pos = torch.arange(q_start, q_start + Lq, device=dev)[None, :, None]     # (1, Lq, 1)
+    kv_pos = torch.arange(S, device=dev)[None, None, :]                        # (1, 1, S)
     if score_mod is not None:
         scores = score_mod(scores, b, h, q_pos, kv_pos).to(compute_dtype)  # mods may promote (e.g. ALiBi slopes)
     keep = (kv_pos <= q_pos) if mask_mod is None else mask_mod(b, h, q_pos, kv_pos)

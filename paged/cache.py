@@ -195,6 +195,18 @@ class PagedKVCache:
         self._plan = self._build_plan(seq_ids, q_lens, start_lens, states, mask_mod, score_mod)
         return self._plan
 
+    def _kernel_options(self, buf: StepBuffers) -> dict | None:
+        """Tile sizes the GPU kernels can take: key tiles must divide the page, query tiles the Q block.
+
+        Inductor's default tiles for the (non-decode) flex kernel are 64-128 keys and rows, which leaves no
+        valid config for pages or chunks smaller than that (NoValidChoicesError); user options win.
+        """
+        if self.spec.device.type != "cuda":
+            return self.kernel_options
+        tiles = {} if buf.padded_q_len == 1 else {"BLOCK_M": min(buf.q_block, 64),
+                                                  "BLOCK_N": min(self.spec.page_size, 64)}
+        return {**tiles, **(self.kernel_options or {})} or None
+
     def _buffers_for(self, padded_batch: int, padded_q: int) -> StepBuffers:
         key = (padded_batch, padded_q)
         if key not in self._buffers:
@@ -271,7 +283,7 @@ class PagedKVCache:
         qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)
         qp[:B, :Lq] = q
         out = attend(qp.transpose(1, 2), self.k_pool[layer:layer + 1], self.v_pool[layer:layer + 1],
-                     plan.block_mask, plan.score_mod, scale, self.attention, self.kernel_options)
+                     plan.block_mask, plan.score_mod, scale, self.attention, self._kernel_options(buf))
         out = out.transpose(1, 2)[:B, :Lq]                                             # (B, Lq, Hq, D)
         # Unmasked (full) pages reach padding rows too: zero them so callers never see garbage.
         valid = torch.arange(Lq, device=q.device)[None, :] < buf.q_len[:B, None]

@@ -19,11 +19,11 @@ from paged import CacheSpec, PagedKVCache, mods
 HQ = 4
 P = 16
 
-# |eager - compiled| allowed per element: eps(dtype) * |out| + 1e-5. Both compute from the same stored K/V and
-# accumulate in float32 (low-precision inputs are upcast inside flex); they differ by summation order and the
-# online softmax's rescaling (float32 noise: measured <= 5e-7 on CPU, hence the 1e-5 absolute term), then each
-# rounds once to the output dtype, and two roundings of nearly equal values differ by at most one ulp, which
-# is <= eps * |out| (bf16: measured exactly one ulp, 0.0156 at |out| in [2, 4)).
+# |eager - compiled| allowed per element: eps(dtype) * (|out| + max|v|) + 1e-5. Both read the same stored K/V.
+# Eager flex (torch's math_attention) computes scores and softmax in float32, then casts the probabilities to
+# the input dtype before P @ V: each probability moves by <= eps/2 relative, so the output by <= eps/2 * max|v|
+# (allowing the same for the compiled kernel: eps * max|v|). Each side rounds its output once (<= eps/2 * |out|
+# each). Float32 summation order and the online softmax's rescaling add noise measured <= 5e-7 on CPU: 1e-5.
 AGREE_ABS = 1e-5
 
 
@@ -40,7 +40,8 @@ class Twins:
         self.paged = {a: PagedKVCache(spec, attention=a, **options) for a in attentions}
         self.gold, self.ref = ContiguousOracle(spec), ContiguousOracle(spec, compute_dtype=spec.dtype)
         self.gen = torch.Generator().manual_seed(seed)
-        self.max_excess = 0.0   # max over elements of |eager - compiled| - allowed; must stay <= 0
+        self.max_excess = -1.0  # max over elements of |eager - compiled| - allowed; must stay <= 0
+        self.vmax = 0.0         # largest |v| stored so far (bounds every output)
 
     def do(self, op: str, *args) -> None:
         for c in (*self.paged.values(), self.gold, self.ref):
@@ -62,7 +63,8 @@ class Twins:
                 results[a] += [compare(out[b, :n], gold[b, :n], ref[b, :n], dtype) for b, n in enumerate(lens)]
             if len(outs) == 2:
                 e, c = outs["eager"].double(), outs["compiled"].double()
-                allowed = torch.finfo(dtype).eps * torch.maximum(e.abs(), c.abs()) + AGREE_ABS
+                self.vmax = max(self.vmax, v.abs().max().item())
+                allowed = torch.finfo(dtype).eps * (torch.maximum(e.abs(), c.abs()) + self.vmax) + AGREE_ABS
                 self.max_excess = max(self.max_excess, ((e - c).abs() - allowed).max().item())
         return results
 
@@ -70,7 +72,7 @@ class Twins:
         for a, comparisons in self.step(ids, lens, **mods_).items():
             for c in comparisons:
                 assert c.ok, f"{a} flex, step {ids} {lens}: {c.describe()}"
-        assert self.max_excess <= 0, f"eager and compiled differ by {self.max_excess:.3g} more than one rounding"
+        assert self.max_excess <= 0, f"eager and compiled differ by {self.max_excess:.3g} more than allowed"
 
 
 def test_eager_and_compiled_agree(device, dtype):

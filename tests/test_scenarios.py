@@ -8,9 +8,9 @@ Compiled shapes are kept few (each new one costs a 5-10 s cold CPU compile, ~0.3
 the core scenarios use `make_spec()` (page 16, head dim 16, 2 kv heads, 4 query heads, 2 layers) with a batch
 of 3 (padded to 4) and chunks of at most 16 tokens, so they share two compiled graphs per dtype: the query
 length padded to 16, and 1 (a pure decode step). The feature-variety scenarios (GQA ratios, head dims, page
-sizes, mods, scale, batch 5) each add one graph on CPU, in float32 only: there they decode inside mixed steps
-(padded to 16 like the prefill); on the GPU they also run pure decode steps, because there a query length of 1
-selects a different kernel (FlexDecoding).
+sizes, mods, scale, batch 5) each add one graph on CPU, in float32 only (bf16 and fp16 on the GPU): on CPU
+they decode inside mixed steps (padded to 16 like the prefill); on the GPU they also run pure decode steps,
+because there a query length of 1 selects a different kernel (FlexDecoding).
 """
 
 from __future__ import annotations
@@ -112,11 +112,14 @@ def spec(device, dtype) -> CacheSpec:
     return make_spec(device, dtype)
 
 
-@pytest.fixture
-def lite_dtype(device) -> torch.dtype:
-    """The dtype of the feature-variety scenarios: float32 on CPU (each dtype is another compile; the
-    dtype-dependent paths are covered by the core scenarios), bf16 on the GPU (the low-precision gate)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+@pytest.fixture(params=["float32", "bfloat16", "float16"])
+def lite_dtype(request, device) -> torch.dtype:
+    """The dtypes of the feature-variety scenarios: float32 only on CPU (each dtype is one more 5-10 s compile
+    there, and the core scenarios cover bf16), bf16 and fp16 on the GPU (float32 is covered by the core ones)."""
+    wanted = ("bfloat16", "float16") if device.type == "cuda" else ("float32",)
+    if request.param not in wanted:
+        pytest.skip(f"feature-variety scenarios run in {'/'.join(wanted)} on {device.type}")
+    return getattr(torch, request.param)
 
 
 # ------------------------------------------------------------------------------------ core scenarios

@@ -45,18 +45,28 @@ class Llama:
     dtype: torch.dtype
     model: torch.nn.Module
     gold: torch.nn.Module
+    attention: str = "compiled"
 
     @classmethod
-    def random(cls, name: str, device: torch.device) -> Llama:
+    def random(cls, name: str, device: torch.device, attention: str = "compiled") -> Llama:
         cfg, dtype = CONFIGS[name], dtype_for(device)
-        return cls(cfg["kvheads"], device, dtype, build(cfg, device, dtype), build(cfg, torch.device("cpu"), torch.float64))
+        return cls(cfg["kvheads"], device, dtype, build(cfg, device, dtype), build(cfg, torch.device("cpu"), torch.float64),
+                   attention)
 
     def generator(self, **kw) -> PagedGenerator:
-        return PagedGenerator(self.model, token_budget=BUDGET, **kw)
+        return PagedGenerator(self.model, token_budget=BUDGET, attention=self.attention, **kw)
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+# Single-prompt tests run GQA compiled and MHA eager (both FlexAttention paths, and two fewer compiled shapes);
+# batch tests run both models compiled.
+@pytest.fixture(scope="module", params=["gqa-compiled", "mha-eager"])
 def llama(request, device) -> Llama:
+    name, attention = request.param.split("-")
+    return Llama.random(name, device, attention)
+
+
+@pytest.fixture(scope="module", params=["gqa", "mha"])
+def llama_batch(request, device) -> Llama:
     return Llama.random(request.param, device)
 
 
@@ -132,7 +142,8 @@ def test_single_prompt_matches_fms_generate(llama):
     assert gen.cache.memory().pages_in_use == 0
 
 
-def test_batch_of_different_lengths_matches_each_alone(llama):
+def test_batch_of_different_lengths_matches_each_alone(llama_batch):
+    llama = llama_batch
     prompts = prompts_of([6, 1, 13, llama.kvheads], seed=1)
     gen = llama.generator()
     outs, logits = gen.generate(prompts, 7, return_logits=True)
@@ -179,12 +190,12 @@ def test_continuous_batching_matches_each_alone(gqa):
 
 
 def test_token_budget_limits_admission(gqa):
-    # Each request needs 60 + 40 - 1 = 99 tokens = 7 pages at its longest: two fit the 16-page pool, not three.
-    prompts = prompts_of([60, 60, 60], seed=5)
+    # Each request needs 70 + 20 - 1 = 89 tokens = 6 pages at its longest: two fit the 16-page pool, not three.
+    prompts = prompts_of([70, 70, 70], seed=5)
     gen = gqa.generator()
-    alone = [gen.generate([p], 40, prefill_chunk=16)[0] for p in prompts]
+    alone = [gen.generate([p], 20, prefill_chunk=16)[0] for p in prompts]
     peak = []
-    together = gen.generate(prompts, 40, prefill_chunk=16,
+    together = gen.generate(prompts, 20, prefill_chunk=16,
                             callback=lambda e: peak.append((len(e.requests), e.cache.memory().pages_in_use)))
     assert together == alone
     assert max(n for n, _ in peak) == 2 and max(p for _, p in peak) <= gen.spec.num_pages
@@ -193,7 +204,7 @@ def test_token_budget_limits_admission(gqa):
 def test_eos_frees_pages_at_once(gqa):
     long_prompt, short_prompt = prompts_of([40, 5], seed=6)
     gen = gqa.generator()
-    free_run = gen.generate([long_prompt], 6)[0]
+    free_run = gen.generate([long_prompt], 6, prefill_chunk=16)[0]       # chunks of 16: no new compiled shape
     eos = free_run[2]
     assert eos not in free_run[:2]
     short_alone = gen.generate([short_prompt], 10, eos_token_id=eos)[0]
@@ -208,11 +219,11 @@ def test_eos_frees_pages_at_once(gqa):
             assert mem.pages_in_use == math.ceil(mem.tokens_stored / gen.spec.page_size) == 1
         seen.append((event.step, event.finished, mem.pages_in_use))
 
-    outs = gen.generate([long_prompt, short_prompt], 10, eos_token_id=eos, callback=on_step)
+    outs = gen.generate([long_prompt, short_prompt], 10, eos_token_id=eos, prefill_chunk=16, callback=on_step)
     assert outs[0] == free_run[:3]                         # stops right after EOS, which is included
     assert outs[1] == short_alone
     assert any(0 in f for _, f, _ in seen)
-    assert seen[0][2] == 4                                  # after prefill: 40 tokens in 3 pages + 5 in 1
+    assert seen[2][2] == 4                                  # after prefill: 40 tokens in 3 pages + 5 in 1
     assert gen.cache.memory().pages_in_use == 0
 
 
@@ -246,7 +257,8 @@ def test_hf_checkpoint_generates_like_default_path(tmp_path, device):
         check_against_default(llama, p, o, lg, 6)
 
 
-def test_fms_generate_runs_on_the_paged_op(llama):
+def test_fms_generate_runs_on_the_paged_op(llama_batch):
+    llama = llama_batch
     # FMS's own generate() loop, left-padded batch, driven through the op's update_attn_kwargs.
     prompts = prompts_of([6, 2, 11], seed=9)
     cache = PagedKVCache(cache_spec_for(llama.model, token_budget=BUDGET))
