@@ -58,6 +58,7 @@ def tokens(lengths, seed=0):
 
 def default_logits(model, seq, device, **kwargs) -> torch.Tensor:
     """Logits of every position of `seq` on FMS's default sdpa path (use_cache=True: the layout-safe branch)."""
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     with torch.no_grad():
         out, _ = model(torch.tensor([seq], device=device), position_ids=torch.arange(len(seq), device=device)[None],
                        use_cache=True, **kwargs)
@@ -188,7 +189,7 @@ def test_sliding_window_matches_masked_sdpa(gqa, device):
     i = torch.arange(len(seq))
     keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
     mask = torch.where(keep, 0.0, float("-inf"))[None]
-    assert_close_to_default(logits, model, gold, seq, device, mask=mask.to(device))
+    assert_close_to_default(logits, model, gold, seq, device, mask=mask)
     # The window really matters here: plain causal logits differ.
     assert (default_logits(gold, seq, "cpu")[window:] - logits.double().cpu()[window:]).abs().max() > 1e-3
 
