@@ -210,8 +210,10 @@ class PagedKVCache:
     def _buffers_for(self, padded_batch: int, padded_q: int) -> StepBuffers:
         key = (padded_batch, padded_q)
         if key not in self._buffers:
-            self._buffers[key] = StepBuffers(padded_batch, padded_q, min(padded_q, 128), self._table_width,
-                                             self.spec.device)
+            # The query block must be a multiple of the GPU kernels' row tile: FlexDecoding's is
+            # max(16, next_pow2(GQA group)) even for one query row, so decode steps get a 128-row block too.
+            self._buffers[key] = StepBuffers(padded_batch, padded_q, 128 if padded_q == 1 else min(padded_q, 128),
+                                             self._table_width, self.spec.device)
         return self._buffers[key]
 
     def _build_plan(self, seq_ids, q_lens, start_lens, states, mask_mod, score_mod) -> StepPlan:

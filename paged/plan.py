@@ -43,7 +43,7 @@ class StepBuffers:
 
     def __init__(self, padded_batch: int, padded_q_len: int, q_block: int, width: int, device: torch.device):
         self.padded_batch, self.padded_q_len, self.q_block, self.width = padded_batch, padded_q_len, q_block, width
-        num_q_blocks = padded_q_len // q_block
+        num_q_blocks = -(-padded_q_len // q_block)
         i32 = dict(dtype=torch.int32, device=device)
         self.page_table = torch.full((padded_batch, width), -1, **i32)
         self.q_start = torch.zeros(padded_batch, **i32)
@@ -149,7 +149,7 @@ def fill_block_lists(
     """
     bp, width = page_table.shape
     qb = buffers.q_block
-    num_q_blocks = buffers.padded_q_len // qb
+    num_q_blocks = -(-buffers.padded_q_len // qb)
     block = torch.arange(num_q_blocks)                                   # (Qb,)
     first_row = block * qb                                               # (Qb,)
     last_row = torch.minimum((block + 1) * qb, q_len[:, None]) - 1       # (Bp, Qb)

@@ -22,6 +22,11 @@ def parametrize(metafunc: pytest.Metafunc, kind: str, backends=BACKENDS) -> None
     s = settings_of(metafunc.config)
     grid = cases(kind, s.grid, s.device.type)
     metafunc.config._paged_cases = {**getattr(metafunc.config, "_paged_cases", {}), **{c.id: c for c in grid}}
+    if s.backends:
+        unknown = set(s.backends) - set(BACKENDS)
+        if unknown:
+            raise pytest.UsageError(f"--bench-backends: unknown {sorted(unknown)}; known: {', '.join(BACKENDS)}")
+        backends = tuple(b for b in backends if b in s.backends)
     combos = [(c.id, b) for c in grid for b in backends]
     metafunc.parametrize(("case_id", "backend"), combos, ids=[f"{b}-{c}" for c, b in combos])
 

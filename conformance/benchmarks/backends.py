@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from conformance.benchmarks.grid import Case
 from conformance.benchmarks.harness import BenchSettings, sync, unique_graphs
 from paged import CacheSpec, PagedKVCache
+from paged.plan import padded_query_len
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BACKENDS = ("paged", "sdpa", "torchpa", "flashinfer")
@@ -220,9 +221,15 @@ class TorchPARunner(Runner):
             raise Unavailable(f"peer adapter conformance.peers.torch_paged does not import: {exc!r}") from exc
         self.case, self.page = case, case.page
         attention = "compiled" if settings.cuda else "eager"
+        options = settings.kernel_options
+        if settings.cuda and case.kind != "decode":
+            # The tiles `paged` picks for non-decode steps (its _kernel_options): inductor's default key tiles
+            # (64-128) leave no valid config for smaller pages; the peer adapter does not pick them itself.
+            q_block = min(padded_query_len(case.q_len), 128)
+            options = {"BLOCK_M": min(q_block, 64), "BLOCK_N": min(case.page, 64), **(options or {})}
         self.backend = TorchPagedAttentionBackend(pool.spec(), attention=attention,
                                                   max_batch_size=max(PEER_MAX_BATCH, case.batch),
-                                                  kernel_options=settings.kernel_options)
+                                                  kernel_options=options)
         random.Random(case.seed).shuffle(self.backend.peer.empty_pages)   # pages at random, like `paged`
         ids = list(range(case.batch))
         for i in ids:
@@ -371,8 +378,9 @@ def estimate_bytes(case: Case, pool: PoolConfig) -> int:
 class CaseStore:
     """Holds the one case being benchmarked (all its backends alive at once), building the next on demand."""
 
-    def __init__(self, settings: BenchSettings):
+    def __init__(self, settings: BenchSettings, selected: dict[str, set[str]] | None = None):
         self.settings = settings
+        self.selected = selected or {}
         self.current: Prepared | None = None
         self.skipped: dict[str, str] = {}
 
@@ -388,8 +396,9 @@ class CaseStore:
         if reason:
             self.skipped[case.id] = reason
             pytest.skip(reason)
+        wanted = self.selected.get(case.id, set(BACKENDS)) | {"sdpa"}
         try:
-            self.current = build(case, self.settings)
+            self.current = build(case, self.settings, tuple(b for b in BACKENDS if b in wanted))
         except torch.cuda.OutOfMemoryError as exc:
             self.release()
             self.skipped[case.id] = f"{case.id} does not fit the card: {exc}"

@@ -10,8 +10,12 @@ Options (each also settable through an environment variable):
                                   default .benchmarks/results)
     --bench-kernel-options JSON   FlexAttention kernel_options for paged and the torch peer
                                   (PAGED_BENCH_KERNEL_OPTIONS; default none: the library's defaults)
+    --bench-backends LIST         backends to benchmark, comma-separated (PAGED_BENCH_BACKENDS; default all:
+                                  paged,sdpa,torchpa,flashinfer); sdpa is always built to cross-check outputs
 Device: the conformance plugin's --device if given, else $PAGED_DEVICE, else cuda when a GPU is visible.
 PAGED_BENCH_PLANTED_SLOWDOWN=0.2 slows the paged decode benchmarks by 20% (demonstration only, see harness).
+PAGED_BENCH_DEADLINE=<unix time>: tests starting after it are skipped, so a time-boxed run (scripts/gpu_bench.sh)
+still ends its session normally and writes its JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +42,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="share of the card's memory given to the benchmarked layer's page pool")
     group.addoption("--bench-results", default=None, help="directory for capacity/strategy/memory JSON")
     group.addoption("--bench-kernel-options", default=None, help="JSON kernel_options for FlexAttention")
+    group.addoption("--bench-backends", default=None,
+                    help="comma-separated backends to benchmark (default all: paged,sdpa,torchpa,flashinfer)")
 
 
 def _opt(config: pytest.Config, name: str):
@@ -62,8 +70,10 @@ def make_settings(config: pytest.Config) -> BenchSettings:
         str(Path(str(config.rootpath)) / ".benchmarks" / "results")
     ko = _opt(config, "--bench-kernel-options") or os.environ.get("PAGED_BENCH_KERNEL_OPTIONS") or ""
     disabled = bool(_opt(config, "benchmark_disable")) or not _benchmark_enabled(config)
+    backends = _opt(config, "--bench-backends") or os.environ.get("PAGED_BENCH_BACKENDS") or ""
+    backends = tuple(b.strip() for b in backends.split(",") if b.strip())
     return BenchSettings(device=dev, grid=grid, rounds=max(1, rounds), warmup=max(0, warmup),
-                         pool_fraction=fraction, results_dir=Path(results),
+                         backends=backends or None, pool_fraction=fraction, results_dir=Path(results),
                          kernel_options=json.loads(ko) if ko.strip() else None,
                          planted_slowdown=env_float(SLOWDOWN_ENV, 0.0), benchmark_disabled=disabled)
 
@@ -77,6 +87,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "slow: long-running")
     config._paged_bench = make_settings(config)
+    if os.environ.get("PAGED_BENCH_DEADLINE") and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # A time-boxed run may be stopped with SIGINT (timeout -s INT): let it end the session cleanly even when
+        # started from a non-interactive background shell, which ignores SIGINT.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    deadline = os.environ.get("PAGED_BENCH_DEADLINE", "").strip()
+    if deadline and time.time() > float(deadline):
+        pytest.skip("PAGED_BENCH_DEADLINE passed: this run's time budget is spent")
 
 
 def settings_of(config: pytest.Config) -> BenchSettings:
@@ -94,10 +114,16 @@ def bench(pytestconfig: pytest.Config) -> BenchSettings:
 
 
 @pytest.fixture(scope="session")
-def case_store(bench):
+def case_store(request, bench):
+    """Builds each case's backends once (only those whose benchmarks were selected, plus sdpa)."""
     from conformance.benchmarks.backends import CaseStore
 
-    store = CaseStore(bench)
+    selected: dict[str, set[str]] = {}
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "case_id" in params and "backend" in params:
+            selected.setdefault(params["case_id"], set()).add(params["backend"])
+    store = CaseStore(bench, selected)
     yield store
     store.release()
 

@@ -52,6 +52,7 @@ class BenchSettings:
     kernel_options: dict | None = None
     planted_slowdown: float = 0.0
     benchmark_disabled: bool = False
+    backends: tuple[str, ...] | None = None
     _copy_gbps: float | None = field(default=None, repr=False)
 
     @property

@@ -73,7 +73,7 @@ def run_trace(cache: PagedKVCache, slots: int, steps: int, seed: int) -> tuple[T
 
 @pytest.mark.parametrize(("page", "policy"), COMBOS, ids=IDS)
 def test_strategy_figures(bench, page, policy):
-    slots, steps = 16, 300
+    slots, steps = 16, 400
     spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, page_size=page,
                      num_pages=slots * (MAX_LEN // page), max_seq_len=MAX_LEN)
     cache = PagedKVCache(spec, policy=policy, seed=11)

@@ -374,9 +374,19 @@ class TorchPagedAttentionBackend:
         qp = q.new_zeros(plan.padded_rows, q.shape[2], plan.padded_q_len, D)
         qp[plan.mask_rows, :, :Lq] = q.transpose(1, 2)
         out = attend(qp, self.k_pool[layer:layer + 1], self.v_pool[layer:layer + 1], plan.block_mask,
-                     plan.score_mod, scale, self.attention, self.kernel_options)
+                     plan.score_mod, scale, self.attention, self._kernel_options(plan))
         out = out[plan.mask_rows, :, :Lq].transpose(1, 2)                               # (B, Lq, Hq, D)
         return out * plan.valid[:, :, None, None].to(out.dtype)
+
+    def _kernel_options(self, plan: _Plan) -> dict | None:
+        """Tiles the GPU kernels can take (as paged.PagedKVCache passes them): key tiles must divide the page,
+        query tiles the Q block; Inductor's defaults leave no valid config for small pages or chunks
+        (NoValidChoicesError). A choice of the flex_attention caller, not of the peer; user options win."""
+        if self.spec.device.type != "cuda":
+            return self.kernel_options
+        tiles = {} if plan.padded_q_len == 1 else {"BLOCK_M": min(plan.padded_q_len, 64),
+                                                   "BLOCK_N": min(self.spec.page_size, 64)}
+        return {**tiles, **(self.kernel_options or {})} or None
 
     # ------------------------------------------------------------------ memory
     def _fill_pages(self, pages: torch.Tensor, value: float) -> None:
