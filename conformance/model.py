@@ -73,6 +73,7 @@ class PageModel:
             s = self.seqs[seq]
             need += math.ceil((s.length + q) / self.page_size) - len(s.pages)
             if s.length % self.page_size and owners[s.pages[-1]] > 1:
+                owners[s.pages[-1]] -= 1  # a later writer of the same page may then write in place
                 need += 1
         return need
 

@@ -162,19 +162,19 @@ class PagedKVCache:
 
         # Pages to add, and shared partly filled last pages that must be copied before they are written.
         grow = [math.ceil((st.length + q) / P) - len(st.pages) for st, q in zip(states, q_lens)]
-        cow = [st.length % P != 0 and self.allocator.refcount(st.pages[-1]) > 1 for st in states]
+        cow = self._copies_needed(states)
         new_pages = self.allocator.allocate(sum(grow) + sum(cow), what=f"step of {len(seq_ids)} sequence(s)")
 
         # ---- from here on nothing can fail on bad input: commit
         self._plan = None
         start_lens = tuple(st.length for st in states)
         it = iter(new_pages)
-        assigned, assigned_logical, copies = [], [], []
+        assigned, assigned_logical, copies, freed = [], [], [], []
         for st, q, g, c in zip(states, q_lens, grow, cow):
             if c:
                 old, fresh = st.pages[-1], next(it)
                 copies.append((old, fresh))
-                self.allocator.release([old])
+                freed += self.allocator.release([old])
                 st.pages[-1] = fresh
                 assigned.append(fresh)
                 assigned_logical.append(len(st.pages) - 1)
@@ -191,6 +191,11 @@ class PagedKVCache:
         for old, fresh in copies:
             for pool in (self.k_pool, self.v_pool):
                 pool[:, :, fresh * P:(fresh + 1) * P] = pool[:, :, old * P:(old + 1) * P]
+        if freed:
+            idx = torch.tensor(freed, device=spec.device)
+            self.page_logical[idx] = -1
+            if self.poison:
+                self._fill_pages(idx, float("nan"))
 
         self._plan = self._build_plan(seq_ids, q_lens, start_lens, states, mask_mod, score_mod)
         return self._plan
@@ -206,6 +211,24 @@ class PagedKVCache:
         tiles = {} if buf.padded_q_len == 1 else {"BLOCK_M": min(buf.q_block, 64),
                                                   "BLOCK_N": min(self.spec.page_size, 64)}
         return {**tiles, **(self.kernel_options or {})} or None
+
+    def _copies_needed(self, states: list[SequenceState]) -> list[bool]:
+        """Which sequences must copy their shared, partly filled last page before writing into it.
+
+        Writers are taken in step order; one whose page no longer has another owner (every other owner
+        already copied it in this step) writes in place, so a page is never copied by all its owners.
+        """
+        owners: dict[int, int] = {}
+        cow = []
+        for st in states:
+            page = st.pages[-1] if st.length % self.spec.page_size else None
+            if page is None:
+                cow.append(False)
+                continue
+            left = owners.setdefault(page, self.allocator.refcount(page))
+            cow.append(left > 1)
+            owners[page] = left - 1 if left > 1 else left
+        return cow
 
     def _buffers_for(self, padded_batch: int, padded_q: int) -> StepBuffers:
         key = (padded_batch, padded_q)
@@ -274,6 +297,7 @@ class PagedKVCache:
                   plan.max_q_len if plan else 0, layer, q, k, v)
         spec, B, Lq = self.spec, plan.batch, plan.max_q_len
         H, D = spec.num_kv_heads, spec.head_dim
+        Lq_in = q.shape[1]
         q, k, v = q[:, :Lq], k[:, :Lq], v[:, :Lq]
         plan.layers_run.add(layer)
 
@@ -289,7 +313,8 @@ class PagedKVCache:
         out = out.transpose(1, 2)[:B, :Lq]                                             # (B, Lq, Hq, D)
         # Unmasked (full) pages reach padding rows too: zero them so callers never see garbage.
         valid = torch.arange(Lq, device=q.device)[None, :] < buf.q_len[:B, None]
-        return out * valid[:, :, None, None].to(out.dtype)
+        out = out * valid[:, :, None, None].to(out.dtype)
+        return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, Lq_in - Lq))                # (B, Lq_in, Hq, D)
 
     # ------------------------------------------------------------------ memory
     def memory(self) -> MemoryStats:
