@@ -8,11 +8,11 @@ Exit status 0 when every applicable check passes (known peer defects count as ex
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import pytest
 
-from conformance.profiles import default_profile
 from conformance.records import reset
 from conformance.report import ReportPlugin, format_report, write_json
 from conformance.selection import available_backends, resolve_backend
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, help="backend under test (default: paged)")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
                         help="default: cuda when a GPU is visible, else cpu")
-    parser.add_argument("--profile", default=None, help="Hypothesis profile (default: ci under CI, else dev)")
+    parser.add_argument("--profile", default=None,
+                        help="Hypothesis profile (default: $HYPOTHESIS_PROFILE, else gpu on cuda, ci on cpu)")
     parser.add_argument("--json", default="conformance-report.json", help="where to write the JSON report")
     parser.add_argument("--list", action="store_true", help="list the backends that can be selected")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    profile = args.profile or default_profile()
+    # The quick-start default: the bounded ci profile on a CPU, the gpu profile on a GPU.
+    profile = args.profile or os.environ.get("HYPOTHESIS_PROFILE") or ("gpu" if device == "cuda" else "ci")
     factory = resolve_backend(args.backend)
     reset()
     plugin = ReportPlugin()
