@@ -307,7 +307,9 @@ class TorchPagedAttentionBackend:
         spec, P, dev = self.spec, self.spec.page_size, self.spec.device
         B, max_q = len(seq_ids), max(q_lens)
         Lqp = padded_query_len(max_q)
-        q_block = min(Lqp, 128)
+        # As paged.PagedKVCache: the query block must be a multiple of the GPU kernels' row tile; FlexDecoding's
+        # is max(16, next_pow2(GQA group)) even for one query row, so decode steps get a 128-row block too.
+        q_block = 128 if Lqp == 1 else min(Lqp, 128)
         if self.rows_mode == "slots":
             # Block-mask row r IS page-table row r (the peer's mask_mod requires it: #189).
             R = min(bucket(max(rows) + 1, self.min_rows), self.max_batch_size)
