@@ -34,6 +34,7 @@ def gpu_required() -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    config.addinivalue_line("markers", "check(name, needs=()): a conformance check and the capabilities it needs")
     register_profiles()
     profile = config.getoption("--profile") or default_profile()
     settings.load_profile(profile)
@@ -68,10 +69,34 @@ def device(pytestconfig: pytest.Config) -> torch.device:
     return torch.device(pytestconfig._paged_device)
 
 
+def _factory(config: pytest.Config):
+    if not hasattr(config, "_paged_factory"):
+        try:
+            config._paged_factory = resolve_backend(config.getoption("--backend"))
+        except BackendNotFound as exc:
+            raise pytest.UsageError(str(exc)) from exc
+    return config._paged_factory
+
+
 @pytest.fixture(scope="session")
 def backend_factory(pytestconfig: pytest.Config):
     """The BackendFactory selected with --backend / $PAGED_CONFORMANCE_BACKEND."""
-    try:
-        return resolve_backend(pytestconfig.getoption("--backend"))
-    except BackendNotFound as exc:
-        raise pytest.UsageError(str(exc)) from exc
+    return _factory(pytestconfig)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Conformance checks (marked `check`): skip what the backend lacks a capability or device for, and mark
+    the backend's known defects as expected failures. Done here, not in a fixture, so Hypothesis tests use
+    only session-scoped fixtures."""
+    marker = item.get_closest_marker("check")
+    if marker is None:
+        return
+    factory = _factory(item.config)
+    missing = [c for c in marker.kwargs.get("needs", ()) if not factory.has(c)]
+    if missing:
+        pytest.skip(f"backend {factory.name} lacks {', '.join(missing)}")
+    if item.config._paged_device not in factory.devices:
+        pytest.skip(f"backend {factory.name} does not run on {item.config._paged_device}")
+    name = marker.args[0]
+    if name in factory.expected_failures:
+        item.add_marker(pytest.mark.xfail(reason=factory.expected_failures[name], strict=False))

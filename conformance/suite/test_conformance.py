@@ -16,63 +16,53 @@ from conformance.snapshots import first_difference
 from conformance.traces import Step, traces
 
 
-@pytest.fixture
-def backend(backend_factory, device, request):
-    """The factory, after skipping checks it lacks a capability for and marking its known failures."""
-    check = request.node.originalname.removeprefix("test_")
-    needs = getattr(request.node.get_closest_marker("needs"), "args", ())
-    missing = [c for c in needs if not backend_factory.has(c)]
-    if missing:
-        pytest.skip(f"backend {backend_factory.name} lacks {', '.join(missing)}")
-    if device.type not in backend_factory.devices:
-        pytest.skip(f"backend {backend_factory.name} does not run on {device.type}")
-    if check in backend_factory.expected_failures:
-        request.node.add_marker(pytest.mark.xfail(reason=backend_factory.expected_failures[check], strict=False))
-    return backend_factory
-
+def _forks(factory, weight: int = 1) -> int:
+    """Forks appear in traces only for backends that have them."""
+    return weight if factory.has("fork") else 0
 
 
 @given(trace=st.data())
-def test_outputs_match_oracle(backend, device, trace):
+@pytest.mark.check("outputs_match_oracle")
+def test_outputs_match_oracle(backend_factory, device, trace):
     """Every output of every step, layer and sequence matches the float64 oracle (correctness policy)."""
-    t = trace.draw(traces(device.type), label="trace")
-    record("outputs_match_oracle", replay(t, backend, device, ReplayOptions()))
+    t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory)), label="trace")
+    record("outputs_match_oracle", replay(t, backend_factory, device, ReplayOptions()))
 
 
-@pytest.mark.needs("paging")
+@pytest.mark.check("fragmentation", needs=("paging",))
 @given(trace=st.data())
-def test_fragmentation(backend, device, trace):
+def test_fragmentation(backend_factory, device, trace):
     """Pages in use == pages the live sequences need (shared once); waste <= (P-1) per sequence; a step
     needing k pages succeeds iff k are free (no external fragmentation) and a refusal changes nothing;
     after everything finishes, no page is in use (no leak)."""
-    t = trace.draw(traces(device.type, use_mods=False), label="trace")
-    record("fragmentation", replay(t, backend, device, ReplayOptions(compare_outputs=False, check_memory=True)))
+    t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory), use_mods=False), label="trace")
+    record("fragmentation", replay(t, backend_factory, device, ReplayOptions(compare_outputs=False, check_memory=True)))
 
 
-@pytest.mark.needs("poison")
+@pytest.mark.check("isolation_poison", needs=("poison",))
 @given(trace=st.data())
-def test_isolation_poison(backend, device, trace):
+def test_isolation_poison(backend_factory, device, trace):
     """Free pages are NaN-poisoned after every operation; no output is ever NaN or wrong."""
-    t = trace.draw(traces(device.type, use_mods=False), label="trace")
-    record("isolation_poison", replay(t, backend, device, ReplayOptions(poison=True)))
+    t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory), use_mods=False), label="trace")
+    record("isolation_poison", replay(t, backend_factory, device, ReplayOptions(poison=True)))
 
 
-@pytest.mark.needs("fork")
+@pytest.mark.check("isolation_fork", needs=("fork",))
 @given(trace=st.data())
-def test_isolation_fork(backend, device, trace):
+def test_isolation_fork(backend_factory, device, trace):
     """Fork-heavy traces (parallel sampling, beam search): a fork and its parent never see each other's
     later tokens (the oracle copies on fork; every output is compared)."""
     t = trace.draw(traces(device.type, fork_weight=5, use_mods=False), label="trace")
-    record("isolation_fork", replay(t, backend, device, ReplayOptions(check_memory=backend.has("paging"))))
+    record("isolation_fork", replay(t, backend_factory, device, ReplayOptions(check_memory=backend_factory.has("paging"))))
 
 
-@pytest.mark.needs("eager")
+@pytest.mark.check("eager_matches_compiled", needs=("eager",))
 @given(trace=st.data())
-def test_eager_matches_compiled(backend, device, trace):
+def test_eager_matches_compiled(backend_factory, device, trace):
     """The eager twin (which reads only the mask_mod) matches the oracle and the compiled backend."""
-    t = trace.draw(traces(device.type), label="trace")
-    eager = replay(t, backend, device, ReplayOptions(eager=True), keep_outputs=True)
-    compiled = replay(t, backend, device, ReplayOptions(), keep_outputs=True)
+    t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory)), label="trace")
+    eager = replay(t, backend_factory, device, ReplayOptions(eager=True), keep_outputs=True)
+    compiled = replay(t, backend_factory, device, ReplayOptions(), keep_outputs=True)
     from conformance.policy import CEILING
     ceiling = CEILING[t.config.torch_dtype]
     for i, (a, b) in enumerate(zip(eager.outputs, compiled.outputs)):
@@ -82,11 +72,12 @@ def test_eager_matches_compiled(backend, device, trace):
     record("eager_matches_compiled", eager)
 
 
+@pytest.mark.check("errors_leave_state_unchanged")
 @given(trace=st.data(), choice=st.data())
-def test_errors_leave_state_unchanged(backend, device, trace, choice):
+def test_errors_leave_state_unchanged(backend_factory, device, trace, choice):
     """Bad requests injected mid-trace raise their specific exception and leave snapshot() unchanged."""
-    t = trace.draw(traces(device.type, use_mods=False), label="trace")
-    paging = backend.has("paging")
+    t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory), use_mods=False), label="trace")
+    paging = backend_factory.has("paging")
 
     def expect(bad, target):
         before = target.snapshot()
@@ -106,15 +97,16 @@ def test_errors_leave_state_unchanged(backend, device, trace, choice):
         expect(choice.draw(st.sampled_from(bad), label=f"bad run before op {i} layer {layer}"), target)
 
     record("errors_leave_state_unchanged",
-           replay(t, backend, device, ReplayOptions(before_op=before_op, before_run=before_run)))
+           replay(t, backend_factory, device, ReplayOptions(before_op=before_op, before_run=before_run)))
 
 
+@pytest.mark.check("determinism")
 @given(trace=st.data())
-def test_determinism(backend, device, trace):
+def test_determinism(backend_factory, device, trace):
     """The same trace twice on fresh backends gives bit-identical outputs."""
-    t = trace.draw(traces(device.type), label="trace")
-    first = replay(t, backend, device, ReplayOptions(compare_outputs=False), keep_outputs=True)
-    second = replay(t, backend, device, ReplayOptions(compare_outputs=False), keep_outputs=True)
+    t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory)), label="trace")
+    first = replay(t, backend_factory, device, ReplayOptions(compare_outputs=False), keep_outputs=True)
+    second = replay(t, backend_factory, device, ReplayOptions(compare_outputs=False), keep_outputs=True)
     for i, (a, b) in enumerate(zip(first.outputs, second.outputs)):
         if not torch.equal(a, b):
             raise ConformanceError(f"output {i} differs between two runs of the same trace "
@@ -122,11 +114,12 @@ def test_determinism(backend, device, trace):
     record("determinism", first)
 
 
-def test_stateful(backend, device):
+@pytest.mark.check("stateful")
+def test_stateful(backend_factory, device):
     """A RuleBasedStateMachine over admit / step / fork / finish with every check as an invariant."""
     from hypothesis import settings
     from hypothesis.stateful import run_state_machine_as_test
 
     from conformance.stateful import machine_for
 
-    run_state_machine_as_test(machine_for(backend, device), settings=settings(settings.default, stateful_step_count=12))
+    run_state_machine_as_test(machine_for(backend_factory, device), settings=settings(settings.default, stateful_step_count=12))

@@ -59,6 +59,8 @@ from typing import Any, Sequence
 
 import torch
 
+from conformance.benchmarks.harness import BenchSettings, copy_bandwidth, sync, unique_graphs
+
 MODES = ("sdpa", "paged", "nocache")
 MODE_LABELS = {"sdpa": "FMS default (sdpa, contiguous cache)", "paged": "paged (pagetable_flex)",
                "nocache": "no cache (recompute)"}
@@ -226,8 +228,6 @@ def model_info(model: torch.nn.Module, size: str) -> dict:
 
 # ============================================================================================ one generate
 def _sync(device: torch.device) -> None:
-    from conformance.benchmarks.harness import sync
-
     sync(device)
 
 
@@ -462,6 +462,13 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _limit_fallbacks() -> int:
+    """Frames dynamo gave up on at its recompile limit (it then runs them eagerly, silently: a slow path)."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for key, n in counters["unimplemented"].items() if "recompile" in key.lower() and "limit" in key.lower())
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     k = (len(xs) - 1) * q
@@ -472,11 +479,10 @@ def _percentile(xs: list[float], q: float) -> float:
 def time_config(ctx: Ctx, mode: str, batch: int, prompt_len: int, new_tokens: int, warmup_tokens: int,
                 repeats: int, seed: int, weights_bytes: int, copy_gbps: float | None, kv_per_token: int) -> dict:
     """Warm up, then time `repeats` generates of one (mode, batch, prompt length)."""
-    from conformance.benchmarks.harness import unique_graphs
-
     prompts = prompts_for(ctx, batch, prompt_len, seed)
     rec: dict[str, Any] = {"mode": mode, "batch": batch, "seq_len": prompt_len, "new_tokens": new_tokens}
     _free(ctx.device)
+    fallbacks = _limit_fallbacks()
     t = time.perf_counter()
     warm = generate_once(ctx, mode, prompts, warmup_tokens)
     rec["warmup_s"] = round(time.perf_counter() - t, 3)             # includes compiles
@@ -499,6 +505,7 @@ def time_config(ctx: Ctx, mode: str, batch: int, prompt_len: int, new_tokens: in
         if "paged_op" in last:
             checks.append(last["paged_op"])
     rec["recompiles_timed"] = unique_graphs() - graphs
+    rec["recompile_limit_fallbacks"] = _limit_fallbacks() - fallbacks
     med = statistics.median(steps)
     rec.update(
         decode_steps=len(steps), step_ms=[round(s * 1e3, 4) for s in steps],
@@ -536,8 +543,6 @@ def _plan_configs(batches, seq_lens) -> list[tuple[int, int]]:
 
 
 def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> tuple[dict, Path]:
-    from conformance.benchmarks.harness import BenchSettings, copy_bandwidth
-
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     modes = [m for m in MODES if m in {x.strip() for x in args.modes.split(",")}]
@@ -566,6 +571,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> tuple[dict, 
         "schema": "paged.fms.bench/1",
         "command": "python -m paged.fms.bench " + shlex.join(list(argv)),
         "argv": list(argv),
+        "python_executable": sys.executable,
         "cwd": os.getcwd(),
         "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "env": environment(device, copy_gbps),
@@ -618,8 +624,8 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> tuple[dict, 
                 if rec["status"] == "ok" else rec["status"] + ": " + str(rec.get("error", ""))[:200]), flush=True)
             _write(results, out)
 
-    results["checks"] = summarize_checks(results)
     results["wall_s"] = round(time.perf_counter() - started, 1)
+    results["checks"] = summarize_checks(results)
     _write(results, out)
     write_report(results, out)
     return results, out
@@ -633,6 +639,8 @@ def summarize_checks(results: dict) -> dict:
         "paged_runs_checked": len(paged),
         "agreement_ok": bool(results.get("agreement") and results["agreement"].get("ok")),
         "no_recompiles_in_timed_runs": all(r.get("recompiles_timed", 0) == 0 for r in runs if r["status"] == "ok"),
+        "no_recompile_limit_fallbacks": all(r.get("recompile_limit_fallbacks", 0) == 0 for r in runs),
+        "complete": results.get("wall_s") is not None,
         "runs_ok": sum(r["status"] == "ok" for r in runs),
         "runs_failed": sum(r["status"] in ("error",) for r in runs),
         "runs_oom": sum(r["status"] == "oom" for r in runs),
@@ -710,9 +718,13 @@ def markdown(results: dict) -> str:
                          f"{agree['prompt_len']}, {agree['new_tokens']} tokens, {agree['dtype']})")
     elif agree.get("error"):
         lines.append(f"  - error: {agree['error'].splitlines()[0]}")
-    lines += [f"- graphs compiled during timed runs: none = **{checks['no_recompiles_in_timed_runs']}**",
+    lines += [f"- graphs compiled during timed runs: none = **{checks['no_recompiles_in_timed_runs']}**; dynamo never "
+              f"hit its recompile limit (silent eager fallback): **{checks.get('no_recompile_limit_fallbacks')}**",
               f"- runs: {checks['runs_ok']} ok, {checks['runs_failed']} failed, {checks['runs_oom']} out of memory, "
-              f"{checks['runs_skipped']} skipped", ""]
+              f"{checks['runs_skipped']} skipped"]
+    if not checks.get("complete", True):
+        lines.append("- **INCOMPLETE**: the process ended before its last configuration (report rebuilt with --replot)")
+    lines.append("")
 
     modes = [m for m in st["modes"] if any(r["mode"] == m for r in runs)]
     by = {(r["mode"], r["batch"], r["seq_len"]): r for r in runs}
@@ -852,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replot:
         out = Path(args.replot)
         results = json.loads((out / "results.json").read_text())
-        results.setdefault("checks", summarize_checks(results))
+        results["checks"] = summarize_checks(results)
         write_report(results, out)
         print(f"[bench] rewrote {out / 'results.md'} and plots")
         return 0
@@ -878,7 +890,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print((out / "results.md").read_text())
     print(f"[bench] wrote {out}/results.json, results.md, latency_vs_seq.png, throughput_vs_batch.png, memory.png")
     good = checks["paged_op_used"] or "paged" not in results["settings"]["modes"]
-    good = good and checks["agreement_ok"] and checks["runs_failed"] == 0 and checks["no_recompiles_in_timed_runs"]
+    good = (good and checks["agreement_ok"] and checks["runs_failed"] == 0 and checks["no_recompiles_in_timed_runs"]
+            and checks["no_recompile_limit_fallbacks"])
     return 0 if good else 1
 
 

@@ -19,8 +19,9 @@ each rank's :class:`~paged.PagedKVCache` is an ordinary cache whose spec is buil
 Decisions are computed identically on every rank, not broadcast. Every decision a step makes (which
 prompts are admitted, which sequences finish, how many pages a step takes, which physical pages the
 allocator hands out) is a deterministic function of the prompts, the pool spec and the tokens chosen so
-far; the tokens come from the logits, which are bitwise identical on every rank because FMS ends the model
-with an all-gather of the vocabulary shards after all-reduced hidden states. So identical inputs give
+far; the tokens come from logits that are the same bytes on every rank by construction: FMS's TP head
+computes one vocabulary shard per rank and all-gathers them, so every rank picks from the same tensor
+(whatever rank-local rounding went into each shard). So identical inputs give
 identical decisions with no communication in the data path; broadcasting them from rank 0 would cost a
 device->host->network hop per step and would hide a divergence instead of detecting it. The one thing
 that is not a function of the inputs, the seed of a sampling run without an explicit seed, is broadcast
@@ -259,7 +260,8 @@ class _Control:
         if failed:
             payload = None
             if error is not None:
-                payload = (type(error).__name__, str(error), getattr(error, "needed", None), getattr(error, "free", None))
+                payload = (type(error).__name__, str(error), getattr(error, "needed", None),
+                           getattr(error, "free", None))
             infos: list[Any] = [None] * ctx.world_size
             dist.all_gather_object(infos, payload, group=ctx.control)
             raise _cluster_error(table, infos, ctx.world_size) from error
@@ -287,7 +289,10 @@ def _cluster_error(table: torch.Tensor, infos: list, world_size: int) -> Distrib
              "commit": "after the step was built on the other ranks: finish the step's sequences",
              "start": "before generation started", "generate": "during generation",
              "end": "at the end of generation", "spec": "while building the cache"}[phase]
-    detail = "; ".join(f"rank {r}: {t}: {m}" for r, (t, m) in sorted(failures.items()))
+    same: dict[tuple[str, str], list[int]] = {}
+    for r, tm in sorted(failures.items()):
+        same.setdefault(tm, []).append(r)
+    detail = "; ".join(f"rank {', '.join(map(str, rs))}: {t}: {m}" for (t, m), rs in same.items())
     ranks = ", ".join(map(str, sorted(failures)))
     message = (f"{kind} on rank {ranks} (world size {world_size}; {phase} vote {int(table[first, 2])}, {where}); "
                f"every rank raises this error. {detail}")
@@ -339,7 +344,8 @@ class DistributedPagedKVCache(PagedKVCache):
     def __init__(self, spec: CacheSpec, ctx: DistContext, *, check_pages: bool = False, policy: str = "lowest",
                  seed: int = 0, **kwargs: Any) -> None:
         if not isinstance(policy, str):
-            raise UnsupportedConfigError("a distributed cache takes a policy by name, so every rank builds the same one")
+            raise UnsupportedConfigError("a distributed cache takes a policy by name, so every rank builds the same "
+                                         "one")
         super().__init__(spec, policy=policy, seed=seed, **kwargs)
         self.allocator = _VotingAllocator(spec.num_pages, policy, seed)
         self.ctx = ctx
@@ -560,7 +566,10 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Tensor-parallel generation with an FMS Llama on the paged KV cache.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text after one or more prompts (text printed on rank 0)")
-    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    g.add_argument("--random-prompts", type=int, default=0, metavar="N",
+                   help="add N seeded random-token prompts (for throughput runs; any checkpoint, no tokenizer needed)")
+    g.add_argument("--prompt-len", type=int, default=128, help="tokens per random prompt")
     g.add_argument("--model-path", default=None,
                    help="local HF-format Llama directory (default: a seeded random tiny Llama, written by rank 0)")
     g.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer.model (default: the checkpoint's, "
@@ -605,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_new_tokens < 0:
         print("error: --max-new-tokens must be >= 0", file=sys.stderr)
         return 2
+    if not args.prompt and args.random_prompts < 1:
+        print("error: give --prompt TEXT (repeatable) or --random-prompts N", file=sys.stderr)
+        return 2
     ctx = setup(args.device, timeout_s=args.timeout_s)
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else (
@@ -627,19 +639,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             sizing = {"kv_budget_bytes": int(args.kv_gib * 2**30)}
         else:
             sizing = {"token_budget": args.token_budget or 4096}
-        gen = DistributedPagedGenerator(model, ctx, page_size=args.page_size, dtype=dtype,
-                                        attention="eager" if args.eager else "compiled",
-                                        check_pages=args.check_pages, **sizing)
         prompts = [tokenizer.encode(p) for p in args.prompt]
-
-        def run() -> list[list[int]]:
-            return gen.generate(prompts, args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                                top_k=args.top_k, seed=args.seed, max_batch=args.max_batch,
-                                prefill_chunk=args.prefill_chunk,
-                                eos_token_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
-                                progress=False if args.no_progress else None)
-
+        if args.random_prompts:
+            # Seeded on the CPU: the same ids on every rank. Ids 4.. skip the special tokens.
+            g = torch.Generator().manual_seed(args.seed)
+            vocab = model.config.src_vocab_size if hasattr(model.config, "src_vocab_size") else tokenizer.vocab_size
+            prompts += torch.randint(4, vocab, (args.random_prompts, args.prompt_len), generator=g).tolist()
         try:
+            gen = DistributedPagedGenerator(model, ctx, page_size=args.page_size, dtype=dtype,
+                                            attention="eager" if args.eager else "compiled",
+                                            check_pages=args.check_pages, **sizing)
+
+            def run() -> list[list[int]]:
+                return gen.generate(prompts, args.max_new_tokens, do_sample=args.do_sample,
+                                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                    max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                                    eos_token_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
+                                    progress=False if args.no_progress else None)
+
             if args.warmup:
                 run()
             if ctx.device.type == "cuda":
@@ -655,6 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         mem = global_memory(gen.cache, ctx)       # collective: every rank
         if ctx.is_main:
+            if args.random_prompts:
+                print(f"{args.random_prompts} random prompt(s) of {args.prompt_len} tokens: "
+                      f"{sum(len(o) for o in outs[len(args.prompt):])} new tokens", file=sys.stderr)
             for text, out in zip(args.prompt, outs):
                 known = [t for t in out if 0 <= t < tokenizer.vocab_size]
                 completion = tokenizer.decode(known)

@@ -64,7 +64,8 @@ def test_every_mode_and_configuration_ran(results):
 
 def test_paged_runs_really_used_the_paged_op(results):
     _, _, res = results
-    assert res["checks"]["paged_op_used"] is True
+    checks = res["checks"]
+    assert checks["paged_op_used"] is True and checks["complete"] and checks["no_recompile_limit_fallbacks"]
     nlayers = res["model"]["config"]["nlayers"]
     for r in (r for r in res["runs"] if r["mode"] == "paged"):
         op = r["paged_op"]

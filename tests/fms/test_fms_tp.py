@@ -81,8 +81,12 @@ def _generation(ctx, model, attention: str) -> dict:
 
     gen = DistributedPagedGenerator(model, ctx, token_budget=BUDGET, attention=attention, check_pages=True)
     mem = []
-    outs, logits = gen.generate(prompts_of(), NEW, return_logits=True,
-                                callback=lambda e: mem.append(global_memory(gen.cache).as_dict()) if e.step == 0 else None)
+
+    def after_prefill(event) -> None:
+        if event.step == 0:
+            mem.append(global_memory(gen.cache).as_dict())      # a collective inside the run, on every rank
+
+    outs, logits = gen.generate(prompts_of(), NEW, return_logits=True, callback=after_prefill)
     default = [default_greedy(model, p, NEW) for p in prompts_of()]
     return {"tokens": outs, "logits": logits, "memory_after_prefill": mem[0],
             "memory_after": global_memory(gen.cache).as_dict(), "kvheads": gen.spec.num_kv_heads,
@@ -316,7 +320,8 @@ def test_a_rank_out_of_pages_fails_every_rank_alike(world2):
     oop = [f["oop"] for f in fails]
     assert all(o == oop[0] for o in oop), oop                      # same type, same message, on every rank
     assert oop[0]["type"] == "DistributedOutOfPagesError" and oop[0]["oop"] and oop[0]["distributed"]
-    assert oop[0]["phase"] == "plan" and "on rank 1 (world size 2" in oop[0]["message"] and "needs 2 free page(s)" in oop[0]["message"]
+    assert oop[0]["phase"] == "plan" and "on rank 1 (world size 2" in oop[0]["message"]
+    assert "needs 2 free page(s) but only 1 are free" in oop[0]["message"]
     # Refused before any page was taken: nothing changed on any rank.
     assert [f["oop_after"] for f in fails] == [(0, 4), (0, 1)]
 

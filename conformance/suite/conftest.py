@@ -1,2 +1,0 @@
-def pytest_configure(config):
-    config.addinivalue_line("markers", "needs(*capabilities): backend capabilities the check requires")
