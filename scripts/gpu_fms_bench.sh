@@ -21,6 +21,7 @@
 # memory.png), OUT/*.log, OUT/machine.txt, OUT/summary.txt, OUT/fms_bench_results.tar.gz.
 # A run cut by its hard limit keeps every configuration it finished (results.json is rewritten after each);
 # its report and plots are then rebuilt with --replot.
+# FMS_BENCH_DRY=1 runs the same plumbing on a CPU with the micro model and a tiny grid (checked there, ~1 min).
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_fms_bench.sh OUT [7b|1b|all]}
 WHAT=${2:-all}

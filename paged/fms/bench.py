@@ -124,10 +124,12 @@ def _git() -> dict:
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # The code that runs (new files included): changes elsewhere in the tree do not matter here.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "paged", "conformance"], cwd=root,
                                capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
-            return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+            return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()),
+                    "changed": dirty.stdout.split("\n")[:20] if dirty.stdout.strip() else []}
     except (OSError, subprocess.SubprocessError):
         pass
     return {"commit": None, "dirty": None}
@@ -282,21 +284,36 @@ def _kv_held(kwargs: dict) -> dict:
 
 
 class _RunCounter:
-    """Wraps one PagedKVCache's ``run`` (the call the op's compute makes per layer): calls and tokens."""
+    """Wraps one PagedKVCache's ``run`` (the call the op's compute makes per layer): calls and tokens.
+
+    Also keeps the host time of every ``run`` and ``plan`` call (no synchronisation: on a GPU this is the time
+    to enqueue the work, i.e. the op's per-step host cost).
+    """
 
     def __init__(self, cache) -> None:
-        self.cache, self.inner = cache, cache.run
-        self.calls = 0
-        self.tokens = 0
+        self.cache, self.inner, self.inner_plan = cache, cache.run, cache.plan
+        self.reset()
         cache.run = self
+        cache.plan = self._plan
 
     def __call__(self, layer, q, k, v, **kw):
         self.calls += 1
         self.tokens += sum(self.cache._plan.q_lens) if self.cache._plan is not None else 0
-        return self.inner(layer, q, k, v, **kw)
+        t = time.perf_counter()
+        out = self.inner(layer, q, k, v, **kw)
+        self.run_s.append(time.perf_counter() - t)
+        return out
+
+    def _plan(self, *args, **kw):
+        t = time.perf_counter()
+        out = self.inner_plan(*args, **kw)
+        self.plan_s.append(time.perf_counter() - t)
+        return out
 
     def reset(self) -> None:
         self.calls = self.tokens = 0
+        self.run_s: list[float] = []
+        self.plan_s: list[float] = []
 
 
 @dataclass
@@ -376,6 +393,10 @@ def generate_once(ctx: Ctx, mode: str, prompts: torch.Tensor, new_tokens: int, *
                 "tokens_stored": mem.tokens_stored, "expected_tokens": expected_tokens,
                 "live_sequences": mem.live_sequences,
                 "registered_compute_is_paged_op": registered is paged_op._compute_op,
+                # host time (no sync), decode steps only: the prefill is the first plan and first layer calls
+                "plan_host_ms_median": statistics.median(counter.plan_s[1:]) * 1e3 if len(counter.plan_s) > 1 else None,
+                "run_host_ms_median": (statistics.median(counter.run_s[ctx.nlayers:]) * 1e3
+                                       if len(counter.run_s) > ctx.nlayers else None),
             }
             check["ok"] = bool(counter.calls == expected_calls and mem.tokens_stored == expected_tokens
                                and counter.tokens == ctx.nlayers * expected_tokens and mem.live_sequences == B
@@ -532,6 +553,13 @@ def time_config(ctx: Ctx, mode: str, batch: int, prompt_len: int, new_tokens: in
         rec["copy_fraction"] = rec["achieved_gbps"] / copy_gbps
     if checks:
         rec["paged_op"] = {"ok": all(c["ok"] for c in checks), "runs_checked": len(checks), "last": checks[-1]}
+        timed = checks[-repeats:]
+        plans = [c["plan_host_ms_median"] for c in timed if c["plan_host_ms_median"] is not None]
+        runs_ = [c["run_host_ms_median"] for c in timed if c["run_host_ms_median"] is not None]
+        if plans and runs_:
+            # The op's own host cost per decode step: one plan + one cache.run per layer (enqueue time on a GPU).
+            rec["op_host_ms_per_step"] = statistics.median(plans) + ctx.nlayers * statistics.median(runs_)
+            rec["plan_host_ms"] = statistics.median(plans)
     rec["status"] = "ok"
     return rec
 
@@ -689,7 +717,8 @@ def markdown(results: dict) -> str:
         "",
         f"- **Device**: {where}",
         f"- **Versions**: torch {env['torch']}, ibm-fms {env['ibm_fms']}, triton {env.get('triton')}, "
-        f"python {env['python']}; repo {(env['git'] or {}).get('commit')} (dirty: {(env['git'] or {}).get('dirty')})",
+        f"python {env['python']}; repo {(env['git'] or {}).get('commit')} (uncommitted changes in paged/ or "
+        f"conformance/: {(env['git'] or {}).get('dirty')})",
         f"- **Command**: `{results['command']}`",
         f"- **Model**: FMS LLaMA, random weights, {model['params'] / 1e6:.1f} M params, {model['dtype']}; emb "
         f"{cfg['emb_dim']}, {cfg['nheads']} heads ({model['kv_heads']} kv heads, head dim {model['head_dim']}), "
@@ -729,27 +758,39 @@ def markdown(results: dict) -> str:
     modes = [m for m in st["modes"] if any(r["mode"] == m for r in runs)]
     by = {(r["mode"], r["batch"], r["seq_len"]): r for r in runs}
     keys = sorted({(r["batch"], r["seq_len"]) for r in runs})
+    extra = (["paged / sdpa"] if {"paged", "sdpa"} <= set(modes) else []) + \
+        (["paged op host ms/step"] if "paged" in modes else [])
     lines += ["## Decode step latency (ms per step = per token of each sequence; median, [p10, p90])", "",
-              "| batch | prompt | " + " | ".join(modes) + (" | paged / sdpa |" if {"paged", "sdpa"} <= set(modes) else " |"),
-              "|---|---|" + "---|" * len(modes) + ("---|" if {"paged", "sdpa"} <= set(modes) else "")]
+              "| batch | prompt | " + " | ".join(modes + extra) + " |", "|---|---|" + "---|" * len(modes + extra)]
     for b, s in keys:
         cells = []
         for m in modes:
             r = by.get((m, b, s))
             cells.append(f"{r['median_ms']:.3f} [{r['p10_ms']:.3f}, {r['p90_ms']:.3f}]" if r else "")
-        ratio = ""
-        if ("paged", b, s) in by and ("sdpa", b, s) in by:
-            ratio = f" {by[('paged', b, s)]['median_ms'] / by[('sdpa', b, s)]['median_ms']:.2f}x |"
-        lines.append(f"| {b} | {s} | " + " | ".join(cells) + (" |" + ratio if {"paged", "sdpa"} <= set(modes) else " |"))
-    lines += ["", "## Throughput (tokens/s = batch / median step) and prefill", "",
-              "| batch | prompt | " + " | ".join(f"{m} tok/s" for m in modes) + " | " +
-              " | ".join(f"{m} prefill ms" for m in modes) + " |",
-              "|---|---|" + "---|" * (2 * len(modes))]
+        if "paged / sdpa" in extra:
+            both = ("paged", b, s) in by and ("sdpa", b, s) in by
+            cells.append(f"{by[('paged', b, s)]['median_ms'] / by[('sdpa', b, s)]['median_ms']:.2f}x" if both else "")
+        if "paged op host ms/step" in extra:
+            host = by.get(("paged", b, s), {}).get("op_host_ms_per_step")
+            cells.append(f"{host:.3f}" if host is not None else "")
+        lines.append(f"| {b} | {s} | " + " | ".join(cells) + " |")
+    lines += ["", "paged op host ms/step: host time of one `plan` plus one `cache.run` per layer (no synchronisation; "
+              "on a GPU, the time to enqueue the op's work; on the CPU, its whole cost), median over decode steps.", ""]
+    gpu = env["device"] == "cuda"
+    cached = [m for m in modes if m != "nocache"]
+    bw = [f"{m} % of copy BW" for m in cached] if gpu else []
+    lines += ["## Throughput (tokens/s = batch / median step) and prefill", "",
+              "| batch | prompt | " + " | ".join([f"{m} tok/s" for m in modes] + [f"{m} prefill ms" for m in modes] + bw)
+              + " |", "|---|---|" + "---|" * (2 * len(modes) + len(bw))]
     for b, s in keys:
         tp = [f"{by[(m, b, s)]['tokens_per_s']:.1f}" if (m, b, s) in by else "" for m in modes]
         pf = [f"{by[(m, b, s)]['prefill_ms']:.1f}" if (m, b, s) in by else "" for m in modes]
-        lines.append(f"| {b} | {s} | " + " | ".join(tp) + " | " + " | ".join(pf) + " |")
-    gpu = env["device"] == "cuda"
+        fr = [f"{100 * by[(m, b, s)]['copy_fraction']:.0f}%" if by.get((m, b, s), {}).get("copy_fraction") else ""
+              for m in cached] if gpu else []
+        lines.append(f"| {b} | {s} | " + " | ".join(tp + pf + fr) + " |")
+    if gpu:
+        lines += ["", "% of copy BW: (weights + every sequence's K/V) bytes per median step, over the card's measured "
+                  "device-to-device copy bandwidth: how close a decode step is to the memory-bound floor."]
     lines += ["", "## Memory (MiB)" + (": K/V held at the end of the timed run; peak allocated during decode (after "
                                        "the prefill) minus what was allocated once the model was built (weights)"
                                        if gpu else
