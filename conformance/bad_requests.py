@@ -51,18 +51,13 @@ def request_errors(model: PageModel, max_seq_len: int, paging: bool) -> list[Bad
         BadRequest("unknown sequence after a valid one", lambda b: b.plan([s, UNKNOWN], [1, 1]), UnknownSequenceError),
     ]
     if paging:
-        # A step whose last sequence needs more pages than are free (the first ones fit): all or nothing.
+        # A step that grows every sequence as far as it may: when together they need more pages than are
+        # free (and some are free, so a partial allocation would show), it must be refused whole.
         room = [x for x in live if model.length(x) < max_seq_len]
-        free_tokens = model.free_pages * model.page_size
-        for x in room:
-            n = max_seq_len - model.length(x)
-            if model.pages_needed([x], [n]) > model.free_pages:
-                others = [y for y in room if y != x][:1]
-                seqs, lens = others + [x], [1] * len(others) + [n]
-                if model.pages_needed(seqs, lens) > model.free_pages:
-                    bad.append(BadRequest(f"step needing more pages than free ({free_tokens} free slots)",
-                                          lambda b, seqs=seqs, lens=lens: b.plan(seqs, lens), OutOfPagesError))
-                break
+        lens = [max_seq_len - model.length(x) for x in room]
+        if room and model.free_pages and model.pages_needed(room, lens) > model.free_pages:
+            bad.append(BadRequest(f"step needing more pages than the {model.free_pages} free",
+                                  lambda b: b.plan(room, lens), OutOfPagesError))
     return bad
 
 

@@ -14,6 +14,7 @@ from conformance.records import record
 from conformance.runner import ConformanceError, ReplayOptions, replay
 from conformance.snapshots import first_difference
 from conformance.traces import Step, traces
+from paged.errors import OutOfPagesError
 
 
 def _forks(factory, weight: int = 1) -> int:
@@ -91,6 +92,8 @@ def test_errors_leave_state_unchanged(backend_factory, device, trace, choice):
     def before_op(i, op, target, model):
         bad = request_errors(model, t.config.max_seq_len, paging)
         expect(choice.draw(st.sampled_from(bad), label=f"bad request before op {i}"), target)
+        for oom in (b for b in bad if b.expected is OutOfPagesError):  # all-or-nothing, whenever it applies
+            expect(oom, target)
 
     def before_run(i, op: Step, target, layer, q, k, v):
         bad = run_errors(layer, q, k, v, t.config.num_layers)
