@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conformance.bad_requests import request_errors, run_errors
+from conformance.policy import CEILING
 from conformance.records import record
 from conformance.runner import ConformanceError, ReplayOptions, replay
 from conformance.snapshots import first_difference
@@ -64,7 +65,6 @@ def test_eager_matches_compiled(backend_factory, device, trace):
     t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory)), label="trace")
     eager = replay(t, backend_factory, device, ReplayOptions(eager=True), keep_outputs=True)
     compiled = replay(t, backend_factory, device, ReplayOptions(), keep_outputs=True)
-    from conformance.policy import CEILING
     ceiling = CEILING[t.config.torch_dtype]
     for i, (a, b) in enumerate(zip(eager.outputs, compiled.outputs)):
         diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
