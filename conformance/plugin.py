@@ -46,6 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if (device == "cuda" or gpu_required()) and not torch.cuda.is_available():
         raise pytest.UsageError("a CUDA GPU was required (--device cuda or PAGED_REQUIRE_GPU=1) but none is visible")
     config._paged_device = device
+    _factory(config)  # an unknown backend is a usage error before anything is collected
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

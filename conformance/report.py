@@ -80,12 +80,12 @@ def format_report(report: dict) -> str:
     lines = [f"conformance report: backend={report['backend']} device={report['device']} profile={report['profile']}",
              f"torch {env['torch']} cuda {env['cuda']} gpu {env['gpu']} triton {env['triton']} "
              f"hypothesis {env['hypothesis']}", ""]
-    head = f"{'check':32} {'outcome':8} {'traces':>6} {'steps':>6} {'worst err':>10} {'err/bound':>9} {'peak pg':>7} {'waste':>6}"
+    head = f"{'check':32} {'outcome':8} {'traces':>6} {'steps':>6} {'worst err':>10} {'err/bound':>9} {'peak pg':>7} {'max waste':>9}"
     lines += [head, "-" * len(head)]
     for c in report["checks"]:
         lines.append(f"{c['check'][:32]:32} {c['outcome']:8} {c.get('traces', ''):>6} {c.get('steps', ''):>6} "
                      f"{_fmt(c.get('worst_error')):>10} {_fmt(c.get('worst_error_over_bound')):>9} "
-                     f"{c.get('peak_pages', ''):>7} {_pct(c.get('max_waste_fraction')):>6}")
+                     f"{c.get('peak_pages', ''):>7} {_pct(c.get('max_waste_fraction')):>9}")
         if c["outcome"] not in ("passed",) and c["detail"]:
             lines.append(f"    {c['detail'].splitlines()[0][:150]}")
     lines += ["", "PASSED" if report["passed"] else "FAILED"]

@@ -1,0 +1,67 @@
+"""The pytest plugin: GPU requirement fails (never skips) without a GPU, backend selection, gpu marker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_pytest(tmp_path, body: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    (tmp_path / "test_probe.py").write_text(textwrap.dedent(body))
+    full_env = {k: v for k, v in os.environ.items() if k not in ("PAGED_REQUIRE_GPU", "PAGED_CONFORMANCE_BACKEND")}
+    full_env.update(PYTHONPATH=REPO, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider", *args],
+                          capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=120)
+
+
+GPU_TEST = """
+import pytest
+@pytest.mark.gpu
+def test_needs_gpu():
+    assert True
+def test_backend(backend_factory):
+    print("BACKEND", backend_factory.name, sorted(backend_factory.capabilities))
+"""
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks behaviour without a GPU")
+
+
+@cpu_only
+def test_required_gpu_fails_instead_of_skipping(tmp_path):
+    done = run_pytest(tmp_path, GPU_TEST, env={"PAGED_REQUIRE_GPU": "1"})
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout + done.stderr
+    assert "CUDA GPU was required" in done.stderr
+
+
+@cpu_only
+def test_device_cuda_without_gpu_fails(tmp_path):
+    done = run_pytest(tmp_path, GPU_TEST, "--device", "cuda")
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout + done.stderr
+
+
+@cpu_only
+def test_gpu_marked_tests_skip_cleanly_on_cpu(tmp_path):
+    done = run_pytest(tmp_path, GPU_TEST, "-rs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed, 1 skipped" in done.stdout and "needs a CUDA GPU" in done.stdout
+
+
+def test_unknown_backend_is_a_usage_error(tmp_path):
+    done = run_pytest(tmp_path, GPU_TEST, "--backend", "no-such-backend", "-k", "backend")
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "unknown backend 'no-such-backend'" in done.stderr
+
+
+def test_backend_by_module_path_and_env_var(tmp_path):
+    by_option = run_pytest(tmp_path, GPU_TEST, "--backend", "oracle.cache:ContiguousOracle", "-k", "backend", "-s")
+    assert "BACKEND oracle.cache:ContiguousOracle" in by_option.stdout, by_option.stdout + by_option.stderr
+    by_env = run_pytest(tmp_path, GPU_TEST, "-k", "backend", "-s",
+                        env={"PAGED_CONFORMANCE_BACKEND": "conformance.adapters:oracle_backend"})
+    assert "BACKEND oracle ['chunked_prefill', 'fork', 'mixed_steps', 'mods']" in by_env.stdout, by_env.stdout
