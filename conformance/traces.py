@@ -175,7 +175,7 @@ def traces(draw, device: str = "cpu", *, fork_weight: int = 1, use_mods: bool = 
         kind = draw(st.sampled_from(kinds))
         if kind == "admit":
             seq, next_id = next_id, next_id + 1
-            prompt_left[seq] = draw(st.integers(1, max(1, max_len * 3 // 4)))
+            prompt_left[seq] = draw(st.integers(1, max_len))
             model.admit(seq)
             ops.append(Admit(seq))
         elif kind == "finish":
@@ -203,5 +203,30 @@ def traces(draw, device: str = "cpu", *, fork_weight: int = 1, use_mods: bool = 
                 for s, q in zip(members, q_lens):
                     prompt_left[s] = max(0, prompt_left.get(s, 0) - q)
             ops.append(Step(tuple(members), tuple(q_lens), mod))
+    # Pressure: often end by growing every live sequence as fast as steps allow, into exhaustion: the
+    # backend must then refuse whole steps, and after finishes the freed pages must serve again.
+    if draw(st.booleans()):
+        for _ in range(lim.max_batch - len(model.seqs)):
+            seq, next_id = next_id, next_id + 1
+            model.admit(seq)
+            ops.append(Admit(seq))
+        for _ in range(draw(st.integers(2, 6))):
+            live = [s for s in sorted(model.seqs) if model.length(s) < max_len][:lim.max_batch]
+            if not live:
+                break
+            q_lens = [min(max_len - model.length(s), lim.max_chunk) for s in live]
+            if model.pages_needed(live, q_lens) <= model.free_pages:
+                model.step(live, q_lens)
+            ops.append(Step(tuple(live), tuple(q_lens)))
+        if model.seqs and draw(st.booleans()):
+            victim = draw(st.sampled_from(sorted(model.seqs)))
+            model.finish(victim)
+            ops.append(Finish(victim))
+            live = [s for s in sorted(model.seqs) if model.length(s) < max_len][:1]
+            if live:
+                q = min(max_len - model.length(live[0]), lim.max_chunk)
+                if model.pages_needed(live, [q]) <= model.free_pages:
+                    model.step(live, [q])
+                ops.append(Step(tuple(live), (q,)))
     seed = draw(st.integers(0, 2**31 - 1))
     return Trace(config, tuple(ops), seed)
