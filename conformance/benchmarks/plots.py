@@ -86,27 +86,33 @@ def _lines(ax, rows: list[dict], x: str, y, *, logx=True):
     ax.legend()
 
 
+def _latency_and_bandwidth(rows: list, x: str, xlabel: str, title: str, path: Path, machine) -> Path:
+    """Two panels over `x`: median decode step (ms, log) and K/V read rate (% of copy bandwidth)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    _lines(a1, rows, x, lambda r: 1e3 * r["median_s"])
+    a1.set_xlabel(xlabel)
+    a1.set_ylabel("median decode step (ms)")
+    a1.set_yscale("log")
+    _lines(a2, rows, x, lambda r: 100 * r.get("copy_fraction", 0))
+    a2.set_xlabel(xlabel)
+    a2.set_ylabel("K/V read rate, % of measured copy bandwidth")
+    fig.suptitle(_title(title, machine), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def decode_vs_context(data: dict, out: Path) -> Path | None:
     rows = [r for r in data["benchmarks"] if r.get("kind") == "decode" and r.get("ctx_kind") == "u"]
     key, rows = _pick_series(rows, ("batch", "page", "hq", "hkv", "head_dim", "dtype"), "ctx_lo")
     if len({r["ctx_lo"] for r in rows}) < 2:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    _lines(a1, rows, "ctx_lo", lambda r: 1e3 * r["median_s"])
-    a1.set_xlabel("context length (tokens, every sequence)")
-    a1.set_ylabel("median decode step (ms)")
-    a1.set_yscale("log")
-    _lines(a2, rows, "ctx_lo", lambda r: 100 * r.get("copy_fraction", 0))
-    a2.set_xlabel("context length (tokens)")
-    a2.set_ylabel("K/V read rate, % of measured copy bandwidth")
     batch, page, hq, hkv, d, dt = key
-    fig.suptitle(_title(f"Decode step vs context: batch {batch}, page {page}, {hq}/{hkv} heads, D {d}, {dt}",
-                        data["machine"]), fontsize=10)
-    fig.tight_layout()
-    path = out / "decode_latency_vs_context.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _latency_and_bandwidth(
+        rows, "ctx_lo", "context length (tokens, every sequence)",
+        f"Decode step vs context: batch {batch}, page {page}, {hq}/{hkv} heads, D {d}, {dt}",
+        out / "decode_latency_vs_context.png", data["machine"])
 
 
 def decode_vs_batch(data: dict, out: Path) -> Path | None:
@@ -114,22 +120,11 @@ def decode_vs_batch(data: dict, out: Path) -> Path | None:
     key, rows = _pick_series(rows, ("ctx", "page", "hq", "hkv", "head_dim", "dtype"), "batch")
     if len({r["batch"] for r in rows}) < 2:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    _lines(a1, rows, "batch", lambda r: 1e3 * r["median_s"])
-    a1.set_xlabel("batch (sequences)")
-    a1.set_ylabel("median decode step (ms)")
-    a1.set_yscale("log")
-    _lines(a2, rows, "batch", lambda r: 100 * r.get("copy_fraction", 0))
-    a2.set_xlabel("batch (sequences)")
-    a2.set_ylabel("K/V read rate, % of measured copy bandwidth")
     ctx, page, hq, hkv, d, dt = key
-    fig.suptitle(_title(f"Decode step vs batch: contexts {ctx}, page {page}, {hq}/{hkv} heads, D {d}, {dt}",
-                        data["machine"]), fontsize=10)
-    fig.tight_layout()
-    path = out / "decode_latency_vs_batch.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _latency_and_bandwidth(
+        rows, "batch", "batch (sequences)",
+        f"Decode step vs batch: contexts {ctx}, page {page}, {hq}/{hkv} heads, D {d}, {dt}",
+        out / "decode_latency_vs_batch.png", data["machine"])
 
 
 def peak_memory(data: dict, out: Path) -> Path | None:
