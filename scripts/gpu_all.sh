@@ -16,13 +16,13 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PAGED_REQUIRE_GPU=1 FLASHINF
 } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 420 python3 -m pytest -p conformance.plugin tests --device cuda -q -p no:cacheprovider \
-      --ignore=tests/test_teeth.py --junitxml="$out/tests-gpu.xml" -o junit_logging=no > "$out/tests-gpu.log" 2>&1
+  timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest -p conformance.plugin tests --device cuda -q -p no:cacheprovider \
+      --ignore=tests/test_teeth.py --tb=${GPU_TB:-short} --junitxml="$out/tests-gpu.xml" -o junit_logging=no > "$out/tests-gpu.log" 2>&1
   echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests-gpu.log" | grep -v DEBUG | tail -15
 fi
 if [ "$what" = suite ] || [ "$what" = all ]; then
-  timeout 420 python3 -m conformance --device cuda --profile gpu --json "$out/conformance-gpu.json" \
-      -- -p conformance.plugin > "$out/conformance-gpu.log" 2>&1
+  timeout ${GPU_SUITE_TIMEOUT:-420} python3 -m conformance --device cuda --profile gpu --json "$out/conformance-gpu.json" \
+      -- -p conformance.plugin ${GPU_SUITE_ARGS:-} > "$out/conformance-gpu.log" 2>&1
   echo "suite rc=$?"; sed -n '/conformance report/,$p' "$out/conformance-gpu.log" | head -30
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU test suite and the conformance suite in parallel shards on one GPU machine (16 cores), so that both
+# fit in one 10-minute device call: compiles are CPU-bound, the GPU is mostly idle while they run.
+#   bash scripts/gpu_parallel.sh OUTDIR [LIMIT_S]
+# OUTDIR gets summary.txt (one line per shard: exit code, seconds, pytest's last line, failures) and
+# logs.tar.gz (every shard's full log and junit XML). Same environment as scripts/gpu_all.sh.
+set -uo pipefail
+out=${1:?usage: gpu_parallel.sh OUTDIR [LIMIT_S]}; limit=${2:-420}
+mkdir -p "$out/logs"; out=$(cd "$out" && pwd)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/dev/null 2>&1 || echo "wheel install failed"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PAGED_REQUIRE_GPU=1 TORCHINDUCTOR_COMPILE_THREADS=2
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+
+PYTEST=(python3 -m pytest -p conformance.plugin --device cuda -q -p no:cacheprovider -rfE --tb=short)
+declare -A shard=(
+  [t_fms_generate]="tests/fms/test_fms_generate.py"
+  [t_fms_other]="tests/fms --ignore=tests/fms/test_fms_generate.py"
+  [t_scenarios]="tests/test_scenarios.py"
+  [t_core]="tests/test_allocator.py tests/test_errors.py tests/test_public_api.py tests/test_plugin.py"
+  [t_twins]="tests/test_cache_bookkeeping.py tests/test_eager_vs_compiled.py tests/test_peer_torch_paged.py"
+)
+checks=(outputs_match_oracle fragmentation isolation_poison isolation_fork eager_matches_compiled
+        errors_leave_state_unchanged determinism stateful)
+t0=$(date +%s)
+for name in "${!shard[@]}"; do
+  # shellcheck disable=SC2086
+  timeout -s INT -k 20 "$limit" "${PYTEST[@]}" ${shard[$name]} --junitxml="$out/logs/$name.xml" \
+      > "$out/logs/$name.log" 2>&1 &
+done
+for c in "${checks[@]}"; do
+  timeout -s INT -k 20 "$limit" python3 -m conformance --device cuda --profile gpu --json "$out/logs/s_$c.json" \
+      -- -p conformance.plugin -k "test_$c" --junitxml="$out/logs/s_$c.xml" > "$out/logs/s_$c.log" 2>&1 &
+done
+wait
+: > "$out/summary.txt"
+for f in "$out"/logs/*.log; do
+  n=$(basename "$f" .log)
+  echo "== $n: $(grep -E '(passed|failed|error|skipped|xfailed).* in [0-9.]+s' "$f" | tail -1)" >> "$out/summary.txt"
+  grep -E "^(FAILED|ERROR) " "$f" | cut -c1-220 >> "$out/summary.txt"
+  sed -n '/conformance report/,$p' "$f" | head -20 >> "$out/summary.txt"
+done
+echo "total $(( $(date +%s) - t0 ))s" >> "$out/summary.txt"
+tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
+cat "$out/summary.txt"
