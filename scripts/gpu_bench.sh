@@ -5,7 +5,7 @@
 #
 # Stages (each under a time limit so that the whole script ends within ~7 minutes on an H200, compiles included):
 #   1. grid      decode + prefill benchmarks of the small grid, every backend (paged, sdpa, torchpa, flashinfer),
-#                --benchmark-json RESULTS_DIR/bench.json, autosaved into RESULTS_DIR/storage
+#                --benchmark-json RESULTS_DIR/bench.json, autosaved into .benchmarks-gpu/ (copied to RESULTS_DIR/storage)
 #   2. tests     capacity (sequences per KV budget, peak GPU memory per step), recompiles (1000-step trace),
 #                strategies (page size x placement: figures + decode time) -> *.json, strategies_bench.json
 #   3. compare   the paged decode benchmarks again with PAGED_BENCH_PLANTED_SLOWDOWN=0.2 (a planted 20%
@@ -77,11 +77,15 @@ stage() {
   tail -n 5 "$OUT/logs/$name.log"
 }
 
+# Saved runs live under the working directory: pytest-benchmark 5.2 crashes formatting its machine_info
+# warning for a storage path outside the cwd (Path.relative_to).
+STORE=.benchmarks-gpu
+rm -rf "$STORE"
 PYTEST=("$PY" -m pytest -p no:cacheprovider --bench-results "$OUT")
 
 stage 01_grid 165 pass "${PYTEST[@]}" conformance/benchmarks/test_decode.py conformance/benchmarks/test_prefill.py \
   --bench-grid small --benchmark-json "$OUT/bench.json" --benchmark-autosave \
-  --benchmark-storage "file://$OUT/storage" --benchmark-columns min,median,iqr,rounds --benchmark-sort name
+  --benchmark-storage "file://$STORE" --benchmark-columns min,median,iqr,rounds --benchmark-sort name
 
 stage 02_tests 70 pass "${PYTEST[@]}" conformance/benchmarks/test_capacity.py conformance/benchmarks/test_recompiles.py \
   conformance/benchmarks/test_strategies.py --benchmark-json "$OUT/strategies_bench.json" \
@@ -89,11 +93,12 @@ stage 02_tests 70 pass "${PYTEST[@]}" conformance/benchmarks/test_capacity.py co
 
 PAGED_BENCH_PLANTED_SLOWDOWN=0.2 stage 03_compare_planted_slowdown 15 fail "${PYTEST[@]}" \
   conformance/benchmarks/test_decode.py --bench-grid small --bench-backends paged \
-  --bench-results "$OUT/slowdown" --benchmark-autosave --benchmark-storage "file://$OUT/storage" \
+  --bench-results "$OUT/slowdown" --benchmark-autosave --benchmark-storage "file://$STORE" \
   --benchmark-compare --benchmark-compare-fail=median:10% --benchmark-columns min,median,rounds
 
 stage 04_plots 0 pass "$PY" -m conformance.benchmarks.plots --results "$OUT" --out "$OUT/figures"
 
+cp -r "$STORE" "$OUT/storage" 2>/dev/null
 echo "total: $(( $(date +%s) - T0 ))s" | tee -a "$SUMMARY"
 tar -czf /tmp/bench_results.tar.gz -C "$OUT" --exclude bench_results.tar.gz . && mv /tmp/bench_results.tar.gz "$OUT/"
 cat "$SUMMARY"

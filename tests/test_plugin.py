@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 import pytest
 import torch
@@ -13,12 +14,20 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _plugin_installed() -> bool:
+    """Whether the plugin comes in through its pytest11 entry point (an install), not only a source tree."""
+    return any(ep.value == "conformance.plugin" for ep in entry_points(group="pytest11"))
+
+
 def run_pytest(tmp_path, body: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (tmp_path / "test_probe.py").write_text(textwrap.dedent(body))
     full_env = {k: v for k, v in os.environ.items() if k not in ("PAGED_REQUIRE_GPU", "PAGED_CONFORMANCE_BACKEND")}
-    full_env.update(PYTHONPATH=REPO, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider", *args],
-                          capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=120)
+    full_env.update(PYTHONPATH=os.pathsep.join(filter(None, (REPO, os.environ.get("PYTHONPATH")))), **(env or {}))
+    # From a source tree (the GPU scripts put the repo on PYTHONPATH) the plugin is named the way users without
+    # an install would name it; test_plugin_is_registered_as_an_entry_point covers the installed route.
+    load = () if _plugin_installed() else ("-p", "conformance.plugin")
+    return subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider", *load,
+                           *args], capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=120)
 
 
 GPU_TEST = """
@@ -65,3 +74,12 @@ def test_backend_by_module_path_and_env_var(tmp_path):
     by_env = run_pytest(tmp_path, GPU_TEST, "-k", "backend", "-s",
                         env={"PAGED_CONFORMANCE_BACKEND": "conformance.adapters:oracle_backend"})
     assert "BACKEND oracle ['chunked_prefill', 'fork', 'mixed_steps', 'mods']" in by_env.stdout, by_env.stdout
+
+
+def test_plugin_is_registered_as_an_entry_point():
+    """`pip install` of the project makes `pytest --backend ...` work with no `-p` flag."""
+    try:
+        version("paged")
+    except PackageNotFoundError:
+        pytest.skip("the project is used from a source tree here, not installed")
+    assert _plugin_installed(), "pyproject.toml must register conformance.plugin under the pytest11 entry point"

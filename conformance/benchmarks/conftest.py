@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conformance.benchmarks.harness import SLOWDOWN_ENV, BenchSettings, copy_bandwidth, env_float
+from conformance.benchmarks.harness import SLOWDOWN_ENV, BenchSettings, env_float
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -145,7 +145,11 @@ def _version(dist: str) -> str | None:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    """pytest-benchmark's machine id has no GPU in it: add the GPU, versions and the measured copy bandwidth."""
+    """pytest-benchmark's machine id has no GPU in it: add the GPU and versions.
+
+    Only stable facts go here: a figure measured in the run (the copy bandwidth, in each result's extra_info)
+    would make every saved run look like another machine to `--benchmark-compare`.
+    """
     s = settings_of(config)
     machine_info["torch"] = torch.__version__
     machine_info["cuda"] = torch.version.cuda
@@ -159,6 +163,5 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         machine_info["gpu"] = props.name
         machine_info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         machine_info["gpu_l2_mib"] = round(getattr(props, "L2_cache_size", 0) / 2**20, 1)
-        machine_info["copy_gbps"] = round(copy_bandwidth(s), -1)
     else:
         machine_info["gpu"] = None
