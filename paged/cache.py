@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from paged.allocator import PageAllocator, PlacementPolicy
 from paged.attention import AttentionMode, attend
@@ -305,20 +306,28 @@ class PagedKVCache:
         q, k, v = q[:, :Lq], k[:, :Lq], v[:, :Lq]
         plan.layers_run.add(layer)
 
+        # Every launch here repeats in every layer, so a step whose rows are all full (every decode step: T = B *
+        # Lq) skips the identity gather, and padding happens only where a bucket is larger than the step.
         slots = plan.slot_mapping
-        self.k_pool[layer][:, slots] = k.reshape(B * Lq, H, D)[plan.token_rows].transpose(0, 1)
-        self.v_pool[layer][:, slots] = v.reshape(B * Lq, H, D)[plan.token_rows].transpose(0, 1)
+        dense = slots.numel() == B * Lq
+        k_new, v_new = k.reshape(B * Lq, H, D), v.reshape(B * Lq, H, D)                # (B * Lq, Hkv, D)
+        if not dense:
+            k_new, v_new = k_new[plan.token_rows], v_new[plan.token_rows]              # (T, Hkv, D)
+        self.k_pool[layer][:, slots] = k_new.transpose(0, 1)
+        self.v_pool[layer][:, slots] = v_new.transpose(0, 1)
 
         buf = plan.buffers
-        qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)
+        # A fresh contiguous buffer whatever the caller's strides: compiled flex guards on them (dynamic=False).
+        qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)            # (Bp, Lqp, Hq, D)
         qp[:B, :Lq] = q
         out = attend(qp.transpose(1, 2), self.k_pool[layer:layer + 1], self.v_pool[layer:layer + 1],
                      plan.block_mask, plan.score_mod, scale, self.attention, self._kernel_options(buf))
         out = out.transpose(1, 2)[:B, :Lq]                                             # (B, Lq, Hq, D)
-        # Unmasked (full) pages reach padding rows too: zero them so callers never see garbage.
-        valid = torch.arange(Lq, device=q.device)[None, :] < buf.q_len[:B, None]
-        out = out * valid[:, :, None, None].to(out.dtype)
-        return torch.nn.functional.pad(out, (0, 0, 0, 0, 0, Lq_in - Lq))                # (B, Lq_in, Hq, D)
+        if not dense:
+            # Unmasked (full) pages reach a short row's padding positions too: zero them so callers never see garbage.
+            valid = torch.arange(Lq, device=q.device)[None, :] < buf.q_len[:B, None]  # (B, Lq)
+            out = out * valid[:, :, None, None].to(out.dtype)
+        return out if Lq_in == Lq else F.pad(out, (0, 0, 0, 0, 0, Lq_in - Lq))        # (B, Lq_in, Hq, D)
 
     # ------------------------------------------------------------------ memory
     def memory(self) -> MemoryStats:
