@@ -202,7 +202,8 @@ class PagedKVCache:
         return self._plan
 
     def _kernel_options(self, buf: StepBuffers) -> dict | None:
-        """Tile sizes the GPU kernels can take: key tiles must divide the page, query tiles the Q block.
+        """GPU kernel options: tiles the kernels can take (key tiles divide the page, query tiles the Q block) and
+        faster decode stages/warps than torch's default.
 
         Inductor's default tiles for the (non-decode) flex kernel are 64-128 keys and rows, which leaves no
         valid config for pages or chunks smaller than that (NoValidChoicesError); user options win.
@@ -210,9 +211,11 @@ class PagedKVCache:
         if self.spec.device.type != "cuda":
             return self.kernel_options
         if buf.padded_q_len == 1:
-            # torch's sm_90 flex-decode default ends at 1 stage, 2 warps; 3 stages, 4 warps was 1.3-2.2x faster
-            # on an H200 for the same data (FACTS.md, docs/decode-performance-notes.md).
-            tiles = {"num_stages": 3, "num_warps": 4}
+            # torch's sm_90 flex-decode default ends at 1 stage, 2 warps; 3 stages, 4 warps was 1.2-2.2x faster
+            # on an H200 for the same data (FACTS.md, docs/decode-performance-notes.md). Measured on Hopper
+            # only, whose shared memory holds 3 stages of any tile; other cards keep torch's choice.
+            hopper = torch.cuda.get_device_capability(self.spec.device)[0] >= 9
+            tiles = {"num_stages": 3, "num_warps": 4} if hopper else {}
         else:
             tiles = {"BLOCK_M": min(buf.q_block, 64), "BLOCK_N": min(self.spec.page_size, 64)}
         return {**tiles, **(self.kernel_options or {})}
