@@ -595,6 +595,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print tokens/s and every rank's KV memory (JSON) to stderr")
     g.add_argument("--warmup", action="store_true", help="run the generation once untimed first (compiles kernels)")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--tokens-out", default=None, metavar="FILE",
+                   help="write every prompt's generated token ids as JSON (rank 0), to compare runs")
     return parser
 
 
@@ -671,6 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
             return 1
         mem = global_memory(gen.cache, ctx)       # collective: every rank
+        if ctx.is_main and args.tokens_out:
+            Path(args.tokens_out).write_text(json.dumps({"world_size": ctx.world_size, "dtype": str(dtype),
+                                                         "tokens": outs}))
         if ctx.is_main:
             if args.random_prompts:
                 print(f"{args.random_prompts} random prompt(s) of {args.prompt_len} tokens: "

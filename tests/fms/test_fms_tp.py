@@ -138,19 +138,20 @@ def _failures(ctx, model) -> dict:
     return res
 
 
-def _launcher(path: str) -> dict:
-    """The launcher's main() on every rank of the running group; only rank 0 may print to stdout."""
+def _launcher(path: str, out_dir: Path) -> dict:
+    """The launcher's main() on every rank of the running group; only rank 0 may print or write files."""
     import contextlib
     import io
 
     from paged.fms.distributed import main
 
     out = io.StringIO()
+    tokens_out = out_dir / "launcher_tokens.json"
     with contextlib.redirect_stdout(out):
         rc = main(["generate", "--prompt", "The cache", "--prompt", "Pages", "--max-new-tokens", "4", "--model-path",
                    path, "--device", "cpu", "--token-budget", str(BUDGET), "--eager", "--no-progress", "--echo",
-                   "--check-pages"])
-    return {"rc": rc, "stdout": out.getvalue()}
+                   "--check-pages", "--tokens-out", str(tokens_out)])
+    return {"rc": rc, "stdout": out.getvalue(), "tokens_out": str(tokens_out)}
 
 
 def _fms_loop(ctx, model) -> dict:
@@ -176,7 +177,7 @@ def worker(argv: list[str]) -> None:
         res["gqa"] = _generation(ctx, gqa, "compiled")
         res["mha"] = _generation(ctx, mha, "eager")
         res["failures"] = _failures(ctx, gqa)
-        res["launcher"] = _launcher(ckpts["gqa"])
+        res["launcher"] = _launcher(ckpts["gqa"], out_dir)
     elif scenario == "world4":
         res["gqa"] = _generation(ctx, gqa, "eager")
         res["mha"] = _generation(ctx, mha, "eager")
@@ -352,6 +353,8 @@ def test_launcher_prints_on_rank_zero_only(world2):
     lines = rank0["stdout"].splitlines()
     assert len(lines) == 2 and lines[0].startswith("The cache") and lines[1].startswith("Pages")
     assert rank1["stdout"] == ""
+    written = json.loads(Path(rank0["tokens_out"]).read_text())      # --tokens-out: what scripts/gpu_tp.sh compares
+    assert written["world_size"] == 2 and [len(t) for t in written["tokens"]] == [4, 4]
 
 
 # --------------------------------------------------------------------------------------------- 4 ranks
