@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import random
 import traceback
 from dataclasses import dataclass, field
@@ -311,7 +312,11 @@ class FlashInferRunner(Runner):
         self.new_page = torch.stack([p[n // P] for p, n in zip(self.pages, lens)]).long()
         self.new_off = torch.tensor([n % P for n in lens], device=dev)
         self.workspace = torch.zeros(128 * 2**20, dtype=torch.uint8, device=dev)
-        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
+        # PAGED_BENCH_FLASHINFER_TENSOR_CORES=1: FlashInfer's prefill-style decode kernel (its own advice for
+        # large GQA groups); off by default, FlashInfer's default.
+        tensor_cores = os.environ.get("PAGED_BENCH_FLASHINFER_TENSOR_CORES", "") == "1"
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD",
+                                                                     use_tensor_cores=tensor_cores)
         self.wrapper.plan(indptr.to(dev), perm.to(dev), last.to(dev), case.hq, case.hkv, case.head_dim, P,
                           q_data_type=dt, kv_data_type=dt)
         self.version = getattr(flashinfer, "__version__", "?")

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Issue 6's next experiments in one GPU call (docs/decode-performance-notes.md), each a run of the small decode
+# grid with one thing changed, all under OUT:
+#
+#   bash scripts/gpu_decode_ab.sh OUT        (from the repository root; offline is fine; ~6 minutes on an H200)
+#
+#   base      paged + FlashInfer as shipped (Hopper decode default: num_stages 3, num_warps 4; pool 5% of the card)
+#   torchcfg  paged with stages 1 / warps 2 (what torch's sm_90 heuristic ends at): is the shipped default a gain?
+#   pool4x    paged + FlashInfer with a 4x larger pool (20%), same sequences: target 4, hypothesis 2
+#   split32   paged with SPLIT_KV 32 (more split-KV tiles): hypothesis 2 at batch 1 and 8
+#   fi_tc     FlashInfer with use_tensor_cores=True: is our FlashInfer baseline FlashInfer's best?
+# Each run writes OUT/<name>.json (pytest-benchmark JSON, extra_info has GB/s and copy fraction) and
+# OUT/<name>.log; then OUT/ab.md compares medians case by case against `base`.
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu_decode_ab.sh OUT}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/dev/null 2>&1 && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
+
+run() {  # run NAME LIMIT_S [ENV=VALUE ...] -- PYTEST ARGS...
+  local name=$1 limit=$2; shift 2
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+  local t=$(date +%s)
+  env "${envs[@]}" timeout -s INT -k 20 "$limit" "$PY" -m pytest -p no:cacheprovider -q \
+    conformance/benchmarks/test_decode.py --bench-grid small --benchmark-json "$OUT/$name.json" \
+    --bench-results "$OUT/$name-results" --benchmark-columns median,rounds "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt"
+}
+: > "$OUT/summary.txt"
+run base 110 -- --bench-backends paged,flashinfer
+run torchcfg 80 -- --bench-backends paged --bench-kernel-options '{"num_stages": 1, "num_warps": 2}'
+run pool4x 110 -- --bench-backends paged,flashinfer --bench-pool-fraction 0.2
+run split32 80 -- --bench-backends paged --bench-kernel-options '{"SPLIT_KV": 32}'
+run fi_tc 60 PAGED_BENCH_FLASHINFER_TENSOR_CORES=1 -- --bench-backends flashinfer
+
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/ab.md"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def medians(name):
+    f = out / f"{name}.json"
+    if not f.is_file():
+        return {}
+    return {b["name"]: b["stats"]["median"] * 1e3 for b in json.loads(f.read_text())["benchmarks"]}
+runs = {n: medians(n) for n in ("base", "torchcfg", "pool4x", "split32", "fi_tc")}
+cases = sorted({name.split("-", 1)[1].rstrip("]") for name in runs["base"]})
+print("# Decode A/B (median ms; ratio to `base` in brackets)\n")
+print("| case | paged base | paged torchcfg | paged pool4x | paged split32 | FlashInfer base | FlashInfer pool4x | FlashInfer tensor cores |")
+print("|---|---|---|---|---|---|---|---|")
+def cell(run, backend, case, ref):
+    v = runs[run].get(f"test_decode[{backend}-{case}]")
+    if v is None:
+        return "-"
+    return f"{v:.3f}" + (f" ({v / ref:.2f}x)" if ref else "")
+for c in cases:
+    pb = runs["base"].get(f"test_decode[paged-{c}]")
+    fb = runs["base"].get(f"test_decode[flashinfer-{c}]")
+    print(f"| {c} | {cell('base', 'paged', c, None)} | {cell('torchcfg', 'paged', c, pb)} | "
+          f"{cell('pool4x', 'paged', c, pb)} | {cell('split32', 'paged', c, pb)} | {cell('base', 'flashinfer', c, None)} | "
+          f"{cell('pool4x', 'flashinfer', c, fb)} | {cell('fi_tc', 'flashinfer', c, fb)} |")
+EOF
