@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from paged.allocator import PageAllocator, PlacementPolicy
 from paged.attention import AttentionMode, attend
 from paged.errors import UnsupportedConfigError
+from paged.host_table import HostPageTable
 from paged.mods import MaskMod, ScoreMod, causal
 from paged.plan import StepBuffers, StepPlan, bucket, fill_block_lists, padded_query_len, physical_mods
 from paged.spec import CacheSpec
@@ -36,6 +37,7 @@ class SequenceState:
 
     pages: list[int] = field(default_factory=list)
     length: int = 0
+    row: int = -1           # its row in the cache's HostPageTable
 
 
 class PagedKVCache:
@@ -83,6 +85,7 @@ class PagedKVCache:
         self._seqs: dict[Hashable, SequenceState] = {}
         # CPU codegen needs the block lists to span the whole pool; on GPU a sequence's pages suffice.
         self._table_width = N if spec.device.type == "cpu" else spec.max_pages_per_seq
+        self._host_table = HostPageTable(self._table_width)
         self._buffers: dict[tuple[int, int], StepBuffers] = {}
         self._plan: StepPlan | None = None
 
@@ -109,7 +112,7 @@ class PagedKVCache:
         """Start an empty sequence. It takes no pages until tokens are appended."""
         check_new_id(self._seqs, seq_id)
         self._plan = None
-        self._seqs[seq_id] = SequenceState()
+        self._seqs[seq_id] = SequenceState(row=self._host_table.acquire())
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Start `child_id` as a copy of `parent_id`'s history, sharing its pages (copy-on-write)."""
@@ -117,13 +120,15 @@ class PagedKVCache:
         check_new_id(self._seqs, child_id)
         self._plan = None
         self.allocator.share(parent.pages)
-        self._seqs[child_id] = SequenceState(list(parent.pages), parent.length)
+        self._seqs[child_id] = SequenceState(list(parent.pages), parent.length,
+                                             self._host_table.acquire(copy_of=parent.row))
 
     def finish(self, seq_id: Hashable) -> None:
         """End a sequence; pages no other sequence shares are free at once."""
         state = self._get(seq_id)
         self._plan = None
         del self._seqs[seq_id]
+        self._host_table.release(state.row)
         freed = self.allocator.release(state.pages)
         if freed:
             idx = torch.tensor(freed, device=self.spec.device)
@@ -170,7 +175,7 @@ class PagedKVCache:
         self._plan = None
         start_lens = tuple(st.length for st in states)
         it = iter(new_pages)
-        assigned, assigned_logical, copies, freed = [], [], [], []
+        assigned, assigned_logical, assigned_rows, copies, freed = [], [], [], [], []
         for st, q, g, c in zip(states, q_lens, grow, cow):
             if c:
                 old, fresh = st.pages[-1], next(it)
@@ -179,11 +184,14 @@ class PagedKVCache:
                 st.pages[-1] = fresh
                 assigned.append(fresh)
                 assigned_logical.append(len(st.pages) - 1)
+                assigned_rows.append(st.row)
             for _ in range(g):
                 assigned.append(next(it))
                 assigned_logical.append(len(st.pages))
+                assigned_rows.append(st.row)
                 st.pages.append(assigned[-1])
             st.length += q
+        self._host_table.write(assigned_rows, assigned_logical, assigned)
         if assigned:
             idx = torch.tensor(assigned, device=spec.device)
             self.page_logical[idx] = torch.tensor(assigned_logical, dtype=torch.int32, device=spec.device)
@@ -253,9 +261,7 @@ class PagedKVCache:
         buf = self._buffers_for(bucket(B), padded_query_len(max_q))
         Bp, W = buf.padded_batch, buf.width
 
-        table = torch.full((Bp, W), -1, dtype=torch.int32)
-        for b, st in enumerate(states):
-            table[b, :len(st.pages)] = torch.tensor(st.pages, dtype=torch.int32)
+        table = self._host_table.gather([st.row for st in states], Bp)                     # (Bp, W) int32
         q_start = torch.zeros(Bp, dtype=torch.long)
         q_start[:B] = torch.tensor(start_lens)
         q_len = torch.zeros(Bp, dtype=torch.long)
@@ -272,9 +278,14 @@ class PagedKVCache:
             getattr(buf, name).copy_(host)
 
         # Slot of every new token, and its row in the caller's flattened (B * max_q) inputs.
-        pos = torch.cat([torch.arange(s, s + q) for s, q in zip(start_lens, q_lens)])             # (T,)
-        rows = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)])             # (T,)
-        owner = torch.cat([torch.full((q,), b) for b, q in enumerate(q_lens)])                     # (T,)
+        if max_q == 1:                                                                            # decode: T = B
+            owner, offset = torch.arange(B), torch.zeros(B, dtype=torch.long)
+        else:
+            lens = q_len[:B]                                                                      # (B,)
+            owner = torch.repeat_interleave(torch.arange(B), lens)                                # (T,)
+            offset = torch.arange(owner.numel()) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+        pos = q_start[owner] + offset                                                             # (T,)
+        rows = owner * max_q + offset                                                             # (T,)
         slots = table[owner, torch.div(pos, P, rounding_mode="floor")].long() * P + pos % P      # (T,)
 
         key = (mask_mod, score_mod)

@@ -27,12 +27,16 @@ def make_spec(device, dtype=torch.float32, num_pages=24) -> CacheSpec:
 
 
 def check_invariants(cache: PagedKVCache) -> None:
-    """Host bookkeeping, allocator and the device page_logical table agree."""
+    """Host bookkeeping, its page-table mirror, the allocator and the device page_logical table agree."""
     spec, alloc = cache.spec, cache.allocator
     owners: dict[int, int] = {}
     logical = cache.page_logical.cpu().tolist()
+    rows_in_use = [cache._seqs[s].row for s in cache.seq_ids]
+    assert len(set(rows_in_use)) == len(rows_in_use), "two live sequences share a page-table row"
     for s in cache.seq_ids:
         pages, length = cache.pages(s), cache.length(s)
+        mirror = cache._host_table.rows[cache._seqs[s].row].tolist()
+        assert mirror == pages + [-1] * (len(mirror) - len(pages)), f"{s!r}: host page-table row out of date"
         assert len(pages) == math.ceil(length / spec.page_size), f"{s!r}: {len(pages)} pages for {length} tokens"
         assert len(set(pages)) == len(pages)
         for i, page in enumerate(pages):
