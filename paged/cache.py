@@ -321,7 +321,7 @@ class PagedKVCache:
         plan.layers_run.add(layer)
 
         # Every launch here repeats in every layer, so a step whose rows are all full (every decode step: T = B *
-        # Lq) skips the identity gather, and padding happens only where a bucket is larger than the step.
+        # Lq) skips the identity gather of the new K/V and the row mask of the output.
         slots = plan.slot_mapping
         dense = slots.numel() == B * Lq
         k_new, v_new = k.reshape(B * Lq, H, D), v.reshape(B * Lq, H, D)                # (B * Lq, Hkv, D)
