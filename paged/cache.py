@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from paged.allocator import PageAllocator, PlacementPolicy
-from paged.attention import AttentionMode, attend
+from paged.attention import AttentionMode, attend, decode_kernel_defaults
 from paged.errors import UnsupportedConfigError
 from paged.host_table import HostPageTable
 from paged.mods import MaskMod, ScoreMod, causal
@@ -219,11 +219,7 @@ class PagedKVCache:
         if self.spec.device.type != "cuda":
             return self.kernel_options
         if buf.padded_q_len == 1:
-            # torch's sm_90 flex-decode default ends at 1 stage, 2 warps; 3 stages, 4 warps was 1.2-2.2x faster
-            # on an H200 for the same data (FACTS.md, docs/decode-performance-notes.md). Measured on Hopper
-            # only, whose shared memory holds 3 stages of any tile; other cards keep torch's choice.
-            hopper = torch.cuda.get_device_capability(self.spec.device)[0] >= 9
-            tiles = {"num_stages": 3, "num_warps": 4} if hopper else {}
+            tiles = decode_kernel_defaults(self.spec.device)
         else:
             tiles = {"BLOCK_M": min(buf.q_block, 64), "BLOCK_N": min(self.spec.page_size, 64)}
         return {**tiles, **(self.kernel_options or {})}

@@ -4,11 +4,13 @@
 #
 #   bash scripts/gpu_decode_ab.sh OUT        (from the repository root; offline is fine; ~6 minutes on an H200)
 #
-#   base      paged + FlashInfer as shipped (Hopper decode default: num_stages 3, num_warps 4; pool 5% of the card)
+#   base      paged, FlexAttention on a contiguous cache and FlashInfer as shipped (Hopper decode default:
+#             num_stages 3, num_warps 4; pool 5% of the card)
 #   torchcfg  paged with stages 1 / warps 2 (what torch's sm_90 heuristic ends at): is the shipped default a gain?
 #   pool4x    paged + FlashInfer with a 4x larger pool (20%), same sequences: target 4, hypothesis 2
 #   split32   paged with SPLIT_KV 32 (more split-KV tiles): hypothesis 2 at batch 1 and 8
 #   fi_tc     FlashInfer with use_tensor_cores=True: is our FlashInfer baseline FlashInfer's best?
+#   prefill   the prefill grid, paged vs FlexAttention on a contiguous cache (target 7: a 4k chunk within 1.2x)
 # Each run writes OUT/<name>.json (pytest-benchmark JSON, extra_info has GB/s and copy fraction) and
 # OUT/<name>.log; then OUT/ab.md compares medians case by case against `base`.
 set -uo pipefail
@@ -26,18 +28,20 @@ run() {  # run NAME LIMIT_S [ENV=VALUE ...] -- PYTEST ARGS...
   local name=$1 limit=$2; shift 2
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
-  local t=$(date +%s)
+  local t=$(date +%s) file=conformance/benchmarks/test_decode.py
+  [ "$name" = prefill ] && file=conformance/benchmarks/test_prefill.py
   env "${envs[@]}" timeout -s INT -k 20 "$limit" "$PY" -m pytest -p no:cacheprovider -q \
-    conformance/benchmarks/test_decode.py --bench-grid small --benchmark-json "$OUT/$name.json" \
+    "$file" --bench-grid small --benchmark-json "$OUT/$name.json" \
     --bench-results "$OUT/$name-results" --benchmark-columns median,rounds "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt"
 }
 : > "$OUT/summary.txt"
-run base 110 -- --bench-backends paged,flashinfer
+run base 120 -- --bench-backends paged,flexcontig,flashinfer
 run torchcfg 80 -- --bench-backends paged --bench-kernel-options '{"num_stages": 1, "num_warps": 2}'
 run pool4x 110 -- --bench-backends paged,flashinfer --bench-pool-fraction 0.2
 run split32 80 -- --bench-backends paged --bench-kernel-options '{"SPLIT_KV": 32}'
 run fi_tc 60 PAGED_BENCH_FLASHINFER_TENSOR_CORES=1 -- --bench-backends flashinfer
+run prefill 60 -- --bench-backends paged,flexcontig
 
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/ab.md"
 import json, sys
@@ -48,13 +52,16 @@ def medians(name):
     if not f.is_file():
         return {}
     return {b["name"]: b["stats"]["median"] * 1e3 for b in json.loads(f.read_text())["benchmarks"]}
-runs = {n: medians(n) for n in ("base", "torchcfg", "pool4x", "split32", "fi_tc")}
+runs = {n: medians(n) for n in ("base", "torchcfg", "pool4x", "split32", "fi_tc", "prefill")}
 cases = sorted({name.split("-", 1)[1].rstrip("]") for name in runs["base"]})
+def case_of(name):
+    return name.split("[", 1)[1].split("-", 1)[1].rstrip("]")
 print("# Decode A/B (median ms; ratio to `base` in brackets)\n")
-print("| case | paged base | paged torchcfg | paged pool4x | paged split32 | FlashInfer base | FlashInfer pool4x | FlashInfer tensor cores |")
-print("|---|---|---|---|---|---|---|---|")
+print("| case | paged base | paged torchcfg | paged pool4x | paged split32 | flex contiguous | FlashInfer base | FlashInfer pool4x | FlashInfer tensor cores |")
+print("|---|---|---|---|---|---|---|---|---|")
 def cell(run, backend, case, ref):
-    v = runs[run].get(f"test_decode[{backend}-{case}]")
+    test = "test_prefill" if run == "prefill" else "test_decode"
+    v = runs[run].get(f"{test}[{backend}-{case}]")
     if v is None:
         return "-"
     return f"{v:.3f}" + (f" ({v / ref:.2f}x)" if ref else "")
@@ -62,6 +69,12 @@ for c in cases:
     pb = runs["base"].get(f"test_decode[paged-{c}]")
     fb = runs["base"].get(f"test_decode[flashinfer-{c}]")
     print(f"| {c} | {cell('base', 'paged', c, None)} | {cell('torchcfg', 'paged', c, pb)} | "
-          f"{cell('pool4x', 'paged', c, pb)} | {cell('split32', 'paged', c, pb)} | {cell('base', 'flashinfer', c, None)} | "
-          f"{cell('pool4x', 'flashinfer', c, fb)} | {cell('fi_tc', 'flashinfer', c, fb)} |")
+          f"{cell('pool4x', 'paged', c, pb)} | {cell('split32', 'paged', c, pb)} | {cell('base', 'flexcontig', c, pb)} | "
+          f"{cell('base', 'flashinfer', c, None)} | {cell('pool4x', 'flashinfer', c, fb)} | {cell('fi_tc', 'flashinfer', c, fb)} |")
+print("\n# Prefill (median ms; flex contiguous as a ratio to paged)\n")
+print("| case | paged | flex contiguous |")
+print("|---|---|---|")
+for c in sorted({case_of(n) for n in runs["prefill"]}):
+    pp = runs["prefill"].get(f"test_prefill[paged-{c}]")
+    print(f"| {c} | {cell('prefill', 'paged', c, None)} | {cell('prefill', 'flexcontig', c, pp)} |")
 EOF

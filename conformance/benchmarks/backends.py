@@ -10,6 +10,9 @@ Backends (ids as they appear in benchmark names):
   `torch.nn.functional.scaled_dot_product_attention` with an additive length mask. GQA is expressed without
   copying K/V: the g = Hq / Hkv query heads of a kv head are laid out as g query rows of that head
   (enable_gqa=True together with a mask would drop to the unfused math kernel on CUDA).
+* ``flexcontig``: compiled FlexAttention over the same padded contiguous cache as ``sdpa`` (max_len rounded up
+  to 128, the KV block) with a causal-and-length block mask built once per case: what the paged kernel costs
+  over FlexAttention without paging (issue 6, target 7, for a 4k prefill), same kernel options as ``paged``.
 * ``torchpa``: torch's private ``torch.nn.attention.experimental._paged_attention.PagedAttention`` through
   the peer adapter (`conformance.peers.torch_paged`), same pool size as ``paged``, its free list shuffled so
   that pages are placed at random too; compiled flex on CUDA, eager on the CPU (the CPU smoke run only checks
@@ -39,14 +42,16 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
 
 from conformance.benchmarks.grid import Case
 from conformance.benchmarks.harness import BenchSettings, sync, unique_graphs
 from paged import CacheSpec, PagedKVCache
+from paged.attention import compiled_flex_attention, decode_kernel_defaults
 from paged.plan import padded_query_len
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-BACKENDS = ("paged", "sdpa", "torchpa", "flashinfer")
+BACKENDS = ("paged", "sdpa", "flexcontig", "torchpa", "flashinfer")
 
 #: CPU: a small fixed pool (the CPU kernel's block lists span the whole pool) and a short max length.
 CPU_POOL_PAGES = 256
@@ -285,6 +290,36 @@ class SdpaRunner(Runner):
         return o.view(B, self.hkv, self.g, C, D).permute(0, 3, 1, 2, 4).reshape(B, C, Hq, D)
 
 
+class FlexContiguousRunner(Runner):
+    name = "flexcontig"
+
+    def __init__(self, case: Case, lens: list[int], settings: BenchSettings):
+        dev, B, C = settings.device, case.batch, case.q_len
+        self.max_len = max_len = -(-(max(lens) + C) // 128) * 128
+        self.k = torch.zeros(B, case.hkv, max_len, case.head_dim, dtype=DTYPES[case.dtype], device=dev)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(C, device=dev)           # (B, C)
+        self.bidx = torch.arange(B, device=dev)[:, None].expand(B, C)
+        pos = self.pos
+
+        def causal_within_length(b, h, q_idx, kv_idx):
+            return kv_idx <= pos[b, q_idx]
+
+        self.block_mask = create_block_mask(causal_within_length, B, None, C, max_len, device=dev)
+        self.options = {**(decode_kernel_defaults(dev) if C == 1 else {}), **(settings.kernel_options or {})}
+
+    def fill(self, b: int, K, V) -> None:
+        self.k[b, :, :K.shape[0]] = K.transpose(0, 1)
+        self.v[b, :, :V.shape[0]] = V.transpose(0, 1)
+
+    def step(self, q, k, v):
+        self.k[self.bidx, :, self.pos] = k
+        self.v[self.bidx, :, self.pos] = v
+        out = compiled_flex_attention()(q.transpose(1, 2), self.k, self.v, block_mask=self.block_mask,
+                                        enable_gqa=q.shape[2] != self.k.shape[1], kernel_options=self.options)
+        return out.transpose(1, 2)                                                                # (B, C, Hq, D)
+
+
 class FlashInferRunner(Runner):
     name = "flashinfer"
 
@@ -442,6 +477,7 @@ def build(case: Case, settings: BenchSettings, backends=BACKENDS) -> Prepared:
     makers = {
         "paged": lambda: PagedRunner(case, lens, pool, settings),
         "sdpa": lambda: SdpaRunner(case, lens, dev),
+        "flexcontig": lambda: FlexContiguousRunner(case, lens, settings),
         "torchpa": lambda: TorchPARunner(case, lens, pool, settings),
         "flashinfer": lambda: FlashInferRunner(case, lens, pool, settings),
     }

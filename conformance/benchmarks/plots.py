@@ -27,7 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-BACKEND_STYLE = {"paged": ("tab:blue", "o"), "sdpa": ("tab:gray", "s"), "torchpa": ("tab:orange", "^"),
+BACKEND_STYLE = {"paged": ("tab:blue", "o"), "sdpa": ("tab:gray", "s"), "flexcontig": ("tab:purple", "v"),
+                 "torchpa": ("tab:orange", "^"),
                  "flashinfer": ("tab:green", "D")}
 
 

@@ -9,7 +9,7 @@ from conformance.benchmarks._bench_common import parametrize, run_case_benchmark
 
 
 def pytest_generate_tests(metafunc):
-    parametrize(metafunc, "prefill", backends=("paged", "sdpa", "torchpa"))
+    parametrize(metafunc, "prefill", backends=("paged", "sdpa", "flexcontig", "torchpa"))
 
 
 def test_prefill(request, benchmark, bench, case_store, case_id, backend):
