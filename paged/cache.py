@@ -51,6 +51,11 @@ class PagedKVCache:
         kernel_options: passed to compiled flex_attention (e.g. {"num_stages": 3, "num_warps": 4}).
         poison_free_pages: debug aid: fill pages with NaN when they are freed, and zero them when handed out,
             so any read of memory a sequence does not own turns its output into NaN.
+        decode_full_blocks: on plain causal decode steps, pass the fully filled pages as unmasked "full"
+            blocks (the mask_mod then runs on the last page only). FlexDecoding sizes its split-KV tiles from
+            the K/V tensor's length when full blocks are present, i.e. from the whole pool, so at small batch
+            (batch x kv heads < the GPU's SMs) one split does all the work; False lists every page as masked
+            and the tiles follow each sequence's length (docs/decode-performance-notes.md). Same outputs.
 
     Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
     """
@@ -64,6 +69,7 @@ class PagedKVCache:
         attention: AttentionMode = "compiled",
         kernel_options: dict | None = None,
         poison_free_pages: bool = False,
+        decode_full_blocks: bool = True,
     ) -> None:
         if attention not in ("compiled", "eager"):
             raise UnsupportedConfigError(f"attention must be 'compiled' or 'eager', got {attention!r}")
@@ -72,6 +78,7 @@ class PagedKVCache:
         self.attention = attention
         self.kernel_options = kernel_options
         self.poison = poison_free_pages
+        self.decode_full_blocks = decode_full_blocks
         L, H, N, P, D = spec.num_layers, spec.num_kv_heads, spec.num_pages, spec.page_size, spec.head_dim
         # Zero-filled: uninitialised memory may hold NaN, and masked slots of a partly filled page are read.
         self.k_pool = torch.zeros(L, H, N * P, D, dtype=spec.dtype, device=spec.device)
@@ -264,7 +271,8 @@ class PagedKVCache:
         q_len[:B] = torch.tensor(q_lens)
         num_pages = torch.zeros(Bp, dtype=torch.long)
         num_pages[:B] = torch.tensor([len(st.pages) for st in states])
-        lists = fill_block_lists(buf, table, num_pages, q_start, q_len, P, causal_default=mask_mod is None)
+        full_blocks = mask_mod is None and (max_q > 1 or self.decode_full_blocks)
+        lists = fill_block_lists(buf, table, num_pages, q_start, q_len, P, causal_default=full_blocks)
 
         # One host->device copy per tensor, into the bucket's persistent buffers.
         buf.page_table.copy_(table)

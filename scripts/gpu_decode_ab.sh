@@ -2,13 +2,14 @@
 # Issue 6's next experiments in one GPU call (docs/decode-performance-notes.md), each a run of the small decode
 # grid with one thing changed, all under OUT:
 #
-#   bash scripts/gpu_decode_ab.sh OUT        (from the repository root; offline is fine; ~6 minutes on an H200)
+#   bash scripts/gpu_decode_ab.sh OUT        (from the repository root; offline is fine; ~7 minutes on an H200, limits sum to 590 s)
 #
 #   base      paged, FlexAttention on a contiguous cache and FlashInfer as shipped (Hopper decode default:
 #             num_stages 3, num_warps 4; pool 5% of the card)
 #   torchcfg  paged with stages 1 / warps 2 (what torch's sm_90 heuristic ends at): is the shipped default a gain?
 #   pool4x    paged + FlashInfer with a 4x larger pool (20%), same sequences: target 4, hypothesis 2
 #   split32   paged with SPLIT_KV 32 (more split-KV tiles): hypothesis 2 at batch 1 and 8
+#   masked    paged with decode_full_blocks=False (split-KV tiles follow each sequence, not the pool): hypothesis 2
 #   fi_tc     FlashInfer with use_tensor_cores=True: is our FlashInfer baseline FlashInfer's best?
 #   prefill   the prefill grid, paged vs FlexAttention on a contiguous cache (target 7: a 4k chunk within 1.2x)
 # Each run writes OUT/<name>.json (pytest-benchmark JSON, extra_info has GB/s and copy fraction) and
@@ -40,6 +41,7 @@ run base 120 -- --bench-backends paged,flexcontig,flashinfer
 run torchcfg 80 -- --bench-backends paged --bench-kernel-options '{"num_stages": 1, "num_warps": 2}'
 run pool4x 110 -- --bench-backends paged,flashinfer --bench-pool-fraction 0.2
 run split32 80 -- --bench-backends paged --bench-kernel-options '{"SPLIT_KV": 32}'
+run masked 80 PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-backends paged
 run fi_tc 60 PAGED_BENCH_FLASHINFER_TENSOR_CORES=1 -- --bench-backends flashinfer
 run prefill 60 -- --bench-backends paged,flexcontig
 
@@ -52,13 +54,13 @@ def medians(name):
     if not f.is_file():
         return {}
     return {b["name"]: b["stats"]["median"] * 1e3 for b in json.loads(f.read_text())["benchmarks"]}
-runs = {n: medians(n) for n in ("base", "torchcfg", "pool4x", "split32", "fi_tc", "prefill")}
+runs = {n: medians(n) for n in ("base", "torchcfg", "pool4x", "split32", "masked", "fi_tc", "prefill")}
 cases = sorted({name.split("-", 1)[1].rstrip("]") for name in runs["base"]})
 def case_of(name):
     return name.split("[", 1)[1].split("-", 1)[1].rstrip("]")
 print("# Decode A/B (median ms; ratio to `base` in brackets)\n")
-print("| case | paged base | paged torchcfg | paged pool4x | paged split32 | flex contiguous | FlashInfer base | FlashInfer pool4x | FlashInfer tensor cores |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| case | paged base | paged torchcfg | paged pool4x | paged split32 | paged masked | flex contiguous | FlashInfer base | FlashInfer pool4x | FlashInfer tensor cores |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 def cell(run, backend, case, ref):
     test = "test_prefill" if run == "prefill" else "test_decode"
     v = runs[run].get(f"{test}[{backend}-{case}]")
@@ -69,7 +71,8 @@ for c in cases:
     pb = runs["base"].get(f"test_decode[paged-{c}]")
     fb = runs["base"].get(f"test_decode[flashinfer-{c}]")
     print(f"| {c} | {cell('base', 'paged', c, None)} | {cell('torchcfg', 'paged', c, pb)} | "
-          f"{cell('pool4x', 'paged', c, pb)} | {cell('split32', 'paged', c, pb)} | {cell('base', 'flexcontig', c, pb)} | "
+          f"{cell('pool4x', 'paged', c, pb)} | {cell('split32', 'paged', c, pb)} | {cell('masked', 'paged', c, pb)} | "
+          f"{cell('base', 'flexcontig', c, pb)} | "
           f"{cell('base', 'flashinfer', c, None)} | {cell('pool4x', 'flashinfer', c, fb)} | {cell('fi_tc', 'flashinfer', c, fb)} |")
 print("\n# Prefill (median ms; flex contiguous as a ratio to paged)\n")
 print("| case | paged | flex contiguous |")

@@ -91,6 +91,22 @@ def test_eager_and_compiled_agree(device, dtype):
         assert cache.snapshot()["sequences"] == t.paged["eager"].snapshot()["sequences"]
 
 
+def test_decode_with_every_page_masked(device, dtype):
+    """decode_full_blocks=False lists every page of a decode step as masked (split-KV tiles then follow each
+    sequence): the compiled kernel must still read exactly each sequence's own pages."""
+    t = Twins(make_spec(device, dtype), seed=3, policy="random", decode_full_blocks=False)
+    for s in "abc":
+        t.do("admit", s)
+    t.checked_step(["a", "b", "c"], [16, 13, 5])
+    t.checked_step(["a", "b", "c"], [1, 1, 1])          # a's 16 tokens fill a page: the next token opens one
+    plan = t.paged["compiled"]._plan
+    assert int(plan.buffers.full_kv_num_blocks.sum()) == 0 and int(plan.buffers.kv_num_blocks.sum()) == 4
+    t.do("fork", "b", "d")
+    t.checked_step(["d", "b", "c"], [1, 1, 1])          # copy-on-write of b's shared partial page
+    t.do("finish", "a")
+    t.checked_step(["d", "b", "c"], [1, 1, 1])
+
+
 @pytest.mark.parametrize("mask_name,score_name", [("sliding_window", "alibi"), ("prefix_lm", "soft_cap")])
 def test_eager_mask_mods_alone_are_right(device, mask_name, score_name):
     """Eager reads nothing but the mask_mod: this checks the physical->logical mods on their own."""

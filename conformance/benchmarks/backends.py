@@ -195,7 +195,10 @@ class PagedRunner(Runner):
 
     def __init__(self, case: Case, lens: list[int], pool: PoolConfig, settings: BenchSettings):
         self.case, self.page = case, case.page
-        self.cache = PagedKVCache(pool.spec(), policy="random", seed=case.seed, kernel_options=settings.kernel_options)
+        # PAGED_BENCH_DECODE_FULL_BLOCKS=0: every page of a decode step masked (see PagedKVCache's docstring).
+        full = os.environ.get("PAGED_BENCH_DECODE_FULL_BLOCKS", "1") != "0"
+        self.cache = PagedKVCache(pool.spec(), policy="random", seed=case.seed, kernel_options=settings.kernel_options,
+                                  decode_full_blocks=full)
         ids = list(range(case.batch))
         for i in ids:
             self.cache.admit(i)
