@@ -33,9 +33,9 @@ def decode_kernel_defaults(device: torch.device) -> dict:
 
     torch's sm_90 flex-decode heuristic ends at 1 stage, 2 warps; 3 stages, 4 warps was 1.2-2.2x faster on an
     H200 for the same data (FACTS.md, docs/decode-performance-notes.md). Measured on Hopper only, whose shared
-    memory holds 3 stages of any tile; other devices keep torch's choice.
+    memory holds 3 stages of any tile (sm_9x only); other devices keep torch's choice.
     """
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
         return {"num_stages": 3, "num_warps": 4}
     return {}
 

@@ -37,7 +37,7 @@ class SequenceState:
 
     pages: list[int] = field(default_factory=list)
     length: int = 0
-    row: int = -1           # its row in the cache's HostPageTable
+    row: int | None = None  # its row in the cache's HostPageTable (set by admit/fork)
 
 
 class PagedKVCache:
@@ -296,8 +296,12 @@ class PagedKVCache:
         if key not in buf.wrapped:
             buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod)
         paged_mask, paged_score = buf.wrapped[key]
+        # FlexDecoding keys its split-KV tiling on whether full-block lists exist at all (not on their contents),
+        # so the decode_full_blocks=False layout must pass none.
+        no_full = max_q == 1 and not self.decode_full_blocks
         block_mask = BlockMask.from_kv_blocks(
-            buf.kv_num_blocks, buf.kv_indices, buf.full_kv_num_blocks, buf.full_kv_indices,
+            buf.kv_num_blocks, buf.kv_indices, None if no_full else buf.full_kv_num_blocks,
+            None if no_full else buf.full_kv_indices,
             BLOCK_SIZE=(buf.q_block, P), mask_mod=paged_mask,
             seq_lengths=(buf.padded_q_len, spec.num_pages * P), compute_q_blocks=False)
         return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, slots.to(spec.device), rows.to(spec.device),
@@ -379,6 +383,7 @@ class PagedKVCache:
             "sequences": {s: (tuple(st.pages), st.length) for s, st in self._seqs.items()},
             "allocator": self.allocator.snapshot(),
             "page_logical": self.page_logical.cpu().clone(),
+            "host_page_table": (self._host_table.rows.clone(), tuple(self._host_table._free)),
             "k_pool": self.k_pool.cpu().clone(),
             "v_pool": self.v_pool.cpu().clone(),
         }

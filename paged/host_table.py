@@ -21,6 +21,7 @@ class HostPageTable:
     def __init__(self, width: int, initial_rows: int = 64) -> None:
         self.rows = torch.full((initial_rows, width), -1, dtype=torch.int32)
         self._free = list(range(initial_rows - 1, -1, -1))         # popped from the end: lowest row first
+        # (snapshot() copies rows and this list: a rejected request must leave both as they were)
 
     def acquire(self, copy_of: int | None = None) -> int:
         """A free row: all -1, or a copy of row `copy_of` (a fork shares its parent's pages)."""

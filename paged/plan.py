@@ -105,6 +105,7 @@ class StepPlan:
         start_lens: each sequence's length before the step (= logical position of its first new token).
         slot_mapping: (T,) int64, pool slot (page * P + offset) of each new token, T = sum(q_lens).
         token_rows: (T,) int64, row of each new token in the caller's flattened (B * max_q_len) inputs.
+            It is the identity exactly when T == B * max_q_len (every row full), and `run` relies on that.
         block_mask: FlexAttention BlockMask over (Bp, Lqp) queries and the whole pool.
         score_mod: physical score_mod or None.
     """

@@ -2,7 +2,7 @@
 # Issue 6's next experiments in one GPU call (docs/decode-performance-notes.md), each a run of the small decode
 # grid with one thing changed, all under OUT:
 #
-#   bash scripts/gpu_decode_ab.sh OUT        (from the repository root; offline is fine; ~7 minutes on an H200, limits sum to 590 s)
+#   bash scripts/gpu_decode_ab.sh OUT        (from the repository root; offline is fine; ~7 minutes on an H200, limits sum to 480 s)
 #
 #   base      paged, FlexAttention on a contiguous cache and FlashInfer as shipped (Hopper decode default:
 #             num_stages 3, num_warps 4; pool 5% of the card)
@@ -37,13 +37,13 @@ run() {  # run NAME LIMIT_S [ENV=VALUE ...] -- PYTEST ARGS...
   echo "$name: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt"
 }
 : > "$OUT/summary.txt"
-run base 120 -- --bench-backends paged,flexcontig,flashinfer
-run torchcfg 80 -- --bench-backends paged --bench-kernel-options '{"num_stages": 1, "num_warps": 2}'
-run pool4x 110 -- --bench-backends paged,flashinfer --bench-pool-fraction 0.2
-run split32 80 -- --bench-backends paged --bench-kernel-options '{"SPLIT_KV": 32}'
-run masked 80 PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-backends paged
-run fi_tc 60 PAGED_BENCH_FLASHINFER_TENSOR_CORES=1 -- --bench-backends flashinfer
-run prefill 60 -- --bench-backends paged,flexcontig
+run base 100 -- --bench-backends paged,flexcontig,flashinfer
+run torchcfg 65 -- --bench-backends paged --bench-kernel-options '{"num_stages": 1, "num_warps": 2}'
+run pool4x 90 -- --bench-backends paged,flashinfer --bench-pool-fraction 0.2
+run split32 65 -- --bench-backends paged --bench-kernel-options '{"SPLIT_KV": 32}'
+run masked 65 PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-backends paged
+run fi_tc 45 PAGED_BENCH_FLASHINFER_TENSOR_CORES=1 -- --bench-backends flashinfer
+run prefill 50 -- --bench-backends paged,flexcontig
 
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/ab.md"
 import json, sys

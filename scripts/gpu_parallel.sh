@@ -28,20 +28,25 @@ declare -A shard=(
 checks=(outputs_match_oracle fragmentation isolation_poison isolation_fork eager_matches_compiled
         errors_leave_state_unchanged determinism stateful)
 t0=$(date +%s)
+timed() {  # timed NAME CMD...: run CMD under the limit, log to logs/NAME.log, exit code and seconds to logs/NAME.rc
+  local name=$1 t; shift
+  t=$(date +%s)
+  timeout -s INT -k 20 "$limit" "$@" > "$out/logs/$name.log" 2>&1
+  echo "exit $? in $(( $(date +%s) - t ))s" > "$out/logs/$name.rc"
+}
 for name in "${!shard[@]}"; do
   # shellcheck disable=SC2086
-  timeout -s INT -k 20 "$limit" "${PYTEST[@]}" ${shard[$name]} --junitxml="$out/logs/$name.xml" \
-      > "$out/logs/$name.log" 2>&1 &
+  timed "$name" "${PYTEST[@]}" ${shard[$name]} --junitxml="$out/logs/$name.xml" &
 done
 for c in "${checks[@]}"; do
-  timeout -s INT -k 20 "$limit" python3 -m conformance --device cuda --profile gpu --json "$out/logs/s_$c.json" \
-      -- -p conformance.plugin -k "test_$c" --junitxml="$out/logs/s_$c.xml" > "$out/logs/s_$c.log" 2>&1 &
+  timed "s_$c" python3 -m conformance --device cuda --profile gpu --json "$out/logs/s_$c.json" \
+      -- -p conformance.plugin -k "test_$c" --junitxml="$out/logs/s_$c.xml" &
 done
 wait
 : > "$out/summary.txt"
 for f in "$out"/logs/*.log; do
   n=$(basename "$f" .log)
-  echo "== $n: $(grep -E '(passed|failed|error|skipped|xfailed).* in [0-9.]+s' "$f" | tail -1)" >> "$out/summary.txt"
+  echo "== $n ($(cat "${f%.log}.rc" 2>/dev/null), 124 = timed out): $(grep -E '(passed|failed|error|skipped|xfailed).* in [0-9.]+s' "$f" | tail -1)" >> "$out/summary.txt"
   grep -E "^(FAILED|ERROR) " "$f" | cut -c1-220 >> "$out/summary.txt"
   sed -n '/conformance report/,$p' "$f" | head -20 >> "$out/summary.txt"
 done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Tensor parallel on several GPUs of one host (issue 7): equivalence and the inference benchmark at 1, 2 and 4
-# ranks, NCCL, each rank on its own paged cache. All output under OUT.
+# Tensor parallel on several GPUs of one host (issue 7): equivalence and the inference benchmark at 1, 2, 4 (and 8)
+# ranks, as many as the GPUs visible, NCCL, each rank on its own paged cache. All output under OUT.
 #
 #   bash scripts/gpu_tp.sh OUT [1b|7b]        (from the repository root; offline is fine; default 1b)
 #
@@ -106,7 +106,9 @@ for model in ("tiny-mha", "tiny-gqa"):
     ref = json.loads(runs[1].read_text())["tokens"] if runs[1].is_file() else None
     cells = []
     for w in worlds:
-        if not runs[w].is_file():
+        if ref is None:
+            cells.append("no 1-rank reference (see its log)")
+        elif not runs[w].is_file():
             cells.append("no output (see log)")
             continue
         toks = json.loads(runs[w].read_text())["tokens"]

@@ -101,6 +101,7 @@ def test_decode_with_every_page_masked(device, dtype):
     t.checked_step(["a", "b", "c"], [1, 1, 1])          # a's 16 tokens fill a page: the next token opens one
     plan = t.paged["compiled"]._plan
     assert int(plan.buffers.full_kv_num_blocks.sum()) == 0 and int(plan.buffers.kv_num_blocks.sum()) == 4
+    assert plan.block_mask.full_kv_num_blocks is None      # no full-block lists at all: FlexDecoding tiles per row
     t.do("fork", "b", "d")
     t.checked_step(["d", "b", "c"], [1, 1, 1])          # copy-on-write of b's shared partial page
     t.do("finish", "a")

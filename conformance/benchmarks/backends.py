@@ -12,7 +12,9 @@ Backends (ids as they appear in benchmark names):
   (enable_gqa=True together with a mask would drop to the unfused math kernel on CUDA).
 * ``flexcontig``: compiled FlexAttention over the same padded contiguous cache as ``sdpa`` (max_len rounded up
   to 128, the KV block) with a causal-and-length block mask built once per case: what the paged kernel costs
-  over FlexAttention without paging (issue 6, target 7, for a 4k prefill), same kernel options as ``paged``.
+  over FlexAttention without paging (issue 6, target 7, for a 4k prefill). Decode uses the same kernel
+  options as ``paged``; prefill keeps torch's default tiles, which a contiguous cache allows (``paged``'s
+  key tile must divide the page), so the prefill ratio includes that constraint.
 * ``torchpa``: torch's private ``torch.nn.attention.experimental._paged_attention.PagedAttention`` through
   the peer adapter (`conformance.peers.torch_paged`), same pool size as ``paged``, its free list shuffled so
   that pages are placed at random too; compiled flex on CUDA, eager on the CPU (the CPU smoke run only checks
