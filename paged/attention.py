@@ -28,6 +28,16 @@ def compiled_flex_attention() -> Any:
     return _compiled
 
 
+def prefill_tiles(padded_q_len: int, page_size: int) -> dict:
+    """Tiles for compiled flex's non-decode GPU kernel: key tiles must divide the page, query tiles the Q block.
+
+    Inductor's default tiles are 64-128 keys and rows, which leaves no valid config for pages or chunks smaller
+    than that (NoValidChoicesError). The query block is min(padded_q_len, 128), so min(padded_q_len, 64)
+    divides it.
+    """
+    return {"BLOCK_M": min(padded_q_len, 64), "BLOCK_N": min(page_size, 64)}
+
+
 def decode_kernel_defaults(device: torch.device) -> dict:
     """Kernel options for compiled flex decode on `device`: on Hopper, 3 stages and 4 warps.
 

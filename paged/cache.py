@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from paged.allocator import PageAllocator, PlacementPolicy
-from paged.attention import AttentionMode, attend, decode_kernel_defaults
+from paged.attention import AttentionMode, attend, decode_kernel_defaults, prefill_tiles
 from paged.errors import UnsupportedConfigError
 from paged.host_table import HostPageTable
 from paged.mods import MaskMod, ScoreMod, causal
@@ -217,18 +217,13 @@ class PagedKVCache:
         return self._plan
 
     def _kernel_options(self, buf: StepBuffers) -> dict | None:
-        """GPU kernel options: tiles the kernels can take (key tiles divide the page, query tiles the Q block) and
-        faster decode stages/warps than torch's default.
-
-        Inductor's default tiles for the (non-decode) flex kernel are 64-128 keys and rows, which leaves no
-        valid config for pages or chunks smaller than that (NoValidChoicesError); user options win.
-        """
+        """GPU kernel options: tiles the non-decode kernel can take, faster decode stages/warps; user options win."""
         if self.spec.device.type != "cuda":
             return self.kernel_options
         if buf.padded_q_len == 1:
             tiles = decode_kernel_defaults(self.spec.device)
         else:
-            tiles = {"BLOCK_M": min(buf.q_block, 64), "BLOCK_N": min(self.spec.page_size, 64)}
+            tiles = prefill_tiles(buf.padded_q_len, self.spec.page_size)
         return {**tiles, **(self.kernel_options or {})}
 
     def _copies_needed(self, states: list[SequenceState]) -> list[bool]:

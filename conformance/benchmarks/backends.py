@@ -50,7 +50,6 @@ from conformance.benchmarks.grid import Case
 from conformance.benchmarks.harness import BenchSettings, sync, unique_graphs
 from paged import CacheSpec, PagedKVCache
 from paged.attention import compiled_flex_attention, decode_kernel_defaults
-from paged.plan import padded_query_len
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BACKENDS = ("paged", "sdpa", "flexcontig", "torchpa", "flashinfer")
@@ -232,15 +231,9 @@ class TorchPARunner(Runner):
             raise Unavailable(f"peer adapter conformance.peers.torch_paged does not import: {exc!r}") from exc
         self.case, self.page = case, case.page
         attention = "compiled" if settings.cuda else "eager"
-        options = settings.kernel_options
-        if settings.cuda and case.kind != "decode":
-            # The tiles `paged` picks for non-decode steps (its _kernel_options): inductor's default key tiles
-            # (64-128) leave no valid config for smaller pages; the peer adapter does not pick them itself.
-            q_block = min(padded_query_len(case.q_len), 128)
-            options = {"BLOCK_M": min(q_block, 64), "BLOCK_N": min(case.page, 64), **(options or {})}
         self.backend = TorchPagedAttentionBackend(pool.spec(), attention=attention,
                                                   max_batch_size=max(PEER_MAX_BATCH, case.batch),
-                                                  kernel_options=options)
+                                                  kernel_options=settings.kernel_options)
         random.Random(case.seed).shuffle(self.backend.peer.empty_pages)   # pages at random, like `paged`
         ids = list(range(case.batch))
         for i in ids:

@@ -81,7 +81,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from conformance.contract import CAPABILITIES, BackendFactory
-from paged.attention import AttentionMode, attend
+from paged.attention import AttentionMode, attend, prefill_tiles
 from paged.errors import OutOfPagesError, UnsupportedConfigError
 from paged.mods import causal
 from paged.plan import bucket, fill_block_lists, padded_query_len
@@ -381,13 +381,12 @@ class TorchPagedAttentionBackend:
         return out * plan.valid[:, :, None, None].to(out.dtype)
 
     def _kernel_options(self, plan: _Plan) -> dict | None:
-        """Tiles the GPU kernels can take (as paged.PagedKVCache passes them): key tiles must divide the page,
-        query tiles the Q block; Inductor's defaults leave no valid config for small pages or chunks
-        (NoValidChoicesError). A choice of the flex_attention caller, not of the peer; user options win."""
+        """The non-decode tiles paged.PagedKVCache passes (`paged.attention.prefill_tiles`): a choice of the
+        flex_attention caller, not of the peer, without which small pages or chunks have no valid GPU config.
+        User options win."""
         if self.spec.device.type != "cuda":
             return self.kernel_options
-        tiles = {} if plan.padded_q_len == 1 else {"BLOCK_M": min(plan.padded_q_len, 64),
-                                                   "BLOCK_N": min(self.spec.page_size, 64)}
+        tiles = {} if plan.padded_q_len == 1 else prefill_tiles(plan.padded_q_len, self.spec.page_size)
         return {**tiles, **(self.kernel_options or {})} or None
 
     # ------------------------------------------------------------------ memory
