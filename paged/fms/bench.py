@@ -850,50 +850,47 @@ def plots(results: dict, out: Path) -> None:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
 
-    fig, axes = grid(len(batches))
-    for ax, b in zip(axes, batches):
+    def curves(ax, x: str, y, keep) -> None:
+        """One line per mode: (r[x], y(r)) over the runs `keep` accepts."""
         for m in modes:
-            pts = sorted((r["seq_len"], r["median_ms"]) for r in runs if r["mode"] == m and r["batch"] == b)
+            pts = sorted((r[x], y(r)) for r in runs if r["mode"] == m and keep(r))
             if pts:
                 ax.plot(*zip(*pts), label=MODE_LABELS[m], **styles[m])
-        ax.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="ms per decode step",
-               title=f"batch {b}")
-        _ticks(ax, seqs)
+
+    def axes_done(ax, ticks, **labels) -> None:
+        ax.set(xscale="log", yscale="log", **labels)
+        _ticks(ax, ticks)
         ax.grid(True, which="both", alpha=0.3)
+
+    fig, axes = grid(len(batches))
+    for ax, b in zip(axes, batches):
+        curves(ax, "seq_len", lambda r: r["median_ms"], lambda r: r["batch"] == b)
+        axes_done(ax, seqs, xlabel="prompt length (tokens)", ylabel="ms per decode step", title=f"batch {b}")
     axes[0].legend(fontsize=7)
     finish(fig, "latency_vs_seq.png")
 
     fig, axes = grid(len(seqs))
     for ax, s in zip(axes, seqs):
-        for m in modes:
-            pts = sorted((r["batch"], r["tokens_per_s"]) for r in runs if r["mode"] == m and r["seq_len"] == s)
-            if pts:
-                ax.plot(*zip(*pts), label=MODE_LABELS[m], **styles[m])
-        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=f"prompt {s}")
-        _ticks(ax, batches)
-        ax.grid(True, which="both", alpha=0.3)
+        curves(ax, "batch", lambda r: r["tokens_per_s"], lambda r: r["seq_len"] == s)
+        axes_done(ax, batches, xlabel="batch", ylabel="decode tokens/s", title=f"prompt {s}")
     axes[0].legend(fontsize=7)
     finish(fig, "throughput_vs_batch.png")
 
     gpu = env["device"] == "cuda"
+    key = "peak_above_weights_decode" if gpu else "kv_bytes_reserved"
     fig, axes = grid(len(seqs))
     for ax, s in zip(axes, seqs):
-        for m in modes:
-            key = "peak_above_weights_decode" if gpu else "kv_bytes_reserved"
-            pts = sorted((r["batch"], (r.get(key) or 0) / 2**20) for r in runs if r["mode"] == m and r["seq_len"] == s
-                         and (gpu or m != "nocache"))
-            if pts:
-                ax.plot(*zip(*pts), label=MODE_LABELS[m], **styles[m])
+        # Without a GPU there is no peak to read; the K/V held by each cache is plotted instead (none without one).
+        curves(ax, "batch", lambda r: (r.get(key) or 0) / 2**20,
+               lambda r: r["seq_len"] == s and (gpu or r["mode"] != "nocache"))
         if not gpu:
             pts = sorted((r["batch"], r["kv_bytes_allocated"] / 2**20) for r in runs
                          if r["mode"] == "paged" and r["seq_len"] == s)
             if pts:
                 ax.plot(*zip(*pts), label="paged pool (allocated)", color="tab:red", linestyle=":", marker="s",
                         fillstyle="none")
-        ax.set(xscale="log", yscale="log", xlabel="batch", title=f"prompt {s}",
-               ylabel="peak MiB above weights (decode)" if gpu else "K/V MiB held")
-        _ticks(ax, batches)
-        ax.grid(True, which="both", alpha=0.3)
+        axes_done(ax, batches, xlabel="batch", title=f"prompt {s}",
+                  ylabel="peak MiB above weights (decode)" if gpu else "K/V MiB held")
     axes[0].legend(fontsize=7)
     finish(fig, "memory.png")
 
