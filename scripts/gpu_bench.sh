@@ -15,26 +15,19 @@
 # Then RESULTS_DIR/summary.txt (stage, exit code, seconds) and RESULTS_DIR/bench_results.tar.gz (everything).
 #
 # Environment: PYTHON (default python3), PAGED_BENCH_ALLOW_CPU=1 (dry run of this script on a CPU: timings
-# meaningless), PAGED_BENCH_BUDGET_S (default 390, so that gpu_all.sh's
-# `timeout 420` around this script is never hit), PAGED_BENCH_* options (see
+# meaningless), PAGED_BENCH_BUDGET_S (default 390: the whole script
+# then fits a 10-minute device call), PAGED_BENCH_* options (see
 # conformance/benchmarks/conftest.py). Wheels the machine lacks (ibm-fms, FlashInfer) are installed from ./.whl
 # when present (fetch them with `bash ../shared/tools/device-wheels.sh --peers` before sending the tree).
 set -u
 OUT=${1:?usage: scripts/gpu_bench.sh RESULTS_DIR}
 mkdir -p "$OUT/logs" && OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
 BUDGET=${PAGED_BENCH_BUDGET_S:-390}
 T0=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
-export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
-export PYTHONDONTWRITEBYTECODE=1
+. scripts/gpu_env.sh
 
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/logs/00_env.log"
 import importlib, torch

@@ -17,13 +17,8 @@
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_decode_ab.sh OUT}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >/dev/null 2>&1 && export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
-export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
+. scripts/gpu_env.sh
+machine_info "$OUT/machine.txt"
 
 run() {  # run NAME LIMIT_S [ENV=VALUE ...] -- PYTEST ARGS...
   local name=$1 limit=$2; shift 2

@@ -26,22 +26,13 @@ set -uo pipefail
 OUT=${1:?usage: scripts/gpu_fms_bench.sh OUT [7b|1b|all]}
 WHAT=${2:-all}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
 T0=$(date +%s)
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >/dev/null 2>&1 && export PYTHONPATH="/tmp/site:$PYTHONPATH" || echo "wheel install failed"
-fi
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+. scripts/gpu_env.sh
 
-{
-  date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  "$PY" -c "import torch, fms; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
-} > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+machine_info "$OUT/machine.txt"
+"$PY" -c "import fms, torch; print('ibm-fms imported; gpu:', torch.cuda.is_available() and torch.cuda.get_device_name())" \
+  2>&1 | tee -a "$OUT/machine.txt"
 : > "$OUT/summary.txt"
 
 # bench NAME HARD_LIMIT_S ARGS...: one benchmark process; SIGINT at the hard limit, then rebuild its report.

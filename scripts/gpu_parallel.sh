@@ -3,21 +3,15 @@
 # fit in one 10-minute device call: compiles are CPU-bound, the GPU is mostly idle while they run.
 #   bash scripts/gpu_parallel.sh OUTDIR [LIMIT_S]
 # OUTDIR gets summary.txt (one line per shard: exit code, seconds, pytest's last line, failures) and
-# logs.tar.gz (every shard's full log and junit XML). Same environment as scripts/gpu_all.sh.
+# logs.tar.gz (every shard's full log and junit XML). Environment: scripts/gpu_env.sh.
 set -uo pipefail
 out=${1:?usage: gpu_parallel.sh OUTDIR [LIMIT_S]}; limit=${2:-420}
 mkdir -p "$out/logs"; out=$(cd "$out" && pwd)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >/dev/null 2>&1 || echo "wheel install failed"
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PAGED_REQUIRE_GPU=1 TORCHINDUCTOR_COMPILE_THREADS=2
-{
-  date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} > "$out/machine.txt" 2>&1
-cat "$out/machine.txt"
+. scripts/gpu_env.sh
+export PAGED_REQUIRE_GPU=1 TORCHINDUCTOR_COMPILE_THREADS=2
+machine_info "$out/machine.txt"
 
-PYTEST=(python3 -m pytest -p conformance.plugin --device cuda -q -p no:cacheprovider -rfE --tb=short)
+PYTEST=("$PY" -m pytest -p conformance.plugin --device cuda -q -p no:cacheprovider -rfE --tb=short)
 declare -A shard=(
   [t_fms_generate]="tests/fms/test_fms_generate.py"
   [t_fms_other]="tests/fms --ignore=tests/fms/test_fms_generate.py"
@@ -39,14 +33,14 @@ for name in "${!shard[@]}"; do
   timed "$name" "${PYTEST[@]}" ${shard[$name]} --junitxml="$out/logs/$name.xml" &
 done
 for c in "${checks[@]}"; do
-  timed "s_$c" python3 -m conformance --device cuda --profile gpu --json "$out/logs/s_$c.json" \
+  timed "s_$c" "$PY" -m conformance --device cuda --profile gpu --json "$out/logs/s_$c.json" \
       -- -p conformance.plugin -k "test_$c" --junitxml="$out/logs/s_$c.xml" &
 done
 wait
 : > "$out/summary.txt"
 for f in "$out"/logs/*.log; do
   n=$(basename "$f" .log)
-  echo "== $n ($(cat "${f%.log}.rc" 2>/dev/null), 124 = timed out): $(grep -E '(passed|failed|error|skipped|xfailed).* in [0-9.]+s' "$f" | tail -1)" >> "$out/summary.txt"
+  echo "== $n ($(cat "${f%.log}.rc" 2>/dev/null); exit 124 = timed out): $(grep -E '(passed|failed|error|skipped|xfailed).* in [0-9.]+s' "$f" | tail -1)" >> "$out/summary.txt"
   grep -E "^(FAILED|ERROR) " "$f" | cut -c1-220 >> "$out/summary.txt"
   sed -n '/conformance report/,$p' "$f" | head -20 >> "$out/summary.txt"
 done

@@ -19,13 +19,8 @@ set -uo pipefail
 OUT=${1:?usage: scripts/gpu_tp.sh OUT [1b|7b]}
 SIZE=${2:-1b}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
 T0=$(date +%s)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >/dev/null 2>&1 && export PYTHONPATH="/tmp/site:$PYTHONPATH" || echo "wheel install failed"
-fi
+. scripts/gpu_env.sh
 
 if [ "${GPU_TP_DRY:-0}" = 1 ]; then
   DEV=cpu; WORLDS=(1 2); SIZE=micro
@@ -39,14 +34,11 @@ else
   BENCH=(--random-prompts 64 --prompt-len 512 --max-new-tokens 64 --kv-gib 16 --warmup)
   EQ_EXTRA=()
 fi
+machine_info "$OUT/machine.txt"
 {
-  date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  "$PY" -c "import torch, fms; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl',
-      torch.cuda.nccl.version() if torch.cuda.is_available() else None)"
+  "$PY" -c "import fms, torch; print('ibm-fms imported; nccl', torch.cuda.nccl.version() if torch.cuda.is_available() else None)"
   echo "world sizes: ${WORLDS[*]}"
-} > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+} 2>&1 | tee -a "$OUT/machine.txt"
 : > "$OUT/summary.txt"
 
 # Checkpoints: written once, read by every rank of every run.
