@@ -50,6 +50,19 @@ def decode_kernel_defaults(device: torch.device) -> dict:
     return {}
 
 
+def decode_splits_kv(padded_batch: int, kv_heads: int, device: torch.device) -> bool:
+    """Whether FlexDecoding splits each (sequence, kv head) over several CTAs on `device`.
+
+    Its heuristic (torch/_inductor/kernel/flex/flex_decoding.py, `get_split_k`) is
+    max(num_SMs // (batch x kv heads) x 2, 1) splits: more than one exactly when batch x kv heads <= num_SMs.
+    Always False off CUDA (the CPU template does not split).
+    """
+    if device.type != "cuda":
+        return False
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return padded_batch * kv_heads <= sms
+
+
 def attend(
     q: torch.Tensor,
     k_pool: torch.Tensor,

@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Hashable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from paged.allocator import PageAllocator, PlacementPolicy
-from paged.attention import AttentionMode, attend, decode_kernel_defaults, prefill_tiles
+from paged.attention import AttentionMode, attend, decode_kernel_defaults, decode_splits_kv, prefill_tiles
 from paged.errors import UnsupportedConfigError
 from paged.host_table import HostPageTable
 from paged.mods import MaskMod, ScoreMod, causal
 from paged.plan import StepBuffers, StepPlan, bucket, fill_block_lists, padded_query_len, physical_mods
 from paged.spec import CacheSpec
 from paged.stats import MemoryStats
+from paged.transfer import copy_into, to_device
 from paged.validation import check_new_id, check_run, check_step, lookup
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -52,10 +53,12 @@ class PagedKVCache:
         poison_free_pages: debug aid: fill pages with NaN when they are freed, and zero them when handed out,
             so any read of memory a sequence does not own turns its output into NaN.
         decode_full_blocks: on plain causal decode steps, pass the fully filled pages as unmasked "full"
-            blocks (the mask_mod then runs on the last page only). FlexDecoding sizes its split-KV tiles from
-            the K/V tensor's length when full blocks are present, i.e. from the whole pool, so at small batch
-            (batch x kv heads < the GPU's SMs) one split does all the work; False lists every page as masked
-            and the tiles follow each sequence's length (docs/decode-performance-notes.md). Same outputs.
+            blocks (the mask_mod then runs on the last page only): True, False, or "auto". FlexDecoding sizes
+            its split-KV tiles from the K/V tensor's length when full blocks are present, i.e. from the whole
+            pool, so when padded batch x kv heads is below the GPU's SM count (where it splits each sequence)
+            one split does all the work; False lists every page as masked and passes no full-block lists
+            (CUDA), so the tiles follow each sequence's length. "auto" uses full blocks only where FlexDecoding does not split (padded batch x
+            kv heads > SMs; always on CPU), the default. Same outputs (docs/decode-performance-notes.md).
 
     Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
     """
@@ -69,10 +72,12 @@ class PagedKVCache:
         attention: AttentionMode = "compiled",
         kernel_options: dict | None = None,
         poison_free_pages: bool = False,
-        decode_full_blocks: bool = True,
+        decode_full_blocks: bool | Literal["auto"] = "auto",
     ) -> None:
         if attention not in ("compiled", "eager"):
             raise UnsupportedConfigError(f"attention must be 'compiled' or 'eager', got {attention!r}")
+        if decode_full_blocks not in (True, False, "auto"):
+            raise UnsupportedConfigError(f"decode_full_blocks must be True, False or 'auto', got {decode_full_blocks!r}")
         self.spec = spec
         self.allocator = PageAllocator(spec.num_pages, policy, seed)
         self.attention = attention
@@ -138,10 +143,13 @@ class PagedKVCache:
         self._host_table.release(state.row)
         freed = self.allocator.release(state.pages)
         if freed:
-            idx = torch.tensor(freed, device=self.spec.device)
-            self.page_logical[idx] = -1
-            if self.poison:
-                self._fill_pages(idx, float("nan"))
+            self._mark_free(freed)
+
+    def _mark_free(self, pages: list[int]) -> None:
+        idx = to_device(torch.tensor(pages), self.spec.device)
+        self.page_logical[idx] = -1
+        if self.poison:
+            self._fill_pages(idx, float("nan"))
 
     def _fill_pages(self, pages: torch.Tensor, value: float) -> None:
         L, H, N, P, D = (self.spec.num_layers, self.spec.num_kv_heads, self.spec.num_pages,
@@ -200,18 +208,15 @@ class PagedKVCache:
             st.length += q
         self._host_table.write(assigned_rows, assigned_logical, assigned)
         if assigned:
-            idx = torch.tensor(assigned, device=spec.device)
-            self.page_logical[idx] = torch.tensor(assigned_logical, dtype=torch.int32, device=spec.device)
+            idx = to_device(torch.tensor(assigned), spec.device)
+            self.page_logical[idx] = to_device(torch.tensor(assigned_logical, dtype=torch.int32), spec.device)
             if self.poison:
                 self._fill_pages(idx, 0.0)
         for old, fresh in copies:
             for pool in (self.k_pool, self.v_pool):
                 pool[:, :, fresh * P:(fresh + 1) * P] = pool[:, :, old * P:(old + 1) * P]
         if freed:
-            idx = torch.tensor(freed, device=spec.device)
-            self.page_logical[idx] = -1
-            if self.poison:
-                self._fill_pages(idx, float("nan"))
+            self._mark_free(freed)
 
         self._plan = self._build_plan(seq_ids, q_lens, start_lens, states, mask_mod, score_mod)
         return self._plan
@@ -225,6 +230,14 @@ class PagedKVCache:
         else:
             tiles = prefill_tiles(buf.padded_q_len, self.spec.page_size)
         return {**tiles, **(self.kernel_options or {})}
+
+    def _decode_full_blocks(self, padded_batch: int) -> bool:
+        if self.decode_full_blocks != "auto":
+            return self.decode_full_blocks
+        split_kv = (self.kernel_options or {}).get("SPLIT_KV")
+        if split_kv is not None:
+            return split_kv <= 1
+        return not decode_splits_kv(padded_batch, self.spec.num_kv_heads, self.spec.device)
 
     def _copies_needed(self, states: list[SequenceState]) -> list[bool]:
         """Which sequences must copy their shared, partly filled last page before writing into it.
@@ -266,15 +279,16 @@ class PagedKVCache:
         q_len[:B] = torch.tensor(q_lens)
         num_pages = torch.zeros(Bp, dtype=torch.long)
         num_pages[:B] = torch.tensor([len(st.pages) for st in states])
-        full_blocks = mask_mod is None and (max_q > 1 or self.decode_full_blocks)
+        decode_full = max_q == 1 and self._decode_full_blocks(Bp)
+        full_blocks = mask_mod is None and (max_q > 1 or decode_full)
         lists = fill_block_lists(buf, table, num_pages, q_start, q_len, P, causal_default=full_blocks)
 
-        # One host->device copy per tensor, into the bucket's persistent buffers.
-        buf.page_table.copy_(table)
-        buf.q_start.copy_(q_start)
-        buf.q_len.copy_(q_len)
+        # One host->device copy per tensor, into the bucket's persistent buffers; none waits for the GPU.
+        copy_into(buf.page_table, table)
+        copy_into(buf.q_start, q_start)
+        copy_into(buf.q_len, q_len)
         for name, host in lists.items():
-            getattr(buf, name).copy_(host)
+            copy_into(getattr(buf, name), host)
 
         # Slot of every new token, and its row in the caller's flattened (B * max_q) inputs.
         if max_q == 1:                                                                            # decode: T = B
@@ -286,20 +300,24 @@ class PagedKVCache:
         pos = q_start[owner] + offset                                                             # (T,)
         rows = owner * max_q + offset                                                             # (T,)
         slots = table[owner, torch.div(pos, P, rounding_mode="floor")].long() * P + pos % P      # (T,)
+        T = slots.numel()
+        copy_into(buf.slots[:T], slots)
+        copy_into(buf.token_rows[:T], rows)
 
         key = (mask_mod, score_mod)
         if key not in buf.wrapped:
             buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod)
         paged_mask, paged_score = buf.wrapped[key]
         # FlexDecoding keys its split-KV tiling on whether full-block lists exist at all (not on their contents),
-        # so the decode_full_blocks=False layout must pass none.
-        no_full = max_q == 1 and not self.decode_full_blocks
+        # so the every-page-masked layout passes none on CUDA. The CPU template does not split, and its C++ codegen
+        # fails for some shapes without full-block lists (torch 2.13): it gets all-zero lists.
+        no_full = max_q == 1 and not decode_full and spec.device.type == "cuda"
         block_mask = BlockMask.from_kv_blocks(
             buf.kv_num_blocks, buf.kv_indices, None if no_full else buf.full_kv_num_blocks,
             None if no_full else buf.full_kv_indices,
             BLOCK_SIZE=(buf.q_block, P), mask_mod=paged_mask,
             seq_lengths=(buf.padded_q_len, spec.num_pages * P), compute_q_blocks=False)
-        return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, slots.to(spec.device), rows.to(spec.device),
+        return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, buf.slots[:T], buf.token_rows[:T],
                         block_mask, paged_score, set())
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

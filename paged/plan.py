@@ -39,6 +39,9 @@ class StepBuffers:
         q_len: (Bp,) int32, new tokens per row (0 for padding rows).
         kv_num_blocks, full_kv_num_blocks: (Bp, 1, Qb) int32, masked / unmasked pages per query block.
         kv_indices, full_kv_indices: (Bp, 1, Qb, W) int32, those pages, left-aligned.
+        slots, token_rows: (Bp * Lqp,) int64; a step's slot mapping and token rows are their first T entries.
+    Every tensor keeps its storage for the cache's lifetime, so a CUDA graph captured over `run()` calls
+    reads the next step's plan when replayed after the next `plan()` (same batch and query length).
     """
 
     def __init__(self, padded_batch: int, padded_q_len: int, q_block: int, width: int, device: torch.device):
@@ -52,6 +55,8 @@ class StepBuffers:
         self.kv_indices = torch.zeros(padded_batch, 1, num_q_blocks, width, **i32)
         self.full_kv_num_blocks = torch.zeros(padded_batch, 1, num_q_blocks, **i32)
         self.full_kv_indices = torch.zeros(padded_batch, 1, num_q_blocks, width, **i32)
+        self.slots = torch.zeros(padded_batch * padded_q_len, dtype=torch.long, device=device)
+        self.token_rows = torch.zeros_like(self.slots)
         # The physical->logical wrappers are built once per (bucket, user mods) so the compiled kernel
         # sees the same functions, and so the same guards, every step.
         self.wrapped: dict[tuple, tuple[Callable, Callable | None]] = {}

@@ -16,7 +16,7 @@ declare -A shard=(
   [t_fms_generate]="tests/fms/test_fms_generate.py"
   [t_fms_other]="tests/fms --ignore=tests/fms/test_fms_generate.py"
   [t_scenarios]="tests/test_scenarios.py"
-  [t_core]="tests/test_allocator.py tests/test_errors.py tests/test_public_api.py tests/test_plugin.py"
+  [t_core]="tests/test_allocator.py tests/test_errors.py tests/test_public_api.py tests/test_plugin.py tests/test_host_table.py tests/test_kernel_options.py tests/test_cuda_graph.py"
   [t_twins]="tests/test_cache_bookkeeping.py tests/test_eager_vs_compiled.py tests/test_peer_torch_paged.py"
 )
 checks=(outputs_match_oracle fragmentation isolation_poison isolation_fork eager_matches_compiled

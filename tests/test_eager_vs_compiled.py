@@ -91,17 +91,23 @@ def test_eager_and_compiled_agree(device, dtype):
         assert cache.snapshot()["sequences"] == t.paged["eager"].snapshot()["sequences"]
 
 
-def test_decode_with_every_page_masked(device, dtype):
-    """decode_full_blocks=False lists every page of a decode step as masked (split-KV tiles then follow each
-    sequence): the compiled kernel must still read exactly each sequence's own pages."""
-    t = Twins(make_spec(device, dtype), seed=3, policy="random", decode_full_blocks=False)
+@pytest.mark.parametrize("full_blocks", [False, True], ids=["every-page-masked", "full-blocks"])
+def test_decode_block_layouts(device, dtype, full_blocks):
+    """Both decode layouts "auto" chooses between: full pages as full blocks (the mask_mod on the last page only),
+    or every page listed as masked and no full-block lists (FlexDecoding's split-KV tiles then follow each
+    sequence). The compiled kernel must read exactly each sequence's own pages in both."""
+    t = Twins(make_spec(device, dtype), seed=3, policy="random", decode_full_blocks=full_blocks)
     for s in "abc":
         t.do("admit", s)
     t.checked_step(["a", "b", "c"], [16, 13, 5])
     t.checked_step(["a", "b", "c"], [1, 1, 1])          # a's 16 tokens fill a page: the next token opens one
     plan = t.paged["compiled"]._plan
-    assert int(plan.buffers.full_kv_num_blocks.sum()) == 0 and int(plan.buffers.kv_num_blocks.sum()) == 4
-    assert plan.block_mask.full_kv_num_blocks is None      # no full-block lists at all: FlexDecoding tiles per row
+    if full_blocks:
+        assert int(plan.buffers.full_kv_num_blocks[:3].sum()) == 1 and int(plan.buffers.kv_num_blocks.sum()) == 3
+    else:
+        assert int(plan.buffers.full_kv_num_blocks.sum()) == 0 and int(plan.buffers.kv_num_blocks.sum()) == 4
+        if device.type == "cuda":                          # no full-block lists at all: FlexDecoding tiles per row
+            assert plan.block_mask.full_kv_num_blocks is None
     t.do("fork", "b", "d")
     t.checked_step(["d", "b", "c"], [1, 1, 1])          # copy-on-write of b's shared partial page
     t.do("finish", "a")

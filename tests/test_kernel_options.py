@@ -1,4 +1,5 @@
-"""The GPU tile choice for non-decode steps divides the blocks the BlockMask uses (else: NoValidChoicesError)."""
+"""GPU kernel choices: non-decode tiles divide the BlockMask's blocks (else NoValidChoicesError); the decode block
+layout follows FlexDecoding's split-KV heuristic."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from paged import CacheSpec, PagedKVCache
 from paged.attention import prefill_tiles
+from paged.errors import UnsupportedConfigError
 from paged.plan import padded_query_len
 
 
@@ -21,3 +23,37 @@ def test_prefill_tiles_divide_the_query_block_and_the_page(page_size):
         tiles = prefill_tiles(padded, page_size)
         assert q_block % tiles["BLOCK_M"] == 0 and page_size % tiles["BLOCK_N"] == 0, (chunk, tiles)
         assert tiles["BLOCK_M"] >= 16 and tiles["BLOCK_N"] >= 16      # tl.dot needs 16 on both sides
+
+
+def _decode_layout(device, batch: int, kv_heads: int, **options) -> bool:
+    """Whether a decode step of `batch` sequences passes full-block lists (True) or lists every page as masked."""
+    spec = CacheSpec(num_layers=1, num_kv_heads=kv_heads, head_dim=16, page_size=16, num_pages=4 * batch,
+                     max_seq_len=64, dtype=torch.float32, device=device)
+    cache = PagedKVCache(spec, **options)
+    for i in range(batch):
+        cache.admit(i)
+    cache.plan(list(range(batch)), [20] * batch)
+    return cache.plan(list(range(batch)), [1] * batch).block_mask.full_kv_num_blocks is not None
+
+
+def test_decode_full_blocks_auto_follows_flexdecoding_splits(device):
+    """"auto" passes full blocks exactly where FlexDecoding gives each (sequence, kv head) one split:
+    padded batch x kv heads > SMs on CUDA; always off CUDA (no split there)."""
+    if device.type != "cuda":
+        assert _decode_layout(device, 2, 2, decode_full_blocks="auto")
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        small = 1 << ((sms // 2).bit_length() - 1)           # largest power of two <= sms / 2: x 2 heads <= sms
+        assert not _decode_layout(device, small, 2, decode_full_blocks="auto")
+        big = 2 * small                                        # x 2 heads > sms
+        assert _decode_layout(device, big, 2, decode_full_blocks="auto")
+        assert _decode_layout(device, 1, 2, decode_full_blocks="auto", kernel_options={"SPLIT_KV": 1})
+    assert _decode_layout(device, 2, 2, decode_full_blocks=True)
+    if device.type == "cuda":                          # the CPU always gets (all-zero) full-block lists
+        assert not _decode_layout(device, 2, 2, decode_full_blocks=False)
+
+
+def test_decode_full_blocks_rejects_other_values():
+    spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=16, num_pages=4, max_seq_len=64)
+    with pytest.raises(UnsupportedConfigError, match="decode_full_blocks"):
+        PagedKVCache(spec, decode_full_blocks="always")

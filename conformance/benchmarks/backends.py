@@ -198,10 +198,11 @@ class PagedRunner(Runner):
 
     def __init__(self, case: Case, lens: list[int], pool: PoolConfig, settings: BenchSettings):
         self.case, self.page = case, case.page
-        # PAGED_BENCH_DECODE_FULL_BLOCKS=0: every page of a decode step masked (see PagedKVCache's docstring).
-        full = os.environ.get("PAGED_BENCH_DECODE_FULL_BLOCKS", "1") != "0"
+        # PAGED_BENCH_DECODE_FULL_BLOCKS=1 / 0 / auto overrides PagedKVCache's decode_full_blocks (see its docstring).
+        layout = os.environ.get("PAGED_BENCH_DECODE_FULL_BLOCKS", "")
+        layout_kw = {"decode_full_blocks": {"1": True, "0": False}.get(layout, layout)} if layout else {}
         self.cache = PagedKVCache(pool.spec(), policy="random", seed=case.seed, kernel_options=settings.kernel_options,
-                                  decode_full_blocks=full)
+                                  **layout_kw)
         ids = list(range(case.batch))
         for i in ids:
             self.cache.admit(i)

@@ -124,6 +124,7 @@ SMALL_DECODE = (
     _decode(32, mix(512, 4096), hkv=32),
 )
 SMALL_PREFILL = (
+    _prefill(1, u(0), 4096),        # a 4k-token prompt into an empty cache (issue 6, target 7)
     _prefill(1, u(4096), 512),
     _prefill(8, mix(512, 4096), 512),
 )
@@ -135,6 +136,7 @@ CPU_DECODE = (
 )
 CPU_PREFILL = (
     _prefill(2, u(32), 16, page=16),
+    _prefill(1, u(0), 32, page=16),
 )
 
 FULL_BATCHES = (1, 8, 32, 128)

@@ -1,0 +1,134 @@
+"""CUDA graphs over the paged cache (paged.graphs.GraphedStep), and plan()/run() never waiting for the GPU.
+
+A graph captured once replays the layers of every later decode step of the same shape while lengths grow,
+pages are added, and sequences are replaced. Each replay must give exactly what the same kernels give when
+launched one by one on a twin cache (same placement, same data, same compiled kernels: bitwise equal), and a
+plan of another shape must be refused before the graph could write through stale slots.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paged import CacheSpec, PagedKVCache
+from paged.errors import PlanError
+from paged.graphs import GraphedStep
+
+HQ, HKV, D, P, LAYERS = 4, 2, 64, 16, 3
+
+
+def test_graphs_need_a_cuda_cache():
+    spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=P, num_pages=4, max_seq_len=64)
+    with pytest.raises(PlanError, match="CUDA"):
+        GraphedStep(PagedKVCache(spec), lambda: None)
+
+
+class Pair:
+    """A graphed cache and its twin run layer by layer, fed the same inputs."""
+
+    def __init__(self, dtype: torch.dtype, decode_full_blocks) -> None:
+        spec = CacheSpec(num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, page_size=P, num_pages=96,
+                         max_seq_len=512, dtype=dtype, device=torch.device("cuda"))
+        self.caches = [PagedKVCache(spec, policy="random", seed=7, decode_full_blocks=decode_full_blocks)
+                       for _ in range(2)]
+        self.gen = torch.Generator(device="cuda").manual_seed(0)
+        self.dtype = dtype
+
+    def inputs(self, batch: int, q_len: int) -> list[torch.Tensor]:
+        """(LAYERS, batch, q_len, H, D) queries, keys, values."""
+        return [torch.randn(LAYERS, batch, q_len, h, D, generator=self.gen, device="cuda").to(self.dtype)
+                for h in (HQ, HKV, HKV)]
+
+    def eager_step(self, ids, q_lens, cache_index=None) -> list[torch.Tensor]:
+        """plan + run every layer on both caches (or one); returns the outputs, (LAYERS, B, Lq, HQ, D) each."""
+        q, k, v = self.inputs(len(ids), max(q_lens))
+        outs = []
+        for i, cache in enumerate(self.caches):
+            if cache_index is None or i == cache_index:
+                cache.plan(ids, q_lens)
+                outs.append(torch.stack([cache.run(layer, q[layer], k[layer], v[layer]) for layer in range(LAYERS)]))
+        return outs
+
+    def do(self, op, *args) -> None:
+        for cache in self.caches:
+            getattr(cache, op)(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode_full_blocks", [True, False, "auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_graph_replay_equals_layer_by_layer_launches(dtype, decode_full_blocks):
+    pair = Pair(dtype, decode_full_blocks)
+    graphed, twin = pair.caches
+    ids = ["a", "b", "c"]
+    for s in ids:
+        pair.do("admit", s)
+    pair.eager_step(ids, [20, 5, 33])                        # prefill
+    pair.eager_step(ids, [1, 1, 1])                          # decode once eagerly: compiles outside the capture
+
+    static = pair.inputs(3, 1)                               # forward's static inputs, refreshed every step
+    step = GraphedStep(graphed, lambda: torch.stack([graphed.run(layer, *(x[layer] for x in static))
+                                                     for layer in range(LAYERS)]))
+
+    def decode_and_compare(n_steps: int, capture: bool = False) -> None:
+        for i in range(n_steps):
+            new = pair.inputs(3, 1)
+            for buf, x in zip(static, new):
+                buf.copy_(x)
+            twin.plan(ids, [1, 1, 1])
+            want = torch.stack([twin.run(layer, *(x[layer] for x in new)) for layer in range(LAYERS)])
+            graphed.plan(ids, [1, 1, 1])
+            got = step.capture() if capture and i == 0 else step.replay()
+            assert torch.equal(got, want), f"step {i}: graph replay differs from layer-by-layer launches"
+
+    decode_and_compare(20, capture=True)                     # lengths 22..41 etc.: crosses page boundaries
+    # Replace a sequence (new member, new pages, different length) without changing the shape: replay still fits.
+    pair.do("finish", "b")
+    pair.do("admit", "d")
+    pair.eager_step(["d"], [7])
+    ids[1] = "d"
+    decode_and_compare(20)
+    # A fork shares pages; its first decode token copies the shared partial page (copy-on-write) inside plan().
+    pair.do("finish", "c")
+    pair.do("fork", "a", "e")
+    ids[2] = "e"
+    decode_and_compare(3)
+    assert graphed.snapshot()["sequences"] == twin.snapshot()["sequences"]
+    assert torch.equal(graphed.k_pool, twin.k_pool) and torch.equal(graphed.v_pool, twin.v_pool)
+
+    # Another shape: refused before the graph can write through the captured slots.
+    graphed.plan(["a", "d"], [1, 1])
+    before = graphed.k_pool.clone()
+    with pytest.raises(PlanError, match="differ from the captured"):
+        step.replay()
+    assert torch.equal(before, graphed.k_pool)
+    graphed.run(0, *(x[0, :2] for x in static))              # the refused plan is still usable layer by layer
+    with pytest.raises(PlanError, match="already ran"):
+        step.replay()
+
+
+@pytest.mark.gpu
+def test_decode_steps_never_wait_for_the_gpu():
+    """plan() and run() enqueue only: under sync debug mode "error" any host-device synchronisation raises."""
+    pair = Pair(torch.bfloat16, "auto")
+    ids = ["a", "b", "c", "d"]
+    for s in ids:
+        pair.do("admit", s)
+    pair.eager_step(ids, [40, 3, 17, 16], cache_index=0)     # prefill, compiles
+    pair.eager_step(ids, [1, 1, 1, 1], cache_index=0)        # decode, compiles
+    pair.eager_step(ids, [1, 1, 1, 5], cache_index=0)        # mixed (a chunk beside decode tokens), compiles
+    cache = pair.caches[0]
+    decode, mixed = pair.inputs(4, 1), pair.inputs(4, 5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(40):                                  # crosses page boundaries: pages are added
+            q_lens, (q, k, v) = ([1, 1, 1, 5], mixed) if i % 10 == 9 else ([1, 1, 1, 1], decode)
+            cache.plan(ids, q_lens)
+            for layer in range(LAYERS):
+                cache.run(layer, q[layer], k[layer], v[layer])
+        cache.finish("b")                                    # frees pages (a device write of page_logical)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
