@@ -59,6 +59,10 @@ class PagedKVCache:
             one split does all the work; False lists every page as masked and passes no full-block lists
             (CUDA), so the tiles follow each sequence's length. "auto" uses full blocks only where FlexDecoding does not split (padded batch x
             kv heads > SMs; always on CPU), the default. Same outputs (docs/decode-performance-notes.md).
+        recheck_ownership: the compiled kernel's mask_mod also checks, per element, that a slot's page belongs to
+            the row's sequence. Off by default: compiled FlexAttention visits only the pages listed for a row
+            (that row's own) and skips the mask on full pages anyway. The eager path always checks (it reads
+            nothing but the mask_mod). A debugging aid against a corrupt block list; one more gather per element.
 
     Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
     """
@@ -73,6 +77,7 @@ class PagedKVCache:
         kernel_options: dict | None = None,
         poison_free_pages: bool = False,
         decode_full_blocks: bool | Literal["auto"] = "auto",
+        recheck_ownership: bool = False,
     ) -> None:
         if attention not in ("compiled", "eager"):
             raise UnsupportedConfigError(f"attention must be 'compiled' or 'eager', got {attention!r}")
@@ -84,6 +89,7 @@ class PagedKVCache:
         self.kernel_options = kernel_options
         self.poison = poison_free_pages
         self.decode_full_blocks = decode_full_blocks
+        self.recheck_ownership = recheck_ownership
         L, H, N, P, D = spec.num_layers, spec.num_kv_heads, spec.num_pages, spec.page_size, spec.head_dim
         # Zero-filled: uninitialised memory may hold NaN, and masked slots of a partly filled page are read.
         self.k_pool = torch.zeros(L, H, N * P, D, dtype=spec.dtype, device=spec.device)
@@ -147,7 +153,7 @@ class PagedKVCache:
 
     def _mark_free(self, pages: list[int]) -> None:
         idx = to_device(torch.tensor(pages), self.spec.device)
-        self.page_logical[idx] = -1
+        self.page_logical.index_fill_(0, idx, -1)  # not `[idx] = -1`: a Python scalar value is copied to the GPU synchronously
         if self.poison:
             self._fill_pages(idx, float("nan"))
 
@@ -155,7 +161,7 @@ class PagedKVCache:
         L, H, N, P, D = (self.spec.num_layers, self.spec.num_kv_heads, self.spec.num_pages,
                          self.spec.page_size, self.spec.head_dim)
         for pool in (self.k_pool, self.v_pool):
-            pool.view(L, H, N, P, D)[:, :, pages] = value
+            pool.view(L, H, N, P, D).index_fill_(2, pages, value)
 
     # ------------------------------------------------------------------ plan / run
     def plan(
@@ -304,9 +310,10 @@ class PagedKVCache:
         copy_into(buf.slots[:T], slots)
         copy_into(buf.token_rows[:T], rows)
 
-        key = (mask_mod, score_mod)
+        check = self.attention == "eager" or self.recheck_ownership
+        key = (mask_mod, score_mod, check)
         if key not in buf.wrapped:
-            buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod)
+            buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod, check)
         paged_mask, paged_score = buf.wrapped[key]
         # FlexDecoding keys its split-KV tiling on whether full-block lists exist at all (not on their contents),
         # so the every-page-masked layout passes none on CUDA. The CPU template does not split, and its C++ codegen

@@ -68,27 +68,33 @@ def physical_mods(
     page_size: int,
     mask_mod: MaskMod,
     score_mod: ScoreMod | None,
+    check_ownership: bool = True,
 ) -> tuple[Callable, Callable | None]:
     """Wrap logical mods into FlexAttention mods over physical pool slots.
 
-    The mask is right on its own (eager FlexAttention reads nothing else): a slot is visible to a query
-    only if its page belongs to the query's sequence (ownership), the query row is real, and the user's
-    logical mask keeps (query position, key position). Keys past the sequence's stored length are never
-    visible because a causal or prefix mask only reaches positions that exist (checked via `kv < kv_len`).
+    With `check_ownership` the mask is right on its own (eager FlexAttention reads nothing else): a slot is
+    visible to a query only if its page belongs to the query's sequence (ownership), the query row is real, and
+    the user's logical mask keeps (query position, key position). Keys past the sequence's stored length are
+    never visible because a causal or prefix mask only reaches positions that exist (checked via `kv < kv_len`).
+    Without it the mask trusts the block lists for ownership, as compiled FlexAttention does (it visits only
+    the pages listed for a row, which are that row's own, and it already skips the mask on full pages): one
+    gather per element instead of two.
     """
     page_table, q_start, q_len = buffers.page_table, buffers.q_start, buffers.q_len
 
     def to_logical(b, kv_idx):
         page = kv_idx // page_size
         logical_page = page_logical[page]  # same logical index for every owner (forks share prefixes)
+        if not check_ownership:
+            return None, logical_page * page_size + kv_idx % page_size
         owned = (logical_page >= 0) & (page_table[b, logical_page.clamp(min=0)] == page)
         return owned, logical_page * page_size + kv_idx % page_size
 
     def paged_mask(b, h, q_idx, kv_idx):
         owned, kv_pos = to_logical(b, kv_idx)
         q_pos = q_start[b] + q_idx
-        stored = kv_pos < q_start[b] + q_len[b]
-        return owned & stored & (q_idx < q_len[b]) & mask_mod(b, h, q_pos, kv_pos)
+        keep = (kv_pos < q_start[b] + q_len[b]) & (q_idx < q_len[b]) & mask_mod(b, h, q_pos, kv_pos)
+        return keep if owned is None else owned & keep
 
     if score_mod is None:
         return paged_mask, None

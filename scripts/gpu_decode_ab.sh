@@ -4,14 +4,17 @@
 #
 #   bash scripts/gpu_decode_ab.sh OUT [RUN ...]     (from the repository root; offline is fine; default: every run)
 #
-#   base      paged, FlexAttention on a contiguous cache and FlashInfer as shipped (decode_full_blocks "auto",
-#             Hopper decode default num_stages 3 / num_warps 4; pool 5% of the card)          ~100 s
+#   base      every backend as shipped: paged (decode_full_blocks "auto", no ownership re-check in the compiled
+#             mask, Hopper decode num_stages 3 / num_warps 4), padded SDPA, FlexAttention on a contiguous cache,
+#             torch's PagedAttention, FlashInfer (tensor cores); pool 5% of the card                 ~100 s
 #   full      paged with decode_full_blocks=True (full pages as full blocks at every batch)     ~60 s
 #   masked    paged with decode_full_blocks=False (every page masked: split-KV follows each sequence) ~60 s
+#   recheck   paged with recheck_ownership=True (the mask_mod's second gather, per element)    ~60 s
 #   torchcfg  paged with stages 1 / warps 2 (what torch's sm_90 heuristic ends at): is the shipped default a gain? ~60 s
 #   pool4x    paged + FlashInfer with a 4x larger pool (20%), same sequences (target 4)        ~80 s
-#   fi_tc     FlashInfer with use_tensor_cores=True: is our FlashInfer baseline FlashInfer's best? ~40 s
-#   prefill   the prefill grid, paged vs FlexAttention on a contiguous cache (target 7: a 4k chunk within 1.2x) ~70 s
+#   fi_default FlashInfer without tensor cores (its own default)                                ~40 s
+#   prefill   the prefill grid, paged vs FlexAttention on a contiguous cache (target 7: a 4k chunk within 1.2x) ~40 s
+#   prefill_m64 the prefill grid with 64-row query tiles (what prefill_tiles set before)        ~40 s
 #   step      whole decode steps of a 32-layer Llama-3-8B-shaped model, op by op vs one CUDA graph (target 5) ~130 s
 # Each run writes OUT/<name>.json (pytest-benchmark JSON; extra_info has GB/s and copy fraction) and
 # OUT/<name>.log; then OUT/ab.md compares medians case by case against `base` (runs of earlier calls into the
@@ -19,7 +22,7 @@
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_decode_ab.sh OUT [RUN ...]}; shift
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-RUNS=("$@"); [ ${#RUNS[@]} -eq 0 ] && RUNS=(base full masked torchcfg pool4x fi_tc prefill step)
+RUNS=("$@"); [ ${#RUNS[@]} -eq 0 ] && RUNS=(base full masked recheck torchcfg pool4x fi_default prefill prefill_m64 step)
 . scripts/gpu_env.sh
 machine_info "$OUT/machine.txt"
 
@@ -35,16 +38,19 @@ run() {  # run NAME LIMIT_S FILE [ENV=VALUE ...] -- PYTEST ARGS...
 }
 for r in "${RUNS[@]}"; do
   case $r in
-    base)     run base 110 test_decode.py -- --bench-grid small --bench-backends paged,flexcontig ;;
+    base)     run base 120 test_decode.py -- --bench-grid small --bench-backends paged,sdpa,flexcontig,torchpa,flashinfer ;;
     full)     run full 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=1 -- --bench-grid small --bench-backends paged ;;
     masked)   run masked 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-grid small --bench-backends paged ;;
+    recheck)  run recheck 70 test_decode.py PAGED_BENCH_RECHECK_OWNERSHIP=1 -- --bench-grid small --bench-backends paged ;;
     torchcfg) run torchcfg 70 test_decode.py -- --bench-grid small --bench-backends paged \
                 --bench-kernel-options '{"num_stages": 1, "num_warps": 2}' ;;
     pool4x)   run pool4x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
                 --bench-pool-fraction 0.2 -k "mix512-4096-P64-32x8" ;;
-    fi_tc)    run fi_tc 50 test_decode.py PAGED_BENCH_FLASHINFER_TENSOR_CORES=1 -- --bench-grid small \
+    fi_default) run fi_default 50 test_decode.py PAGED_BENCH_FLASHINFER_TENSOR_CORES=0 -- --bench-grid small \
                 --bench-backends flashinfer ;;
-    prefill)  run prefill 80 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig ;;
+    prefill)  run prefill 60 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig ;;
+    prefill_m64) run prefill_m64 60 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig \
+                --bench-kernel-options '{"BLOCK_M": 64, "BLOCK_N": 64}' ;;
     step)     run step 150 test_step.py -- --bench-rounds 30 ;;
     *) echo "unknown run $r" >&2; exit 2 ;;
   esac
@@ -59,7 +65,8 @@ def load(name):
     return json.loads(f.read_text())["benchmarks"] if f.is_file() else []
 def medians(name):
     return {b["name"]: b["stats"]["median"] * 1e3 for b in load(name)}
-runs = {n: medians(n) for n in ("base", "full", "masked", "torchcfg", "pool4x", "fi_tc", "prefill")}
+runs = {n: medians(n) for n in ("base", "full", "masked", "recheck", "torchcfg", "pool4x", "fi_default", "prefill",
+                                 "prefill_m64")}
 def case_of(name):
     return name.split("[", 1)[1].split("-", 1)[1].rstrip("]")
 def cell(run, backend, case, ref, test="test_decode"):
@@ -67,23 +74,25 @@ def cell(run, backend, case, ref, test="test_decode"):
     if v is None:
         return "-"
     return f"{v:.3f}" + (f" ({v / ref:.2f}x)" if ref else "")
-print("# Decode A/B (median ms of the device time; ratio to `paged base` or `FlashInfer base` in brackets)\n")
-print("| case | paged base (auto) | paged full blocks | paged all masked | paged torchcfg | paged pool4x | "
-      "flex contiguous | FlashInfer base | FlashInfer pool4x | FlashInfer tensor cores |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-for c in sorted({case_of(n) for r in ("base", "full", "masked") for n in runs[r]}):
+print("# Decode A/B (median ms of the device time; in brackets: ratio to `paged base`, FlashInfer variants to FlashInfer base)\n")
+print("| case | paged base | paged full blocks | paged all masked | paged recheck | paged torchcfg | paged pool4x | "
+      "SDPA padded | flex contiguous | torch PA | FlashInfer base (tc) | FlashInfer pool4x | FlashInfer default |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for c in sorted({case_of(n) for r, ms in runs.items() if not r.startswith("prefill") for n in ms}):
     pb = runs["base"].get(f"test_decode[paged-{c}]")
     fb = runs["base"].get(f"test_decode[flashinfer-{c}]")
     print(f"| {c} | {cell('base', 'paged', c, None)} | {cell('full', 'paged', c, pb)} | {cell('masked', 'paged', c, pb)} | "
-          f"{cell('torchcfg', 'paged', c, pb)} | {cell('pool4x', 'paged', c, pb)} | {cell('base', 'flexcontig', c, pb)} | "
-          f"{cell('base', 'flashinfer', c, None)} | {cell('pool4x', 'flashinfer', c, fb)} | {cell('fi_tc', 'flashinfer', c, fb)} |")
+          f"{cell('recheck', 'paged', c, pb)} | {cell('torchcfg', 'paged', c, pb)} | {cell('pool4x', 'paged', c, pb)} | "
+          f"{cell('base', 'sdpa', c, pb)} | {cell('base', 'flexcontig', c, pb)} | {cell('base', 'torchpa', c, pb)} | "
+          f"{cell('base', 'flashinfer', c, pb)} | {cell('pool4x', 'flashinfer', c, fb)} | {cell('fi_default', 'flashinfer', c, fb)} |")
 print("\n# Prefill (median ms; ratio to paged in brackets)\n")
-print("| case | paged | flex contiguous |")
-print("|---|---|---|")
+print("| case | paged | flex contiguous | paged, 64-row tiles | flex contiguous, 64-row tiles |")
+print("|---|---|---|---|---|")
 for c in sorted({case_of(n) for n in runs["prefill"]}):
     pp = runs["prefill"].get(f"test_prefill[paged-{c}]")
     print(f"| {c} | {cell('prefill', 'paged', c, None, 'test_prefill')} | "
-          f"{cell('prefill', 'flexcontig', c, pp, 'test_prefill')} |")
+          f"{cell('prefill', 'flexcontig', c, pp, 'test_prefill')} | {cell('prefill_m64', 'paged', c, pp, 'test_prefill')} | "
+          f"{cell('prefill_m64', 'flexcontig', c, pp, 'test_prefill')} |")
 step = load("step")
 if step:
     print("\n# Whole decode step, 32-layer Llama-3-8B shape (median ms per step, host clock, synchronised)\n")
@@ -95,3 +104,6 @@ if step:
               f"{e.get('plan_fraction', 0):.1%} | {e.get('device_ms', '-')} | {e.get('tokens_per_s', '-')} | "
               f"{e.get('gbps', '-')} | {e.get('copy_fraction', '-')} |")
 PYEOF
+# Few files come back from a device call: every run's JSON, log and results in one archive.
+tar -czf "$OUT/runs.tar.gz" -C "$OUT" $(cd "$OUT" && ls | grep -v -e '^ab.md$' -e '^summary.txt$' -e '^machine.txt$' -e '^runs.tar.gz$') \
+  && (cd "$OUT" && ls | grep -v -e '^ab.md$' -e '^summary.txt$' -e '^machine.txt$' -e '^runs.tar.gz$' | xargs rm -rf)

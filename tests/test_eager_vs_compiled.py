@@ -114,6 +114,19 @@ def test_decode_block_layouts(device, dtype, full_blocks):
     t.checked_step(["d", "b", "c"], [1, 1, 1])
 
 
+def test_compiled_mask_with_ownership_recheck(device, dtype):
+    """recheck_ownership=True puts the ownership check back into the compiled kernel's mask_mod (by default it
+    trusts the block lists, like the kernel itself): same answers, with a user mask and across a fork too."""
+    t = Twins(make_spec(device, dtype), seed=4, policy="random", recheck_ownership=True)
+    for s in "abc":
+        t.do("admit", s)
+    t.checked_step(["a", "b", "c"], [16, 13, 5])
+    t.checked_step(["a", "b", "c"], [1, 1, 1])
+    t.do("fork", "b", "d")
+    t.checked_step(["d", "b", "c"], [2, 1, 1], mask_mod=mods.sliding_window(6))
+    t.checked_step(["d", "b", "c"], [1, 1, 1])
+
+
 @pytest.mark.parametrize("mask_name,score_name", [("sliding_window", "alibi"), ("prefix_lm", "soft_cap")])
 def test_eager_mask_mods_alone_are_right(device, mask_name, score_name):
     """Eager reads nothing but the mask_mod: this checks the physical->logical mods on their own."""
@@ -128,7 +141,7 @@ def test_eager_mask_mods_alone_are_right(device, mask_name, score_name):
     t.checked_step(["d", "a", "c"], [1, 1, 1], **kw)
 
 
-def physical_mods_without_ownership(buffers, page_logical, page_size, mask_mod, score_mod):
+def physical_mods_without_ownership(buffers, page_logical, page_size, mask_mod, score_mod, check_ownership=True):
     """paged.plan.physical_mods minus the ownership check: any live page with the right LOGICAL index passes,
     whichever sequence owns it (the bug FACTS.md describes)."""
     q_start, q_len = buffers.q_start, buffers.q_len

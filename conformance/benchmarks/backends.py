@@ -201,8 +201,10 @@ class PagedRunner(Runner):
         # PAGED_BENCH_DECODE_FULL_BLOCKS=1 / 0 / auto overrides PagedKVCache's decode_full_blocks (see its docstring).
         layout = os.environ.get("PAGED_BENCH_DECODE_FULL_BLOCKS", "")
         layout_kw = {"decode_full_blocks": {"1": True, "0": False}.get(layout, layout)} if layout else {}
+        # PAGED_BENCH_RECHECK_OWNERSHIP=1: PagedKVCache(recheck_ownership=True), the mask's cost of a second gather.
+        recheck = os.environ.get("PAGED_BENCH_RECHECK_OWNERSHIP", "") == "1"
         self.cache = PagedKVCache(pool.spec(), policy="random", seed=case.seed, kernel_options=settings.kernel_options,
-                                  **layout_kw)
+                                  recheck_ownership=recheck, **layout_kw)
         ids = list(range(case.batch))
         for i in ids:
             self.cache.admit(i)
@@ -348,9 +350,10 @@ class FlashInferRunner(Runner):
         self.new_page = torch.stack([p[n // P] for p, n in zip(self.pages, lens)]).long()
         self.new_off = torch.tensor([n % P for n in lens], device=dev)
         self.workspace = torch.zeros(128 * 2**20, dtype=torch.uint8, device=dev)
-        # PAGED_BENCH_FLASHINFER_TENSOR_CORES=1: FlashInfer's prefill-style decode kernel (its own advice for
-        # large GQA groups); off by default, FlashInfer's default.
-        tensor_cores = os.environ.get("PAGED_BENCH_FLASHINFER_TENSOR_CORES", "") == "1"
+        # FlashInfer's tensor-core (prefill-style) decode kernel: its own advice for GQA groups >= 4, and on an H200
+        # (torch 2.11, FlashInfer 0.6.13) 1.05-2.5x faster than its default on every case of the small grid, so
+        # the baseline is FlashInfer at its best. PAGED_BENCH_FLASHINFER_TENSOR_CORES=0 restores its default.
+        tensor_cores = os.environ.get("PAGED_BENCH_FLASHINFER_TENSOR_CORES", "1") != "0"
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD",
                                                                      use_tensor_cores=tensor_cores)
         self.wrapper.plan(indptr.to(dev), perm.to(dev), last.to(dev), case.hq, case.hkv, case.head_dim, P,
