@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conformance.benchmarks.backends import BACKENDS, GPU_OPT_IN
+from conformance.benchmarks.backends import BACKENDS
 from conformance.benchmarks.grid import Case, cases
 from conformance.benchmarks.harness import measure
 
@@ -27,8 +27,6 @@ def parametrize(metafunc: pytest.Metafunc, kind: str, backends=BACKENDS) -> None
         if unknown:
             raise pytest.UsageError(f"--bench-backends: unknown {sorted(unknown)}; known: {', '.join(BACKENDS)}")
         backends = tuple(b for b in backends if b in s.backends)
-    elif s.cuda:
-        backends = tuple(b for b in backends if b not in GPU_OPT_IN)
     combos = [(c.id, b) for c in grid for b in backends]
     metafunc.parametrize(("case_id", "backend"), combos, ids=[f"{b}-{c}" for c, b in combos])
 

@@ -53,8 +53,6 @@ from paged.attention import compiled_flex_attention, decode_kernel_defaults
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BACKENDS = ("paged", "sdpa", "flexcontig", "torchpa", "flashinfer")
-#: Not yet run on a GPU: there, benchmarked only when --bench-backends names them (the CPU smoke runs them).
-GPU_OPT_IN = ("flexcontig",)
 
 #: CPU: a small fixed pool (the CPU kernel's block lists span the whole pool) and a short max length.
 CPU_POOL_PAGES = 256

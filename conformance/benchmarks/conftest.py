@@ -11,8 +11,7 @@ Options (each also settable through an environment variable):
     --bench-kernel-options JSON   FlexAttention kernel_options for paged and the torch peer
                                   (PAGED_BENCH_KERNEL_OPTIONS; default none: the library's defaults)
     --bench-backends LIST         backends to benchmark, comma-separated (PAGED_BENCH_BACKENDS; default all:
-                                  paged,sdpa,flexcontig,torchpa,flashinfer, except flexcontig on a GPU until it has
-                                  run there); sdpa is always built to cross-check outputs
+                                  paged,sdpa,flexcontig,torchpa,flashinfer); sdpa is always built to cross-check outputs
 Device: the conformance plugin's --device if given, else $PAGED_DEVICE, else cuda when a GPU is visible.
 PAGED_BENCH_PLANTED_SLOWDOWN=0.2 slows the paged decode benchmarks by 20% (demonstration only, see harness).
 PAGED_BENCH_DEADLINE=<unix time>: tests starting after it are skipped, so a time-boxed run (scripts/gpu_bench.sh)
@@ -44,7 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-results", default=None, help="directory for capacity/strategy/memory JSON")
     group.addoption("--bench-kernel-options", default=None, help="JSON kernel_options for FlexAttention")
     group.addoption("--bench-backends", default=None,
-                    help="comma-separated backends to benchmark (default all; flexcontig on a GPU only when named)")
+                    help="comma-separated backends to benchmark (default all)")
 
 
 def _opt(config: pytest.Config, name: str):
