@@ -10,9 +10,11 @@
 
 Why this is sound: everything a step's kernels read lives in storage that never moves (the pools,
 `page_logical`, and the per-bucket `StepBuffers`: page table, block lists, lengths, slots), and plan()
-rewrites it in place with stream-ordered copies. What a graph cannot follow is a change of shape: the
-captured launches are for one batch size and query length (one slot count T), so `replay` refuses a plan
-of any other shape (PlanError) instead of writing K/V through stale slots into another sequence's page.
+rewrites it in place with stream-ordered copies. What a graph cannot follow is a change of shape or of mods:
+the captured launches are for one batch size and query length (one slot count T) and have the step's
+mask_mod / score_mod compiled in, so `replay` refuses a plan that differs in any of these (PlanError) instead
+of writing K/V through stale slots into another sequence's page or applying the wrong mask. Only `cache` is
+checked: a `forward` that also runs other caches must keep their plans in step itself.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from paged.cache import PagedKVCache
 from paged.errors import PlanError
 
 
-def _plan_shape(cache: PagedKVCache) -> tuple:
+def plan_signature(cache: PagedKVCache) -> tuple:
+    """What a captured step depends on beyond the contents of the plan's buffers: the launch shapes (batch, max
+    query length, tokens), the bucket's buffers, and the mask/score functions compiled into the kernels."""
     plan = cache._plan
     if plan is None:
         raise PlanError("no current plan: call cache.plan(...) for this step before capture() or replay()")
     if plan.layers_run:
         raise PlanError(f"layers {sorted(plan.layers_run)} of this plan already ran: plan the next step first")
-    return plan.batch, plan.max_q_len, plan.num_tokens, id(plan.buffers)
+    return (plan.batch, plan.max_q_len, plan.num_tokens, id(plan.buffers), id(plan.block_mask.mask_mod),
+            id(plan.score_mod))
 
 
 class GraphedStep:
@@ -58,10 +63,15 @@ class GraphedStep:
 
         Returns forward's outputs: tensors that every later replay() overwrites.
         """
-        shape = _plan_shape(self.cache)
+        shape = plan_signature(self.cache)
+        plan = self.cache._plan
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self.forward()
+        try:
+            with torch.cuda.graph(graph):
+                outputs = self.forward()
+        except BaseException:
+            plan.layers_run.clear()  # nothing ran: the step can still be captured again or run layer by layer
+            raise
         self.graph, self.shape, self.outputs = graph, shape, outputs
         graph.replay()
         return outputs
@@ -70,10 +80,12 @@ class GraphedStep:
         """Run the captured layers for the current plan, which must have the captured plan's shape."""
         if self.graph is None:
             raise PlanError("nothing captured yet: call capture() first")
-        shape = _plan_shape(self.cache)
+        shape = plan_signature(self.cache)
         if shape != self.shape:
-            raise PlanError(f"the current plan's (batch, max q_len, tokens, buffers) {shape[:3]} differ from the "
-                            f"captured {self.shape[:3]}: capture a graph per shape")
+            what = "mask_mod / score_mod" if shape[:4] == self.shape[:4] else \
+                f"(batch, max q_len, tokens) {shape[:3]}, captured {self.shape[:3]},"
+            raise PlanError(f"the current plan's {what} differ from the captured step's: capture a graph per "
+                            "shape and mods")
         self.graph.replay()
         self.cache._plan.layers_run.update(range(self.cache.spec.num_layers))  # a run() now would be a second one
         return self.outputs

@@ -119,6 +119,8 @@ class StepPlan:
             It is the identity exactly when T == B * max_q_len (every row full), and `run` relies on that.
         block_mask: FlexAttention BlockMask over (Bp, Lqp) queries and the whole pool.
         score_mod: physical score_mod or None.
+    The tensors are views of the bucket's persistent StepBuffers: the next plan() of the same bucket overwrites
+    them, so a plan is valid only until the next plan() (the cache only ever runs its current one).
     """
 
     seq_ids: tuple[Hashable, ...]

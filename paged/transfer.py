@@ -24,8 +24,12 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def copy_into(dst: torch.Tensor, host: torch.Tensor) -> None:
-    """dst.copy_(host) for a CPU `host`, enqueued without waiting for the GPU when `dst` is on one."""
+    """dst.copy_(host) for a CPU `host`, enqueued without waiting for the GPU when `dst` is on one.
+
+    `host` is converted to dst's dtype on the host (no conversion kernel on the GPU). An already pinned `host`
+    of that dtype is copied from directly, so the caller must not change it until the copy has run.
+    """
     if dst.device.type != "cuda":
         dst.copy_(host)
     else:
-        dst.copy_(_staged(host), non_blocking=True)
+        dst.copy_(_staged(host.to(dst.dtype)), non_blocking=True)

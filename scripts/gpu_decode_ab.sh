@@ -4,12 +4,12 @@
 #
 #   bash scripts/gpu_decode_ab.sh OUT [RUN ...]     (from the repository root; offline is fine; default: every run)
 #
-#   base      every backend as shipped: paged (decode_full_blocks "auto", no ownership re-check in the compiled
+#   base      every backend as shipped: paged (decode_full_blocks "auto", ownership checked in the compiled
 #             mask, Hopper decode num_stages 3 / num_warps 4), padded SDPA, FlexAttention on a contiguous cache,
 #             torch's PagedAttention, FlashInfer (tensor cores); pool 5% of the card                 ~100 s
 #   full      paged with decode_full_blocks=True (full pages as full blocks at every batch)     ~60 s
 #   masked    paged with decode_full_blocks=False (every page masked: split-KV follows each sequence) ~60 s
-#   recheck   paged with recheck_ownership=True (the mask_mod's second gather, per element)    ~60 s
+#   nocheck   paged with check_ownership=False (the compiled mask_mod without its second gather) ~60 s
 #   torchcfg  paged with stages 1 / warps 2 (what torch's sm_90 heuristic ends at): is the shipped default a gain? ~60 s
 #   pool4x    paged + FlashInfer with a 4x larger pool (20%), same sequences (target 4)        ~80 s
 #   fi_default FlashInfer without tensor cores (its own default)                                ~40 s
@@ -17,12 +17,12 @@
 #   prefill_m64 the prefill grid with 64-row query tiles (what prefill_tiles set before)        ~40 s
 #   step      whole decode steps of a 32-layer Llama-3-8B-shaped model, op by op vs one CUDA graph (target 5) ~130 s
 # Each run writes OUT/<name>.json (pytest-benchmark JSON; extra_info has GB/s and copy fraction) and
-# OUT/<name>.log; then OUT/ab.md compares medians case by case against `base` (runs of earlier calls into the
-# same OUT included).
+# OUT/<name>.log (archived at the end as OUT/runs-<time>.tar.gz); then OUT/ab.md compares medians case by case
+# against `base`, with the runs that earlier calls into the same OUT archived.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_decode_ab.sh OUT [RUN ...]}; shift
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-RUNS=("$@"); [ ${#RUNS[@]} -eq 0 ] && RUNS=(base full masked recheck torchcfg pool4x fi_default prefill prefill_m64 step)
+RUNS=("$@"); [ ${#RUNS[@]} -eq 0 ] && RUNS=(base full masked nocheck torchcfg pool4x fi_default prefill prefill_m64 step)
 . scripts/gpu_env.sh
 machine_info "$OUT/machine.txt"
 
@@ -41,7 +41,7 @@ for r in "${RUNS[@]}"; do
     base)     run base 120 test_decode.py -- --bench-grid small --bench-backends paged,sdpa,flexcontig,torchpa,flashinfer ;;
     full)     run full 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=1 -- --bench-grid small --bench-backends paged ;;
     masked)   run masked 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-grid small --bench-backends paged ;;
-    recheck)  run recheck 70 test_decode.py PAGED_BENCH_RECHECK_OWNERSHIP=1 -- --bench-grid small --bench-backends paged ;;
+    nocheck)  run nocheck 70 test_decode.py PAGED_BENCH_CHECK_OWNERSHIP=0 -- --bench-grid small --bench-backends paged ;;
     torchcfg) run torchcfg 70 test_decode.py -- --bench-grid small --bench-backends paged \
                 --bench-kernel-options '{"num_stages": 1, "num_warps": 2}' ;;
     pool4x)   run pool4x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
@@ -56,16 +56,21 @@ for r in "${RUNS[@]}"; do
   esac
 done
 
-"$PY" - "$OUT" <<'PYEOF' | tee "$OUT/ab.md"
+EARLIER=$(mktemp -d)     # runs archived by earlier calls into the same OUT
+for a in "$OUT"/runs-*.tar.gz; do [ -f "$a" ] && tar -xzf "$a" -C "$EARLIER"; done
+"$PY" - "$OUT" "$EARLIER" <<'PYEOF' | tee "$OUT/ab.md"
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+out, earlier = Path(sys.argv[1]), Path(sys.argv[2])
 def load(name):
-    f = out / f"{name}.json"
-    return json.loads(f.read_text())["benchmarks"] if f.is_file() else []
+    for d in (out, earlier):          # this call's run first
+        f = d / f"{name}.json"
+        if f.is_file():
+            return json.loads(f.read_text())["benchmarks"]
+    return []
 def medians(name):
     return {b["name"]: b["stats"]["median"] * 1e3 for b in load(name)}
-runs = {n: medians(n) for n in ("base", "full", "masked", "recheck", "torchcfg", "pool4x", "fi_default", "prefill",
+runs = {n: medians(n) for n in ("base", "full", "masked", "nocheck", "torchcfg", "pool4x", "fi_default", "prefill",
                                  "prefill_m64")}
 def case_of(name):
     return name.split("[", 1)[1].split("-", 1)[1].rstrip("]")
@@ -75,14 +80,14 @@ def cell(run, backend, case, ref, test="test_decode"):
         return "-"
     return f"{v:.3f}" + (f" ({v / ref:.2f}x)" if ref else "")
 print("# Decode A/B (median ms of the device time; in brackets: ratio to `paged base`, FlashInfer variants to FlashInfer base)\n")
-print("| case | paged base | paged full blocks | paged all masked | paged recheck | paged torchcfg | paged pool4x | "
+print("| case | paged base | paged full blocks | paged all masked | paged no ownership check | paged torchcfg | paged pool4x | "
       "SDPA padded | flex contiguous | torch PA | FlashInfer base (tc) | FlashInfer pool4x | FlashInfer default |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for c in sorted({case_of(n) for r, ms in runs.items() if not r.startswith("prefill") for n in ms}):
     pb = runs["base"].get(f"test_decode[paged-{c}]")
     fb = runs["base"].get(f"test_decode[flashinfer-{c}]")
     print(f"| {c} | {cell('base', 'paged', c, None)} | {cell('full', 'paged', c, pb)} | {cell('masked', 'paged', c, pb)} | "
-          f"{cell('recheck', 'paged', c, pb)} | {cell('torchcfg', 'paged', c, pb)} | {cell('pool4x', 'paged', c, pb)} | "
+          f"{cell('nocheck', 'paged', c, pb)} | {cell('torchcfg', 'paged', c, pb)} | {cell('pool4x', 'paged', c, pb)} | "
           f"{cell('base', 'sdpa', c, pb)} | {cell('base', 'flexcontig', c, pb)} | {cell('base', 'torchpa', c, pb)} | "
           f"{cell('base', 'flashinfer', c, pb)} | {cell('pool4x', 'flashinfer', c, fb)} | {cell('fi_default', 'flashinfer', c, fb)} |")
 print("\n# Prefill (median ms; ratio to paged in brackets)\n")
@@ -104,6 +109,7 @@ if step:
               f"{e.get('plan_fraction', 0):.1%} | {e.get('device_ms', '-')} | {e.get('tokens_per_s', '-')} | "
               f"{e.get('gbps', '-')} | {e.get('copy_fraction', '-')} |")
 PYEOF
-# Few files come back from a device call: every run's JSON, log and results in one archive.
-tar -czf "$OUT/runs.tar.gz" -C "$OUT" $(cd "$OUT" && ls | grep -v -e '^ab.md$' -e '^summary.txt$' -e '^machine.txt$' -e '^runs.tar.gz$') \
-  && (cd "$OUT" && ls | grep -v -e '^ab.md$' -e '^summary.txt$' -e '^machine.txt$' -e '^runs.tar.gz$' | xargs rm -rf)
+# Few files come back from a device call: this call's JSON, logs and results in one archive of its own.
+cd "$OUT" && keep='^(ab.md|summary.txt|machine.txt|runs-.*\.tar\.gz)$' && new=$(ls | grep -Ev "$keep") \
+  && [ -n "$new" ] && tar -czf "runs-$(date -u +%Y%m%dT%H%M%S).tar.gz" $new && rm -rf $new
+rm -rf "$EARLIER"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paged import CacheSpec, PagedKVCache
+from paged import CacheSpec, PagedKVCache, mods
 from paged.errors import PlanError
-from paged.graphs import GraphedStep
+from paged.graphs import GraphedStep, plan_signature
 
 HQ, HKV, D, P, LAYERS = 4, 2, 64, 16, 3
 
@@ -22,6 +22,31 @@ def test_graphs_need_a_cuda_cache():
     spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=P, num_pages=4, max_seq_len=64)
     with pytest.raises(PlanError, match="CUDA"):
         GraphedStep(PagedKVCache(spec), lambda: None)
+
+
+def test_plan_signature_tells_apart_what_a_graph_cannot_follow():
+    """Same shape and mods -> same signature (replay allowed); another batch, query length or mask -> refused."""
+    spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=P, num_pages=16, max_seq_len=128)
+    cache = PagedKVCache(spec)
+    for s in "abc":
+        cache.admit(s)
+    window = mods.sliding_window(4)
+    cache.plan(["a", "b"], [1, 1])
+    causal = plan_signature(cache)
+    cache.plan(["a", "b"], [1, 1])
+    assert plan_signature(cache) == causal                      # lengths changed, nothing a graph depends on
+    cache.plan(["a", "b"], [1, 1], mask_mod=window)
+    windowed = plan_signature(cache)
+    assert windowed != causal and windowed[:4] == causal[:4]   # same shapes and buffers, another mask
+    cache.plan(["a", "b"], [1, 1], mask_mod=window)
+    assert plan_signature(cache) == windowed
+    cache.plan(["a", "b", "c"], [1, 1, 1])                      # another batch
+    assert plan_signature(cache) != causal
+    cache.plan(["a", "b"], [3, 1])
+    assert plan_signature(cache) != causal
+    cache.run(0, torch.zeros(2, 3, 1, 16), torch.zeros(2, 3, 1, 16), torch.zeros(2, 3, 1, 16))
+    with pytest.raises(PlanError, match="already ran"):
+        plan_signature(cache)
 
 
 class Pair:
@@ -97,6 +122,10 @@ def test_graph_replay_equals_layer_by_layer_launches(dtype, decode_full_blocks):
     assert graphed.snapshot()["sequences"] == twin.snapshot()["sequences"]
     assert torch.equal(graphed.k_pool, twin.k_pool) and torch.equal(graphed.v_pool, twin.v_pool)
 
+    # Other mods: refused (the captured kernels have the causal mask compiled in).
+    graphed.plan(ids, [1, 1, 1], mask_mod=mods.sliding_window(8))
+    with pytest.raises(PlanError, match="mask_mod"):
+        step.replay()
     # Another shape: refused before the graph can write through the captured slots.
     graphed.plan(["a", "d"], [1, 1])
     before = graphed.k_pool.clone()

@@ -114,10 +114,10 @@ def test_decode_block_layouts(device, dtype, full_blocks):
     t.checked_step(["d", "b", "c"], [1, 1, 1])
 
 
-def test_compiled_mask_with_ownership_recheck(device, dtype):
-    """recheck_ownership=True puts the ownership check back into the compiled kernel's mask_mod (by default it
-    trusts the block lists, like the kernel itself): same answers, with a user mask and across a fork too."""
-    t = Twins(make_spec(device, dtype), seed=4, policy="random", recheck_ownership=True)
+def test_compiled_mask_trusting_the_block_lists(device, dtype):
+    """check_ownership=False drops the ownership check from the compiled kernel's mask_mod (the kernel visits only
+    the row's listed pages; eager keeps the check): same answers, with a user mask and across a fork too."""
+    t = Twins(make_spec(device, dtype), seed=4, policy="random", check_ownership=False)
     for s in "abc":
         t.do("admit", s)
     t.checked_step(["a", "b", "c"], [16, 13, 5])

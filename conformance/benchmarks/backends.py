@@ -199,10 +199,10 @@ class PagedRunner(Runner):
         # PAGED_BENCH_DECODE_FULL_BLOCKS=1 / 0 / auto overrides PagedKVCache's decode_full_blocks (see its docstring).
         layout = os.environ.get("PAGED_BENCH_DECODE_FULL_BLOCKS", "")
         layout_kw = {"decode_full_blocks": {"1": True, "0": False}.get(layout, layout)} if layout else {}
-        # PAGED_BENCH_RECHECK_OWNERSHIP=1: PagedKVCache(recheck_ownership=True), the mask's cost of a second gather.
-        recheck = os.environ.get("PAGED_BENCH_RECHECK_OWNERSHIP", "") == "1"
+        # PAGED_BENCH_CHECK_OWNERSHIP=0: PagedKVCache(check_ownership=False), the mask without its second gather.
+        check = os.environ.get("PAGED_BENCH_CHECK_OWNERSHIP", "") != "0"
         self.cache = PagedKVCache(pool.spec(), policy="random", seed=case.seed, kernel_options=settings.kernel_options,
-                                  recheck_ownership=recheck, **layout_kw)
+                                  check_ownership=check, **layout_kw)
         ids = list(range(case.batch))
         for i in ids:
             self.cache.admit(i)

@@ -28,6 +28,7 @@ class ModelShape:
 
     @property
     def weight_params(self) -> int:
+        """Every parameter: layers, final norm, embedding table and LM head (vocab x hidden each)."""
         per_layer = self.hidden * (self.hq + 2 * self.hkv) * self.head_dim + self.hq * self.head_dim * self.hidden \
             + 3 * self.hidden * self.ffn + 2 * self.hidden
         return self.layers * per_layer + 2 * self.vocab * self.hidden + self.hidden

@@ -78,10 +78,12 @@ class StepSetup:
         return spent
 
     def bytes_per_step(self) -> tuple[int, int]:
-        """(weight bytes, K/V bytes) one decode step reads at least once."""
+        """(weight bytes, K/V bytes) one decode step reads at least once: every weight but the embedding table,
+        of which it gathers one row per sequence; every stored token's K and V in every layer."""
         s = self.shape
+        weights = s.weight_params - s.vocab * s.hidden + len(self.ids) * s.hidden
         stored = sum(self.cache.length(i) for i in self.ids)
-        return s.weight_params * self.item, stored * s.layers * 2 * s.hkv * s.head_dim * self.item
+        return weights * self.item, stored * s.layers * 2 * s.hkv * s.head_dim * self.item
 
 
 _current: dict[int, StepSetup] = {}
@@ -124,6 +126,8 @@ def test_model_decode_step(benchmark, bench, batch, mode):
             setup.plan()
             run()
     else:
+        setup.plan()
+        model.forward()                                                            # compiles outside the capture
         graphed = GraphedStep(setup.cache, model.forward)
         setup.plan()
         graphed.capture()
