@@ -7,6 +7,7 @@ Public API:
     MemoryStats     pages in use, tokens stored, waste
     mods            attention modifications in logical positions (causal, sliding_window, alibi, soft_cap, ...)
     errors          PagedError and its subclasses
+    graphs          GraphedStep: one CUDA graph of a step's layers, replayed after each plan() (import paged.graphs)
 """
 
 from paged import mods
