@@ -272,8 +272,10 @@ class PagedKVCache:
         if key not in self._buffers:
             # The query block must be a multiple of the GPU kernels' row tile: FlexDecoding's is
             # max(16, next_pow2(GQA group)) even for one query row, so decode steps get a 128-row block too.
-            self._buffers[key] = StepBuffers(padded_batch, padded_q, 128 if padded_q == 1 else min(padded_q, 128),
-                                             self._table_width, self.spec.device)
+            buf = StepBuffers(padded_batch, padded_q, 128 if padded_q == 1 else min(padded_q, 128),
+                              self._table_width, self.spec.device)
+            buf.kernel_options = self._kernel_options(buf)  # once per bucket, not once per layer
+            self._buffers[key] = buf
         return self._buffers[key]
 
     def _build_plan(self, seq_ids, q_lens, start_lens, states, mask_mod, score_mod) -> StepPlan:
@@ -314,9 +316,9 @@ class PagedKVCache:
         copy_into(buf.slots[:T], slots)
         copy_into(buf.token_rows[:T], rows)
 
-        check = self.attention == "eager" or self.check_ownership
-        key = (mask_mod, score_mod, check)
+        key = (mask_mod, score_mod)
         if key not in buf.wrapped:
+            check = self.attention == "eager" or self.check_ownership
             buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod, check)
         paged_mask, paged_score = buf.wrapped[key]
         # FlexDecoding keys its split-KV tiling on whether full-block lists exist at all (not on their contents),
@@ -367,7 +369,7 @@ class PagedKVCache:
         qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)            # (Bp, Lqp, Hq, D)
         qp[:B, :Lq] = q
         out = attend(qp.transpose(1, 2), self.k_pool[layer:layer + 1], self.v_pool[layer:layer + 1],
-                     plan.block_mask, plan.score_mod, scale, self.attention, self._kernel_options(buf))
+                     plan.block_mask, plan.score_mod, scale, self.attention, buf.kernel_options)
         out = out.transpose(1, 2)[:B, :Lq]                                             # (B, Lq, Hq, D)
         if not dense:
             # Unmasked (full) pages reach a short row's padding positions too: zero them so callers never see garbage.

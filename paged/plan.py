@@ -60,6 +60,7 @@ class StepBuffers:
         # The physical->logical wrappers are built once per (bucket, user mods) so the compiled kernel
         # sees the same functions, and so the same guards, every step.
         self.wrapped: dict[tuple, tuple[Callable, Callable | None]] = {}
+        self.kernel_options: dict | None = None  # this bucket's FlexAttention kernel options, set once by the cache
 
 
 def physical_mods(
@@ -85,10 +86,10 @@ def physical_mods(
     def to_logical(b, kv_idx):
         page = kv_idx // page_size
         logical_page = page_logical[page]  # same logical index for every owner (forks share prefixes)
+        kv_pos = logical_page * page_size + kv_idx % page_size
         if not check_ownership:
-            return None, logical_page * page_size + kv_idx % page_size
-        owned = (logical_page >= 0) & (page_table[b, logical_page.clamp(min=0)] == page)
-        return owned, logical_page * page_size + kv_idx % page_size
+            return None, kv_pos
+        return (logical_page >= 0) & (page_table[b, logical_page.clamp(min=0)] == page), kv_pos
 
     def paged_mask(b, h, q_idx, kv_idx):
         owned, kv_pos = to_logical(b, kv_idx)
