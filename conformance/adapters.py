@@ -26,6 +26,18 @@ def paged_backend() -> BackendFactory:
         description="paged.PagedKVCache, compiled FlexAttention, random page placement")
 
 
+def paged_triton_backend() -> BackendFactory:
+    """The paged backend with every plain decode step on the Triton kernel (`paged.triton_decode`).
+
+    On a GPU this is what `paged` does by default ("auto"); on the CPU it runs Triton's interpreter, which needs
+    TRITON_INTERPRET=1 in the environment before Python starts (tox sets it).
+    """
+    return BackendFactory(
+        name="paged-triton", make=partial(_make_paged, decode_kernel="triton"),
+        make_eager=partial(_make_paged, attention="eager"),
+        description="paged.PagedKVCache, decode steps on the Triton paged-decode kernel, random page placement")
+
+
 def paged_eager_backend() -> BackendFactory:
     """The paged backend on uncompiled FlexAttention (reads only the mask_mod)."""
     return BackendFactory(
@@ -51,6 +63,7 @@ def torch_paged_attention_backend() -> BackendFactory:
 
 BUILTIN = {
     "paged": paged_backend,
+    "paged-triton": paged_triton_backend,
     "paged-eager": paged_eager_backend,
     "oracle": oracle_backend,
     "torch-paged-attention": torch_paged_attention_backend,

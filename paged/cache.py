@@ -41,6 +41,26 @@ class SequenceState:
     row: int | None = None  # its row in the cache's HostPageTable (set by admit/fork)
 
 
+def _resolve_decode_kernel(choice: str, attention: str, device: torch.device) -> str:
+    """"flex" or "triton" for plain decode steps; UnsupportedConfigError for a choice that cannot run here."""
+    if choice not in ("auto", "flex", "triton"):
+        raise UnsupportedConfigError(f"decode_kernel must be 'auto', 'flex' or 'triton', got {choice!r}")
+    if choice == "flex" or (choice == "auto" and (attention != "compiled" or device.type != "cuda")):
+        return "flex"
+    from paged import triton_decode  # imports Triton: only where it may run
+
+    if choice == "auto":
+        return "triton" if triton_decode.available(device) else "flex"
+    if attention != "compiled":
+        raise UnsupportedConfigError("decode_kernel='triton' needs attention='compiled' (eager is FlexAttention's "
+                                     "mask_mod-only reference path)")
+    if not triton_decode.available(device):
+        hint = ("Triton is not installed" if triton_decode.triton is None else
+                "on the CPU it runs only under Triton's interpreter: set TRITON_INTERPRET=1 before Python starts")
+        raise UnsupportedConfigError(f"decode_kernel='triton' cannot run on {device}: {hint}")
+    return "triton"
+
+
 class PagedKVCache:
     """A paged KV cache attended by FlexAttention. The `paged` backend.
 
@@ -65,6 +85,11 @@ class PagedKVCache:
             block lists, which is all compiled FlexAttention visits: one gather fewer per masked element, +-7%
             on an H200 (docs/decode-performance-notes.md), but a leak if a call ever runs eagerly behind your
             back (dynamo runs a frame uncompiled once it hits its recompile limit, or when disabled).
+        decode_kernel: the kernel of plain causal decode steps (one new token per row, no mods): "flex"
+            (FlexAttention, as every other step), "triton" (`paged.triton_decode`: key tiles across pages,
+            split-KV over each row's own length), or "auto", the default: "triton" on CUDA where Triton imports,
+            else "flex". Prefill, mods and attention="eager" always use FlexAttention. "triton" on the CPU
+            runs Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported): for tests only.
 
     Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
     """
@@ -80,6 +105,7 @@ class PagedKVCache:
         poison_free_pages: bool = False,
         decode_full_blocks: bool | Literal["auto"] = "auto",
         check_ownership: bool = True,
+        decode_kernel: Literal["auto", "flex", "triton"] = "auto",
     ) -> None:
         if attention not in ("compiled", "eager"):
             raise UnsupportedConfigError(f"attention must be 'compiled' or 'eager', got {attention!r}")
@@ -87,6 +113,7 @@ class PagedKVCache:
             raise UnsupportedConfigError(
                 f"decode_full_blocks must be True, False or 'auto', got {decode_full_blocks!r}")
         self.spec = spec
+        self.decode_kernel = _resolve_decode_kernel(decode_kernel, attention, spec.device)
         self.allocator = PageAllocator(spec.num_pages, policy, seed)
         self.attention = attention
         self.kernel_options = kernel_options
@@ -275,6 +302,11 @@ class PagedKVCache:
             buf = StepBuffers(padded_batch, padded_q, 128 if padded_q == 1 else min(padded_q, 128),
                               self._table_width, self.spec.device)
             buf.kernel_options = self._kernel_options(buf)  # once per bucket, not once per layer
+            if padded_q == 1 and self.decode_kernel == "triton":
+                from paged.triton_decode import decode_splits
+
+                buf.decode_splits = decode_splits(padded_batch, self.spec.num_kv_heads, self.spec.max_seq_len,
+                                                  self.spec.device)
             self._buffers[key] = buf
         return self._buffers[key]
 
@@ -289,18 +321,20 @@ class PagedKVCache:
         q_start[:B] = torch.tensor(start_lens)
         q_len = torch.zeros(Bp, dtype=torch.long)
         q_len[:B] = torch.tensor(q_lens)
-        num_pages = torch.zeros(Bp, dtype=torch.long)
-        num_pages[:B] = torch.tensor([len(st.pages) for st in states])
-        decode_full = max_q == 1 and self._decode_full_blocks(Bp)
-        full_blocks = mask_mod is None and (max_q > 1 or decode_full)
-        lists = fill_block_lists(buf, table, num_pages, q_start, q_len, P, causal_default=full_blocks)
-
         # One host->device copy per tensor, into the bucket's persistent buffers; none waits for the GPU.
         copy_into(buf.page_table, table)
         copy_into(buf.q_start, q_start)
         copy_into(buf.q_len, q_len)
-        for name, host in lists.items():
-            copy_into(getattr(buf, name), host)
+        # The Triton decode kernel reads only the page table and lengths: no block lists, no mask.
+        triton_step = self.decode_kernel == "triton" and max_q == 1 and mask_mod is None and score_mod is None
+        if not triton_step:
+            num_pages = torch.zeros(Bp, dtype=torch.long)
+            num_pages[:B] = torch.tensor([len(st.pages) for st in states])
+            decode_full = max_q == 1 and self._decode_full_blocks(Bp)
+            full_blocks = mask_mod is None and (max_q > 1 or decode_full)
+            lists = fill_block_lists(buf, table, num_pages, q_start, q_len, P, causal_default=full_blocks)
+            for name, host in lists.items():
+                copy_into(getattr(buf, name), host)
 
         # Slot of every new token, and its row in the caller's flattened (B * max_q) inputs.
         if max_q == 1:                                                                            # decode: T = B
@@ -316,6 +350,9 @@ class PagedKVCache:
         copy_into(buf.slots[:T], slots)
         copy_into(buf.token_rows[:T], rows)
 
+        if triton_step:
+            return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, buf.slots[:T], buf.token_rows[:T], None, None,
+                            set(), kernel="triton")
         key = (mask_mod, score_mod)
         if key not in buf.wrapped:
             check = self.attention == "eager" or self.check_ownership
@@ -365,6 +402,14 @@ class PagedKVCache:
         self.v_pool[layer][:, slots] = v_new.transpose(0, 1)
 
         buf = plan.buffers
+        if plan.kernel == "triton":                                                    # plain decode: Lq == 1
+            from paged.triton_decode import paged_decode
+
+            q1 = q[:, 0] if q.stride(-1) == 1 else q[:, 0].contiguous()                # (B, Hq, D)
+            out = paged_decode(q1, self.k_pool[layer], self.v_pool[layer], buf.page_table, buf.q_start, buf.q_len,
+                               spec.page_size, D ** -0.5 if scale is None else scale, buf.decode_splits)
+            out = out[:, None]                                                         # (B, 1, Hq, D)
+            return out if Lq_in == 1 else F.pad(out, (0, 0, 0, 0, 0, Lq_in - 1))
         # A fresh contiguous buffer whatever the caller's strides: compiled flex guards on them (dynamic=False).
         qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)            # (Bp, Lqp, Hq, D)
         qp[:B, :Lq] = q

@@ -35,8 +35,8 @@ def plan_signature(cache: PagedKVCache) -> tuple:
         raise PlanError("no current plan: call cache.plan(...) for this step before capture() or replay()")
     if plan.layers_run:
         raise PlanError(f"layers {sorted(plan.layers_run)} of this plan already ran: plan the next step first")
-    return (plan.batch, plan.max_q_len, plan.num_tokens, id(plan.buffers), id(plan.block_mask.mask_mod),
-            id(plan.score_mod))
+    mask = None if plan.block_mask is None else id(plan.block_mask.mask_mod)
+    return (plan.batch, plan.max_q_len, plan.num_tokens, id(plan.buffers), plan.kernel, mask, id(plan.score_mod))
 
 
 class GraphedStep:
@@ -82,7 +82,7 @@ class GraphedStep:
             raise PlanError("nothing captured yet: call capture() first")
         shape = plan_signature(self.cache)
         if shape != self.shape:
-            what = "mask_mod / score_mod" if shape[:4] == self.shape[:4] else \
+            what = "kernel / mask_mod / score_mod" if shape[:4] == self.shape[:4] else \
                 f"(batch, max q_len, tokens) {shape[:3]}, captured {self.shape[:3]},"
             raise PlanError(f"the current plan's {what} differ from the captured step's: capture a graph per "
                             "shape and mods")

@@ -61,6 +61,7 @@ class StepBuffers:
         # sees the same functions, and so the same guards, every step.
         self.wrapped: dict[tuple, tuple[Callable, Callable | None]] = {}
         self.kernel_options: dict | None = None  # this bucket's FlexAttention kernel options, set once by the cache
+        self.decode_splits = 1  # the Triton decode kernel's splits per (row, kv head), set once by the cache
 
 
 def physical_mods(
@@ -118,8 +119,9 @@ class StepPlan:
         slot_mapping: (T,) int64, pool slot (page * P + offset) of each new token, T = sum(q_lens).
         token_rows: (T,) int64, row of each new token in the caller's flattened (B * max_q_len) inputs.
             It is the identity exactly when T == B * max_q_len (every row full), and `run` relies on that.
-        block_mask: FlexAttention BlockMask over (Bp, Lqp) queries and the whole pool.
+        block_mask: FlexAttention BlockMask over (Bp, Lqp) queries and the whole pool; None on a Triton step.
         score_mod: physical score_mod or None.
+        kernel: "flex", or "triton" for a plain decode step run by `paged.triton_decode` (no block mask).
     The tensors are views of the bucket's persistent StepBuffers: the next plan() of the same bucket overwrites
     them, so a plan is valid only until the next plan() (the cache only ever runs its current one).
     """
@@ -131,9 +133,10 @@ class StepPlan:
     buffers: StepBuffers
     slot_mapping: torch.Tensor
     token_rows: torch.Tensor
-    block_mask: BlockMask
+    block_mask: BlockMask | None
     score_mod: Callable | None
     layers_run: set[int]
+    kernel: str = "flex"
 
     @property
     def batch(self) -> int:

@@ -29,6 +29,9 @@ class OffByOneOffset(PagedKVCache):
 class NoOwnershipCheck(PagedKVCache):
     """The mask_mod forgets page ownership: right when compiled (block lists), a leak on the eager path."""
 
+    def __init__(self, spec, **kw):
+        super().__init__(spec, **{**kw, "decode_kernel": "flex"})  # a FlexAttention mask bug: keep flex decode
+
     def _build_plan(self, seq_ids, q_lens, start_lens, states, mask_mod, score_mod):
         plan = super()._build_plan(seq_ids, q_lens, start_lens, states, mask_mod, score_mod)
         buf, P, logical_mask = plan.buffers, self.spec.page_size, mask_mod or causal
@@ -160,6 +163,26 @@ class PaddingRowsNotZero(PagedKVCache):
         return out + (out == 0).to(out.dtype)
 
 
+class TritonDecodeReadsOneKeyTooMany(PagedKVCache):
+    """The Triton decode kernel is told each row holds one key more than it does (decode steps on Triton)."""
+
+    def __init__(self, spec, **kw):
+        if kw.get("attention", "compiled") == "compiled":
+            kw["decode_kernel"] = "triton"  # on the CPU too (Triton's interpreter)
+        super().__init__(spec, **kw)
+
+    def run(self, layer, q, k, v, *, scale=None):
+        plan = self._plan
+        if plan is None or plan.kernel != "triton":
+            return super().run(layer, q, k, v, scale=scale)
+        q_len = plan.buffers.q_len
+        q_len[:plan.batch] += 1
+        try:
+            return super().run(layer, q, k, v, scale=scale)
+        finally:
+            q_len[:plan.batch] -= 1
+
+
 BROKEN = {
     "off_by_one_offset": OffByOneOffset,
     "no_ownership_check": NoOwnershipCheck,
@@ -173,6 +196,7 @@ BROKEN = {
     "partial_allocation_on_failure": PartialAllocationOnFailure,
     "memory_counts_shared_twice": MemoryReportCountsSharedTwice,
     "padding_rows_not_zero": PaddingRowsNotZero,
+    "triton_decode_reads_past_length": TritonDecodeReadsOneKeyTooMany,
 }
 
 

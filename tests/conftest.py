@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton decode kernel runs on the CPU only under Triton's interpreter, which must be on before Triton
+    # is first imported (nothing has imported it yet: paged imports it lazily).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def dtypes_for(device: torch.device) -> list[torch.dtype]:

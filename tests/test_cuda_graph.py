@@ -52,11 +52,11 @@ def test_plan_signature_tells_apart_what_a_graph_cannot_follow():
 class Pair:
     """A graphed cache and its twin run layer by layer, fed the same inputs."""
 
-    def __init__(self, dtype: torch.dtype, decode_full_blocks) -> None:
+    def __init__(self, dtype: torch.dtype, decode_kernel: str, decode_full_blocks) -> None:
         spec = CacheSpec(num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, page_size=P, num_pages=96,
                          max_seq_len=512, dtype=dtype, device=torch.device("cuda"))
-        self.caches = [PagedKVCache(spec, policy="random", seed=7, decode_full_blocks=decode_full_blocks)
-                       for _ in range(2)]
+        self.caches = [PagedKVCache(spec, policy="random", seed=7, decode_kernel=decode_kernel,
+                                    decode_full_blocks=decode_full_blocks) for _ in range(2)]
         self.gen = torch.Generator(device="cuda").manual_seed(0)
         self.dtype = dtype
 
@@ -81,10 +81,11 @@ class Pair:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode_full_blocks", [True, False, "auto"])
+@pytest.mark.parametrize("decode_kernel,decode_full_blocks", [("flex", True), ("flex", False), ("flex", "auto"),
+                                                              ("triton", "auto")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_graph_replay_equals_layer_by_layer_launches(dtype, decode_full_blocks):
-    pair = Pair(dtype, decode_full_blocks)
+def test_graph_replay_equals_layer_by_layer_launches(dtype, decode_kernel, decode_full_blocks):
+    pair = Pair(dtype, decode_kernel, decode_full_blocks)
     graphed, twin = pair.caches
     ids = ["a", "b", "c"]
     for s in ids:
@@ -138,9 +139,10 @@ def test_graph_replay_equals_layer_by_layer_launches(dtype, decode_full_blocks):
 
 
 @pytest.mark.gpu
-def test_decode_steps_never_wait_for_the_gpu():
+@pytest.mark.parametrize("decode_kernel", ["flex", "triton"])
+def test_decode_steps_never_wait_for_the_gpu(decode_kernel):
     """plan() and run() enqueue only: under sync debug mode "error" any host-device synchronisation raises."""
-    pair = Pair(torch.bfloat16, "auto")
+    pair = Pair(torch.bfloat16, decode_kernel, "auto")
     ids = ["a", "b", "c", "d"]
     for s in ids:
         pair.do("admit", s)

@@ -37,6 +37,7 @@ class Twins:
 
     def __init__(self, spec: CacheSpec, seed: int = 0, attentions=("eager", "compiled"), **options) -> None:
         self.spec = spec
+        options.setdefault("decode_kernel", "flex")  # this module is about FlexAttention; Triton decode has its own
         self.paged = {a: PagedKVCache(spec, attention=a, **options) for a in attentions}
         self.gold, self.ref = ContiguousOracle(spec), ContiguousOracle(spec, compute_dtype=spec.dtype)
         self.gen = torch.Generator().manual_seed(seed)

@@ -32,7 +32,7 @@ def _decode_layout(device, batch: int, kv_heads: int, **options) -> bool:
     """Whether a decode step of `batch` sequences passes full-block lists (True) or lists every page as masked."""
     spec = CacheSpec(num_layers=1, num_kv_heads=kv_heads, head_dim=16, page_size=16, num_pages=4 * batch,
                      max_seq_len=64, dtype=torch.float32, device=device)
-    cache = PagedKVCache(spec, **options)
+    cache = PagedKVCache(spec, decode_kernel="flex", **options)
     for i in range(batch):
         cache.admit(i)
     cache.plan(list(range(batch)), [20] * batch)

@@ -1,0 +1,172 @@
+"""The Triton paged-decode kernel (paged.triton_decode): against float64 attention, and inside the cache.
+
+On the CPU the kernel runs under Triton's interpreter (tests/conftest.py turns it on when no GPU is visible),
+so these tests run the same kernel source as the GPU, with float32 products (the interpreter's bf16 `tl.dot`
+is broken); on the GPU bf16 and fp16 go through the tensor cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conformance.policy import compare
+from paged import CacheSpec, PagedKVCache, mods
+from paged.errors import UnsupportedConfigError
+from tests.test_eager_vs_compiled import Twins
+
+triton_decode = pytest.importorskip("paged.triton_decode")
+if triton_decode.triton is None:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+
+
+@pytest.fixture
+def kernel_device(device) -> torch.device:
+    if not triton_decode.available(device):
+        pytest.skip(f"the Triton kernel cannot run on {device} here (CPU: TRITON_INTERPRET=1 before import)")
+    return device
+
+
+def reference(q, k_pool, v_pool, table, lens, page, scale, dtype=torch.float64) -> torch.Tensor:
+    """softmax(q K^T * scale) V over each row's first lens[b] keys, gathered through its page table, computed in
+    `dtype` on the CPU: (B, Hq, D)."""
+    B, Hq, D = q.shape
+    Hkv = k_pool.shape[0]
+    out = torch.zeros(B, Hq, D, dtype=dtype)
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        pos = torch.arange(n)
+        slots = table[b, pos // page].long().cpu() * page + pos % page
+        K, V = k_pool.cpu()[:, slots].to(dtype), v_pool.cpu()[:, slots].to(dtype)   # (Hkv, n, D)
+        qb = q[b].cpu().to(dtype).view(Hkv, Hq // Hkv, D)
+        p = (torch.einsum("hgd,hnd->hgn", qb, K) * scale).softmax(-1)
+        out[b] = torch.einsum("hgn,hnd->hgd", p, V).reshape(Hq, D)
+    return out
+
+
+# (batch, Hq, Hkv, D, page, splits, block_n): GQA groups 1, 2, 4 and 3 (not a power of two), pages smaller and
+# larger than the key tile, head dims that are not powers of two, one split and several.
+CASES = [
+    (3, 8, 2, 32, 16, 1, 16),
+    (3, 8, 2, 32, 4, 3, 16),
+    (2, 4, 4, 16, 32, 2, 16),
+    (4, 6, 2, 24, 8, 4, 32),
+    (2, 16, 4, 64, 64, 5, 32),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-D{}-P{}-S{}-N{}".format(*c))
+def test_kernel_matches_float64_attention(kernel_device, dtype, case):
+    """Pages scattered at random, an empty row, rows whose keys spread over every split, strided queries."""
+    B, Hq, Hkv, D, page, splits, block_n = case
+    if kernel_device.type == "cuda" and D & (D - 1):
+        pytest.skip("CUDA caches take power-of-two head dims only")
+    gen = torch.Generator().manual_seed(sum(case))
+    num_pages = 64
+    k_pool = torch.randn(Hkv, num_pages * page, D, generator=gen).to(dtype).to(kernel_device)
+    v_pool = torch.randn(Hkv, num_pages * page, D, generator=gen).to(dtype).to(kernel_device)
+    q_full = torch.randn(B, 3, Hq, D, generator=gen).to(dtype).to(kernel_device)
+    q = q_full[:, 1]                                                 # (B, Hq, D), batch stride 3 * Hq * D
+    cap = num_pages * page // B
+    lens = [0] + [int(n) for n in torch.randint(1, cap, (B - 1,), generator=gen)]
+    lens[-1] = cap                                                   # a long row: every split gets keys
+    table = torch.full((B + 1, num_pages), -1, dtype=torch.int32)   # one padding row past the batch
+    perm, used = torch.randperm(num_pages, generator=gen), 0
+    for b, n in enumerate(lens):
+        k = math.ceil(n / page)
+        table[b, :k] = perm[used:used + k].int()
+        used += k
+    q_start = torch.tensor([max(n - 1, 0) for n in lens] + [0], dtype=torch.int32)
+    q_len = torch.tensor([min(n, 1) for n in lens] + [0], dtype=torch.int32)
+    scale = 0.7 / math.sqrt(D)
+    out = triton_decode.paged_decode(q, k_pool, v_pool, table.to(kernel_device), q_start.to(kernel_device),
+                                     q_len.to(kernel_device), page, scale, splits, block_n=block_n,
+                                     min_split_keys=block_n)
+    assert out.shape == (B, Hq, D) and out.dtype == dtype
+    gold = reference(q, k_pool, v_pool, table, lens, page, scale)
+    same_dtype = reference(q, k_pool, v_pool, table, lens, page, scale, dtype)
+    result = compare(out, gold, same_dtype, dtype)      # the conformance suite's policy
+    assert result.ok, result.describe()
+    assert torch.all(out[0] == 0), "a row with no keys must come out 0"
+
+
+def test_empty_splits_and_one_split_agree(kernel_device):
+    """Short rows leave later splits empty; the merge must weigh them 0. Same answer for 1 and 7 splits."""
+    gen = torch.Generator().manual_seed(5)
+    k_pool, v_pool = (torch.randn(2, 40 * 16, 32, generator=gen).to(kernel_device) for _ in range(2))
+    q = torch.randn(3, 4, 32, generator=gen).to(kernel_device)
+    table = torch.randperm(40, generator=gen)[:30].view(3, 10).int().to(kernel_device)
+    q_start = torch.tensor([0, 20, 150], dtype=torch.int32, device=kernel_device)
+    q_len = torch.ones(3, dtype=torch.int32, device=kernel_device)
+    outs = [triton_decode.paged_decode(q, k_pool, v_pool, table, q_start, q_len, 16, 0.2, s, block_n=16,
+                                       min_split_keys=32) for s in (1, 7)]
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-6
+
+
+def test_split_count_fills_the_device():
+    cpu = torch.device("cpu")
+    assert triton_decode.decode_splits(1, 1, 100_000, cpu) >= 2                # the merge is exercised on CPU
+    assert triton_decode.decode_splits(1, 1, 100, cpu) == 1                     # never more splits than keys
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        cuda = torch.device("cuda")
+        assert triton_decode.decode_splits(1, 8, 32768, cuda) * 8 >= 2 * sms
+        assert triton_decode.decode_splits(128, 8, 32768, cuda) == 1
+
+
+def test_cache_decode_steps_match_the_oracle(kernel_device, dtype):
+    """decode_kernel="triton": growth across pages, a fork sharing pages (copy-on-write), a finished sequence
+    whose pages are reused, mixed steps (prefill on FlexAttention); every output within the oracle policy."""
+    spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, page_size=4, num_pages=64, max_seq_len=128,
+                     dtype=dtype, device=kernel_device)
+    t = Twins(spec, seed=11, attentions=("compiled",), policy="random", decode_kernel="triton",
+              poison_free_pages=True)
+    cache = t.paged["compiled"]
+    for s in "abc":
+        t.do("admit", s)
+    t.checked_step(["a", "b", "c"], [9, 4, 1])
+    for _ in range(6):
+        t.checked_step(["a", "b", "c"], [1, 1, 1])
+        assert cache._plan.kernel == "triton" and cache._plan.block_mask is None
+    t.do("fork", "b", "d")
+    t.checked_step(["d", "b", "c"], [1, 1, 1])          # d and b copy-on-write their shared partial page
+    t.do("finish", "a")                                  # a's pages are poisoned (NaN) and free
+    t.do("admit", "e")
+    t.checked_step(["e", "d"], [6, 1])                  # mixed step: FlexAttention
+    assert cache._plan.kernel == "flex"
+    for _ in range(5):
+        t.checked_step(["e", "d", "b", "c"], [1, 1, 1, 1])
+
+
+def test_steps_the_kernel_does_not_take_use_flexattention(kernel_device):
+    spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=4, num_pages=16, max_seq_len=32,
+                     device=kernel_device)
+    cache = PagedKVCache(spec, decode_kernel="triton")
+    cache.admit("a")
+    assert cache.plan(["a"], [5]).kernel == "flex"                                   # prefill
+    assert cache.plan(["a"], [1], mask_mod=mods.sliding_window(3)).kernel == "flex"  # a mask_mod
+    assert cache.plan(["a"], [1], score_mod=mods.soft_cap(2.0)).kernel == "flex"     # a score_mod
+    assert cache.plan(["a"], [1]).kernel == "triton"
+
+
+def test_decode_kernel_choices_are_checked(device):
+    spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=16, num_pages=4, max_seq_len=64,
+                     device=device)
+    with pytest.raises(UnsupportedConfigError, match="decode_kernel must be"):
+        PagedKVCache(spec, decode_kernel="cuda")
+    with pytest.raises(UnsupportedConfigError, match="attention='compiled'"):
+        PagedKVCache(spec, decode_kernel="triton", attention="eager")
+    assert PagedKVCache(spec, decode_kernel="flex").decode_kernel == "flex"
+    assert PagedKVCache(spec, attention="eager").decode_kernel == "flex"
+    auto = "triton" if device.type == "cuda" else "flex"                 # the interpreter is never a default
+    assert PagedKVCache(spec).decode_kernel == auto
+
+
+def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setattr(triton_decode, "available", lambda device: False)
+    spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=16, num_pages=4, max_seq_len=64)
+    with pytest.raises(UnsupportedConfigError, match="TRITON_INTERPRET=1"):
+        PagedKVCache(spec, decode_kernel="triton")
