@@ -4,25 +4,28 @@
 #
 #   bash scripts/gpu_decode_ab.sh OUT [RUN ...]     (from the repository root; offline is fine; default: every run)
 #
-#   base      every backend as shipped: paged (decode_full_blocks "auto", ownership checked in the compiled
-#             mask, Hopper decode num_stages 3 / num_warps 4), padded SDPA, FlexAttention on a contiguous cache,
-#             torch's PagedAttention, FlashInfer (tensor cores); pool 5% of the card                 ~100 s
-#   full      paged with decode_full_blocks=True (full pages as full blocks at every batch)     ~60 s
-#   masked    paged with decode_full_blocks=False (every page masked: split-KV follows each sequence) ~60 s
-#   nocheck   paged with check_ownership=False (the compiled mask_mod without its second gather) ~60 s
-#   torchcfg  paged with stages 1 / warps 2 (what torch's sm_90 heuristic ends at): is the shipped default a gain? ~60 s
+#   base      every backend as shipped: paged (decode steps on the Triton decode kernel), pagedflex (decode on
+#             FlexAttention: decode_full_blocks "auto", ownership checked in the compiled mask, Hopper decode
+#             num_stages 3 / num_warps 4), padded SDPA, FlexAttention on a contiguous cache, torch's
+#             PagedAttention, FlashInfer (tensor cores); pool 5% of the card                          ~120 s
+#   sweep     scripts/triton_decode_sweep.py: the Triton kernel's launch options and split counts   ~250 s
+#   full      pagedflex with decode_full_blocks=True (full pages as full blocks at every batch)     ~60 s
+#   masked    pagedflex with decode_full_blocks=False (every page masked: split-KV follows each sequence) ~60 s
+#   nocheck   pagedflex with check_ownership=False (the compiled mask_mod without its second gather) ~60 s
+#   torchcfg  pagedflex with stages 1 / warps 2 (what torch's sm_90 heuristic ends at): is the shipped default a gain? ~60 s
 #   pool4x    paged + FlashInfer with a 4x larger pool (20%), same sequences (target 4)        ~80 s
 #   fi_default FlashInfer without tensor cores (its own default)                                ~40 s
 #   prefill   the prefill grid, paged vs FlexAttention on a contiguous cache (target 7: a 4k chunk within 1.2x) ~40 s
 #   prefill_m64 the prefill grid with 64-row query tiles (what prefill_tiles set before)        ~40 s
 #   step      whole decode steps of a 32-layer Llama-3-8B-shaped model, op by op vs one CUDA graph (target 5) ~130 s
+#   step_flex the same with decode_kernel="flex"                                               ~130 s
 # Each run writes OUT/<name>.json (pytest-benchmark JSON; extra_info has GB/s and copy fraction) and
 # OUT/<name>.log (archived at the end as OUT/runs-<time>.tar.gz); then OUT/ab.md compares medians case by case
 # against `base`, with the runs that earlier calls into the same OUT archived.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_decode_ab.sh OUT [RUN ...]}; shift
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-RUNS=("$@"); [ ${#RUNS[@]} -eq 0 ] && RUNS=(base full masked nocheck torchcfg pool4x fi_default prefill prefill_m64 step)
+RUNS=("$@"); [ ${#RUNS[@]} -eq 0 ] && RUNS=(base sweep full masked nocheck torchcfg pool4x fi_default prefill prefill_m64 step step_flex)
 . scripts/gpu_env.sh
 machine_info "$OUT/machine.txt"
 
@@ -38,11 +41,14 @@ run() {  # run NAME LIMIT_S FILE [ENV=VALUE ...] -- PYTEST ARGS...
 }
 for r in "${RUNS[@]}"; do
   case $r in
-    base)     run base 120 test_decode.py -- --bench-grid small --bench-backends paged,sdpa,flexcontig,torchpa,flashinfer ;;
-    full)     run full 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=1 -- --bench-grid small --bench-backends paged ;;
-    masked)   run masked 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-grid small --bench-backends paged ;;
-    nocheck)  run nocheck 70 test_decode.py PAGED_BENCH_CHECK_OWNERSHIP=0 -- --bench-grid small --bench-backends paged ;;
-    torchcfg) run torchcfg 70 test_decode.py -- --bench-grid small --bench-backends paged \
+    base)     run base 150 test_decode.py -- --bench-grid small \
+                --bench-backends paged,pagedflex,sdpa,flexcontig,torchpa,flashinfer ;;
+    sweep)    t=$(date +%s); timeout -k 20 $(( ${SWEEP_BUDGET_S:-240} + 60 )) "$PY" scripts/triton_decode_sweep.py "$OUT/sweep" --budget-s ${SWEEP_BUDGET_S:-240} \
+                > "$OUT/sweep.log" 2>&1; echo "sweep: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt" ;;
+    full)     run full 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=1 -- --bench-grid small --bench-backends pagedflex ;;
+    masked)   run masked 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-grid small --bench-backends pagedflex ;;
+    nocheck)  run nocheck 70 test_decode.py PAGED_BENCH_CHECK_OWNERSHIP=0 -- --bench-grid small --bench-backends pagedflex ;;
+    torchcfg) run torchcfg 70 test_decode.py -- --bench-grid small --bench-backends pagedflex \
                 --bench-kernel-options '{"num_stages": 1, "num_warps": 2}' ;;
     pool4x)   run pool4x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
                 --bench-pool-fraction 0.2 -k "mix512-4096-P64-32x8" ;;
@@ -52,6 +58,7 @@ for r in "${RUNS[@]}"; do
     prefill_m64) run prefill_m64 60 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig \
                 --bench-kernel-options '{"BLOCK_M": 64, "BLOCK_N": 64}' ;;
     step)     run step 150 test_step.py -- --bench-rounds 30 ;;
+    step_flex) run step_flex 150 test_step.py PAGED_BENCH_DECODE_KERNEL=flex -- --bench-rounds 30 ;;
     *) echo "unknown run $r" >&2; exit 2 ;;
   esac
 done
@@ -80,14 +87,16 @@ def cell(run, backend, case, ref, test="test_decode"):
         return "-"
     return f"{v:.3f}" + (f" ({v / ref:.2f}x)" if ref else "")
 print("# Decode A/B (median ms of the device time; in brackets: ratio to `paged base`, FlashInfer variants to FlashInfer base)\n")
-print("| case | paged base | paged full blocks | paged all masked | paged no ownership check | paged torchcfg | paged pool4x | "
-      "SDPA padded | flex contiguous | torch PA | FlashInfer base (tc) | FlashInfer pool4x | FlashInfer default |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| case | paged base | pagedflex base | pagedflex full blocks | pagedflex all masked | pagedflex no ownership "
+      "check | pagedflex torchcfg | paged pool4x | SDPA padded | flex contiguous | torch PA | FlashInfer base (tc) | "
+      "FlashInfer pool4x | FlashInfer default |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for c in sorted({case_of(n) for r, ms in runs.items() if not r.startswith("prefill") for n in ms}):
     pb = runs["base"].get(f"test_decode[paged-{c}]")
     fb = runs["base"].get(f"test_decode[flashinfer-{c}]")
-    print(f"| {c} | {cell('base', 'paged', c, None)} | {cell('full', 'paged', c, pb)} | {cell('masked', 'paged', c, pb)} | "
-          f"{cell('nocheck', 'paged', c, pb)} | {cell('torchcfg', 'paged', c, pb)} | {cell('pool4x', 'paged', c, pb)} | "
+    print(f"| {c} | {cell('base', 'paged', c, None)} | {cell('base', 'pagedflex', c, pb)} | "
+          f"{cell('full', 'pagedflex', c, pb)} | {cell('masked', 'pagedflex', c, pb)} | "
+          f"{cell('nocheck', 'pagedflex', c, pb)} | {cell('torchcfg', 'pagedflex', c, pb)} | {cell('pool4x', 'paged', c, pb)} | "
           f"{cell('base', 'sdpa', c, pb)} | {cell('base', 'flexcontig', c, pb)} | {cell('base', 'torchpa', c, pb)} | "
           f"{cell('base', 'flashinfer', c, pb)} | {cell('pool4x', 'flashinfer', c, fb)} | {cell('fi_default', 'flashinfer', c, fb)} |")
 print("\n# Prefill (median ms; ratio to paged in brackets)\n")
@@ -98,9 +107,12 @@ for c in sorted({case_of(n) for n in runs["prefill"]}):
     print(f"| {c} | {cell('prefill', 'paged', c, None, 'test_prefill')} | "
           f"{cell('prefill', 'flexcontig', c, pp, 'test_prefill')} | {cell('prefill_m64', 'paged', c, pp, 'test_prefill')} | "
           f"{cell('prefill_m64', 'flexcontig', c, pp, 'test_prefill')} |")
-step = load("step")
-if step:
-    print("\n# Whole decode step, 32-layer Llama-3-8B shape (median ms per step, host clock, synchronised)\n")
+for run_name in ("step", "step_flex"):
+    step = load(run_name)
+    if not step:
+        continue
+    kernel = "Triton decode kernel" if run_name == "step" else "FlexAttention decode"
+    print(f"\n# Whole decode step, 32-layer Llama-3-8B shape, {kernel} (median ms per step, host clock, synchronised)\n")
     print("| batch | mode | step ms | plan() ms | plan share | forward device ms | tokens/s | weights+K/V GB/s | copy fraction |")
     print("|---|---|---|---|---|---|---|---|---|")
     for b in step:

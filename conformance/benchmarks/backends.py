@@ -5,6 +5,8 @@ Backends (ids as they appear in benchmark names):
 * ``paged``: `paged.PagedKVCache`, compiled FlexAttention, "random" page placement, one layer whose pool is
   sized for a real deployment (`BenchSettings.pool_fraction` of the card's memory; fixed per page size and
   head layout, so every case of that layout shares the pool shape and hence the compiled graphs).
+* ``pagedflex``: ``paged`` with ``decode_kernel="flex"``: its decode steps on FlexAttention instead of the
+  Triton decode kernel ``paged`` picks on CUDA (decode cases on CUDA only; elsewhere ``paged`` is FlexAttention).
 * ``sdpa``: the contiguous baseline, what a user has without paging: a padded cache (B, Hkv, max_len, D)
   (max_len = the batch's longest sequence after the step, rounded up to 64) and
   `torch.nn.functional.scaled_dot_product_attention` with an additive length mask. GQA is expressed without
@@ -52,7 +54,7 @@ from paged import CacheSpec, PagedKVCache
 from paged.attention import compiled_flex_attention, decode_kernel_defaults
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-BACKENDS = ("paged", "sdpa", "flexcontig", "torchpa", "flashinfer")
+BACKENDS = ("paged", "pagedflex", "sdpa", "flexcontig", "torchpa", "flashinfer")
 
 #: CPU: a small fixed pool (the CPU kernel's block lists span the whole pool) and a short max length.
 CPU_POOL_PAGES = 256
@@ -193,6 +195,7 @@ class Runner:
 
 class PagedRunner(Runner):
     name = "paged"
+    decode_kernel = "auto"
 
     def __init__(self, case: Case, lens: list[int], pool: PoolConfig, settings: BenchSettings):
         self.case, self.page = case, case.page
@@ -202,7 +205,7 @@ class PagedRunner(Runner):
         # PAGED_BENCH_CHECK_OWNERSHIP=0: PagedKVCache(check_ownership=False), the mask without its second gather.
         check = os.environ.get("PAGED_BENCH_CHECK_OWNERSHIP", "") != "0"
         self.cache = PagedKVCache(pool.spec(), policy="random", seed=case.seed, kernel_options=settings.kernel_options,
-                                  check_ownership=check, **layout_kw)
+                                  check_ownership=check, decode_kernel=self.decode_kernel, **layout_kw)
         ids = list(range(case.batch))
         for i in ids:
             self.cache.admit(i)
@@ -222,6 +225,16 @@ class PagedRunner(Runner):
         # Run the same step again: the cache allows each layer once per plan; the rerun rewrites the same
         # slots with the same K/V and attends over the same state.
         self.plan.layers_run.clear()
+
+
+class PagedFlexRunner(PagedRunner):
+    name = "pagedflex"
+    decode_kernel = "flex"
+
+    def __init__(self, case: Case, lens: list[int], pool: PoolConfig, settings: BenchSettings):
+        if not settings.cuda or case.kind != "decode":
+            raise Unavailable("pagedflex differs from paged only in decode steps on CUDA")
+        super().__init__(case, lens, pool, settings)
 
 
 class TorchPARunner(Runner):
@@ -413,7 +426,7 @@ def estimate_bytes(case: Case, pool: PoolConfig) -> int:
     sdpa = 2 * case.batch * case.hkv * max_len * case.head_dim * item
     rows = (case.hq // case.hkv) * case.q_len if case.q_len > 1 else 1
     mask = case.batch * rows * max_len * item
-    pools = pool.bytes * (3 if case.kind == "decode" else 2)
+    pools = pool.bytes * (4 if case.kind == "decode" else 2)   # paged, pagedflex, torchpa, flashinfer
     return pools + sdpa + mask + 2 * max(lens) * case.hkv * case.head_dim * 4 + 2**30
 
 
@@ -478,6 +491,7 @@ def build(case: Case, settings: BenchSettings, backends=BACKENDS) -> Prepared:
     prep = Prepared(case, lens, kv_bytes(case, lens), step_inputs(case, dev))
     makers = {
         "paged": lambda: PagedRunner(case, lens, pool, settings),
+        "pagedflex": lambda: PagedFlexRunner(case, lens, pool, settings),
         "sdpa": lambda: SdpaRunner(case, lens, dev),
         "flexcontig": lambda: FlexContiguousRunner(case, lens, settings),
         "torchpa": lambda: TorchPARunner(case, lens, pool, settings),

@@ -11,7 +11,7 @@ Options (each also settable through an environment variable):
     --bench-kernel-options JSON   FlexAttention kernel_options for paged and the torch peer
                                   (PAGED_BENCH_KERNEL_OPTIONS; default none: the library's defaults)
     --bench-backends LIST         backends to benchmark, comma-separated (PAGED_BENCH_BACKENDS; default all:
-                                  paged,sdpa,flexcontig,torchpa,flashinfer); sdpa is always built to cross-check outputs
+                                  paged,pagedflex,sdpa,flexcontig,torchpa,flashinfer); sdpa is always built to cross-check outputs
 Device: the conformance plugin's --device if given, else $PAGED_DEVICE, else cuda when a GPU is visible.
 PAGED_BENCH_PLANTED_SLOWDOWN=0.2 slows the paged decode benchmarks by 20% (demonstration only, see harness).
 PAGED_BENCH_DEADLINE=<unix time>: tests starting after it are skipped, so a time-boxed run (scripts/gpu_bench.sh)

@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-BACKEND_STYLE = {"paged": ("tab:blue", "o"), "sdpa": ("tab:gray", "s"), "flexcontig": ("tab:purple", "v"),
+BACKEND_STYLE = {"paged": ("tab:blue", "o"), "pagedflex": ("tab:cyan", "D"), "sdpa": ("tab:gray", "s"), "flexcontig": ("tab:purple", "v"),
                  "torchpa": ("tab:orange", "^"),
                  "flashinfer": ("tab:green", "D")}
 

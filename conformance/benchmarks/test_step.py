@@ -24,6 +24,7 @@ Correctness of a replay against op-by-op launches is tests/test_cuda_graph.py's 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -54,7 +55,9 @@ class StepSetup:
         pages = sum(math.ceil((int(n) + steps) / page) for n in self.lens) + batch
         spec = decoder_cache_spec(self.shape, pages, page, hi + steps, torch.bfloat16 if cuda else torch.float32,
                                   dev)
-        self.cache = PagedKVCache(spec, policy="random", seed=batch, decode_full_blocks="auto")
+        # PAGED_BENCH_DECODE_KERNEL=flex|triton overrides the cache's "auto" (Triton on CUDA).
+        kernel = os.environ.get("PAGED_BENCH_DECODE_KERNEL", "auto")
+        self.cache = PagedKVCache(spec, policy="random", seed=batch, decode_full_blocks="auto", decode_kernel=kernel)
         self.ids = list(range(batch))
         for i in self.ids:
             self.cache.admit(i)

@@ -1,0 +1,178 @@
+"""Sweep the Triton paged-decode kernel's launch options on one GPU: device time per call, from CUDA graphs.
+
+    python scripts/triton_decode_sweep.py OUT [--budget-s 300]
+
+Cases follow issue 6's targets: bf16, 32 query heads over 8 (and 32) kv heads, head dim 128, pages 16 and 128,
+batch 1/8/32/128, lengths uniform in [512, 4096) and [4096, 16384), pages placed at random in a pool twice the
+live size. Stage 1 times every (block_n, num_warps, num_stages) at the shipped split count; stage 2 times split
+counts (CTA target x SMs, min keys per split) at each case's best stage-1 options, for the batches that split.
+Each timing: 20 kernel calls captured in one CUDA graph, replayed 5 times after a warm-up, median per call; the
+K/V bytes read over that time against the card's copy bandwidth (a 1 GiB device-to-device copy).
+Writes OUT/sweep.json (every timing) and OUT/sweep.md (best options per case). Stops a stage when the budget
+is spent, keeping what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from paged import triton_decode
+
+HQ, D = 32, 128
+CALLS, REPLAYS = 20, 5
+CONFIGS = list(itertools.product((32, 64, 128), (4, 8), (2, 3)))          # block_n, num_warps, num_stages
+SPLIT_TARGETS = (1, 2, 4)                                                  # CTAs aimed at, x SMs
+MIN_KEYS = (128, 256, 512)
+
+
+def cases() -> list[dict]:
+    out = []
+    for page, (lo, hi), batch in itertools.product((16, 128), ((512, 4096), (4096, 16384)), (1, 8, 32, 128)):
+        out.append(dict(page=page, lo=lo, hi=hi, batch=batch, hkv=8))
+    for page in (16, 128):
+        out.append(dict(page=page, lo=512, hi=4096, batch=32, hkv=32))
+    return out
+
+
+def case_id(c: dict) -> str:
+    return f"B{c['batch']}-u{c['lo']}-{c['hi']}-P{c['page']}-{HQ}x{c['hkv']}"
+
+
+class Data:
+    """One case's pool, page table, lengths and queries on the GPU."""
+
+    def __init__(self, c: dict, dev: torch.device) -> None:
+        gen = torch.Generator().manual_seed(zlib.crc32(case_id(c).encode()))
+        page, B, hkv = c["page"], c["batch"], c["hkv"]
+        self.lens = torch.randint(c["lo"], c["hi"], (B,), generator=gen)                 # (B,) keys per row
+        need = [math.ceil(int(n) / page) for n in self.lens]
+        num_pages = 2 * sum(need)
+        width = math.ceil(c["hi"] / page)
+        perm = torch.randperm(num_pages, generator=gen)
+        table = torch.zeros(B, width, dtype=torch.int32)
+        used = 0
+        for b, k in enumerate(need):
+            table[b, :k] = perm[used:used + k].int()
+            used += k
+        self.k = torch.randn(hkv, num_pages * page, D, device=dev, dtype=torch.bfloat16)
+        self.v = torch.randn_like(self.k)
+        self.q = torch.randn(B, HQ, D, device=dev, dtype=torch.bfloat16)
+        self.table = table.to(dev)
+        self.q_start = (self.lens - 1).int().to(dev)
+        self.q_len = torch.ones(B, dtype=torch.int32, device=dev)
+        self.bytes = int(self.lens.sum()) * hkv * D * 2 * 2                              # K + V read
+        self.page = page
+
+    def call(self, splits: int, block_n: int, warps: int, stages: int, min_keys: int):
+        return triton_decode.paged_decode(self.q, self.k, self.v, self.table, self.q_start, self.q_len, self.page,
+                                          D ** -0.5, splits, block_n=block_n, min_split_keys=min_keys,
+                                          num_warps=warps, num_stages=stages)
+
+
+def device_time(fn) -> float:
+    """Median device seconds per fn() call: CALLS calls in one CUDA graph, replayed REPLAYS times."""
+    fn()                                                                                # compile
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / CALLS)
+    return statistics.median(times)
+
+
+def copy_bandwidth(dev) -> float:
+    x = torch.empty(2**30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    t = device_time(lambda: y.copy_(x))
+    return 2 * x.numel() / t
+
+
+def splits_for(batch: int, hkv: int, target: int, min_keys: int, hi: int, sms: int) -> int:
+    want = math.ceil(target * sms / (batch * hkv))
+    return max(1, min(want, math.ceil(hi / min_keys), triton_decode.MAX_SPLITS))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--budget-s", type=float, default=300)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    t0 = time.time()
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    bw = copy_bandwidth(dev)
+    rows, best = [], {}
+    for stage in (1, 2):
+        for c in cases():
+            if time.time() - t0 > args.budget_s * (0.6 if stage == 1 else 1.0):
+                print(f"stage {stage}: budget spent at {case_id(c)}", flush=True)
+                break
+            data = Data(c, dev)
+            shipped = triton_decode.decode_splits(c["batch"], c["hkv"], c["hi"], dev)
+            if stage == 1:
+                trials = [(shipped, bn, w, s, triton_decode.MIN_SPLIT_KEYS) for bn, w, s in CONFIGS]
+            else:
+                if case_id(c) not in best or c["batch"] * c["hkv"] > 2 * sms:
+                    continue
+                _, bn, w, s, _ = best[case_id(c)]["options"]
+                trials = sorted({(splits_for(c["batch"], c["hkv"], t, mk, c["hi"], sms), bn, w, s, mk)
+                                 for t, mk in itertools.product(SPLIT_TARGETS, MIN_KEYS) if mk % bn == 0})
+            for opts in trials:
+                try:
+                    t = device_time(lambda: data.call(*opts))
+                except Exception as exc:  # a config that does not compile (shared memory) is recorded, not fatal
+                    rows.append(dict(case=case_id(c), stage=stage, options=opts, error=repr(exc)[:300]))
+                    continue
+                row = dict(case=case_id(c), stage=stage, options=opts, ms=t * 1e3, gbps=data.bytes / t / 1e9,
+                           copy_fraction=data.bytes / t / bw, shipped=opts[0] == shipped and stage == 1)
+                rows.append(row)
+                if case_id(c) not in best or row["ms"] < best[case_id(c)]["ms"]:
+                    best[case_id(c)] = row
+            print(f"stage {stage} {case_id(c)}: best {best.get(case_id(c), {}).get('options')} "
+                  f"{best.get(case_id(c), {}).get('ms', float('nan')):.4f} ms ({time.time() - t0:.0f}s)", flush=True)
+            del data
+            torch.cuda.empty_cache()
+    meta = dict(gpu=torch.cuda.get_device_name(dev), sms=sms, torch=torch.__version__, cuda=torch.version.cuda,
+                triton=triton_decode.triton.__version__, copy_gbps=bw / 1e9, seconds=time.time() - t0)
+    (args.out / "sweep.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    default = {r["case"]: r for r in rows if r.get("stage") == 1 and r["options"][1:4] == (64, 4, 2)}
+    lines = [f"# Triton decode sweep: {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, triton "
+             f"{meta['triton']}, copy {meta['copy_gbps']:.0f} GB/s", "",
+             "options = (splits, block_n, num_warps, num_stages, min_split_keys); device time per call, CUDA graphs",
+             "", "| case | best options | best ms | best % copy BW | (64, 4, 2) shipped ms |", "|---|---|---|---|---|"]
+    for cid, r in best.items():
+        d = default.get(cid)
+        lines.append(f"| {cid} | {r['options']} | {r['ms']:.4f} | {100 * r['copy_fraction']:.0f}% | "
+                     f"{d['ms']:.4f} |" if d else f"| {cid} | {r['options']} | {r['ms']:.4f} | "
+                     f"{100 * r['copy_fraction']:.0f}% | - |")
+    (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
