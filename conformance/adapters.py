@@ -38,6 +38,14 @@ def paged_triton_backend() -> BackendFactory:
         description="paged.PagedKVCache, decode steps on the Triton paged-decode kernel, random page placement")
 
 
+def paged_flex_backend() -> BackendFactory:
+    """The paged backend with decode steps on FlexAttention too (what `paged` does off CUDA)."""
+    return BackendFactory(
+        name="paged-flex", make=partial(_make_paged, decode_kernel="flex"),
+        make_eager=partial(_make_paged, attention="eager"),
+        description="paged.PagedKVCache, every step on compiled FlexAttention, random page placement")
+
+
 def paged_eager_backend() -> BackendFactory:
     """The paged backend on uncompiled FlexAttention (reads only the mask_mod)."""
     return BackendFactory(
@@ -64,6 +72,7 @@ def torch_paged_attention_backend() -> BackendFactory:
 BUILTIN = {
     "paged": paged_backend,
     "paged-triton": paged_triton_backend,
+    "paged-flex": paged_flex_backend,
     "paged-eager": paged_eager_backend,
     "oracle": oracle_backend,
     "torch-paged-attention": torch_paged_attention_backend,

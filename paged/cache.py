@@ -391,6 +391,18 @@ class PagedKVCache:
         q, k, v = q[:, :Lq], k[:, :Lq], v[:, :Lq]
         plan.layers_run.add(layer)
 
+        buf = plan.buffers
+        if plan.kernel == "triton":                                                    # plain decode: Lq == 1
+            from paged.triton_decode import paged_decode
+
+            # One launch (two with split-KV merging) stores the new K/V and attends over each row's pages.
+            q1, k1, v1 = (x[:, 0] if x.stride(-1) == 1 else x[:, 0].contiguous() for x in (q, k, v))
+            out = paged_decode(q1, self.k_pool[layer], self.v_pool[layer], buf.page_table, buf.q_start, buf.q_len,
+                               spec.page_size, D ** -0.5 if scale is None else scale, buf.decode_splits,
+                               k_new=k1, v_new=v1)                             # (B, Hq, D)
+            out = out[:, None]                                                 # (B, 1, Hq, D)
+            return out if Lq_in == 1 else F.pad(out, (0, 0, 0, 0, 0, Lq_in - 1))
+
         # Every launch here repeats in every layer, so a step whose rows are all full (every decode step: T = B *
         # Lq) skips the identity gather of the new K/V and the row mask of the output.
         slots = plan.slot_mapping
@@ -401,15 +413,6 @@ class PagedKVCache:
         self.k_pool[layer][:, slots] = k_new.transpose(0, 1)
         self.v_pool[layer][:, slots] = v_new.transpose(0, 1)
 
-        buf = plan.buffers
-        if plan.kernel == "triton":                                                    # plain decode: Lq == 1
-            from paged.triton_decode import paged_decode
-
-            q1 = q[:, 0] if q.stride(-1) == 1 else q[:, 0].contiguous()                # (B, Hq, D)
-            out = paged_decode(q1, self.k_pool[layer], self.v_pool[layer], buf.page_table, buf.q_start, buf.q_len,
-                               spec.page_size, D ** -0.5 if scale is None else scale, buf.decode_splits)
-            out = out[:, None]                                                         # (B, 1, Hq, D)
-            return out if Lq_in == 1 else F.pad(out, (0, 0, 0, 0, 0, Lq_in - 1))
         # A fresh contiguous buffer whatever the caller's strides: compiled flex guards on them (dynamic=False).
         qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)            # (Bp, Lqp, Hq, D)
         qp[:B, :Lq] = q

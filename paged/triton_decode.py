@@ -31,8 +31,10 @@ try:
 except ImportError:  # the CPU-only install has no Triton; `available()` says so
     triton = None
 
-#: Smallest slice of keys a split takes: below it the merge costs more than the extra parallelism gains.
-MIN_SPLIT_KEYS = 256
+#: Smallest slice of keys a split takes (rounded up to the key tile).
+MIN_SPLIT_KEYS = 128
+#: Splits aim at this many CTAs per SM (batch x kv heads x splits ~ CTAS_PER_SM x SMs).
+CTAS_PER_SM = 3
 #: At most this many splits per (sequence, kv head).
 MAX_SPLITS = 64
 
@@ -51,31 +53,49 @@ def available(device: torch.device) -> bool:
 
 
 def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Splits per (sequence, kv head) so that batch x kv heads x splits fills the GPU about twice over.
+    """Splits per (sequence, kv head) so that batch x kv heads x splits is about CTAS_PER_SM x the SM count.
 
     Fixed per batch bucket (a CUDA graph freezes the grid); each split's slice follows the row's own length at
-    run time, so short rows leave their last splits empty rather than spreading a few keys over many CTAs.
+    run time (at least MIN_SPLIT_KEYS keys), so short rows leave their last splits empty rather than spreading
+    a few keys over many CTAs. Measured on an H200 (scripts/triton_decode_sweep.py, results/h200-2026-11-29b):
+    2-3 CTAs per SM and 128-key slices were within 3% of the best split count at batch 1, 8, 32 and 128.
     """
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 2  # interpreter: still exercise the merge
-    want = math.ceil(2 * sms / (batch * kv_heads))
+    want = math.ceil(CTAS_PER_SM * sms / (batch * kv_heads))
     most = max(1, math.ceil(max_seq_len / MIN_SPLIT_KEYS))
     return max(1, min(want, most, MAX_SPLITS))
+
+
+def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device) -> dict:
+    """Key tile, warps and pipeline stages of the split kernel.
+
+    Hopper (measured on an H200: 128-key tiles, 4 warps, 3 stages were within 4% of the best of 12 options in
+    each of 18 cases, 1.1-1.6x faster than 32-key tiles): the largest tile whose 3 stages of K and V fit in
+    ~200 KB of shared memory. Elsewhere (not measured): 2 stages within ~96 KB.
+    """
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    stages, budget = (3, 200 * 1024) if hopper else (2, 96 * 1024)
+    row_bytes = 2 * _next_pow2(max(head_dim, 16)) * dtype.itemsize         # one key's K + V
+    block_n = 128
+    while block_n > 16 and stages * block_n * row_bytes > budget:
+        block_n //= 2
+    return {"block_n": block_n, "num_warps": 4, "num_stages": stages}
 
 
 if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        Q, K, V, PageTable, QStart, QLen, Out, PartOut, PartLse,
-        stride_qb, stride_qh, stride_kh, stride_ks, stride_pt,
+        Q, K, V, KNew, VNew, PageTable, QStart, QLen, Out, PartOut, PartLse,
+        stride_qb, stride_qh, stride_kh, stride_ks, stride_nb, stride_nh, stride_pt,
         stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
         scale_log2e,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,
-        F32_DOT: tl.constexpr,
+        F32_DOT: tl.constexpr, WRITE_NEW: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -99,9 +119,13 @@ if triton is not None:
         acc = tl.full([GROUP_PAD, D_PAD], 0.0, tl.float32)                  # running sum of p * v
         k_head = K + h.to(tl.int64) * stride_kh
         v_head = V + h.to(tl.int64) * stride_kh
-        for n0 in range(start, end, BLOCK_N):
+        # WRITE_NEW: the new token (position seq_len - 1) comes from KNew / VNew, not the pool; the CTA whose slice
+        # holds it also stores it into the pool. No CTA of this launch reads that slot, so there is no race.
+        new_pos = seq_len - 1
+        pool_end = tl.minimum(end, new_pos) if WRITE_NEW else end
+        for n0 in range(start, pool_end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)                            # (N,) logical key positions
-            key_ok = pos < end
+            key_ok = pos < pool_end
             page = tl.load(PageTable + b * stride_pt + pos // PAGE, mask=key_ok, other=0)
             slot = page.to(tl.int64) * PAGE + pos % PAGE                # (N,) physical slots
             kv_off = slot[:, None] * stride_ks + dims[None, :]
@@ -123,6 +147,23 @@ if triton is not None:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m = m_new
+
+        if WRITE_NEW:
+            if (start <= new_pos) & (new_pos < end):
+                new_off = b * stride_nb + h * stride_nh + dims
+                k_new = tl.load(KNew + new_off, mask=dim_ok, other=0.0)   # (D,)
+                v_new = tl.load(VNew + new_off, mask=dim_ok, other=0.0)
+                page = tl.load(PageTable + b * stride_pt + new_pos // PAGE)
+                slot = page.to(tl.int64) * PAGE + new_pos % PAGE
+                tl.store(k_head + slot * stride_ks + dims, k_new, mask=dim_ok)
+                tl.store(v_head + slot * stride_ks + dims, v_new, mask=dim_ok)
+                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2e   # (G,)
+                m_new = tl.maximum(m, s_new)
+                alpha = tl.exp2(m - m_new)
+                p_new = tl.exp2(s_new - m_new)
+                l = l * alpha + p_new
+                acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+                m = m_new
 
         l_safe = tl.where(l > 0, l, 1.0)
         out = acc / l_safe[:, None]                                     # (G, D); 0 for an empty slice
@@ -175,10 +216,12 @@ def paged_decode(
     scale: float,
     num_splits: int,
     *,
-    block_n: int = 64,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    block_n: int | None = None,
     min_split_keys: int = MIN_SPLIT_KEYS,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attend each row's one query token over keys [0, q_start[b] + q_len[b]) of its pages.
 
@@ -190,13 +233,24 @@ def paged_decode(
         page_size: P.
         scale: softmax scale.
         num_splits: S, CTAs per (row, kv head) (`decode_splits`); fixed for a CUDA graph.
+        k_new, v_new: (B, Hkv, D) the new token of each row (last dim contiguous), or None when the pool already
+            holds it. Given, the kernel stores them at position q_start[b] + q_len[b] - 1 (q_len must be 1) and
+            attends to them from registers: the K/V write costs no launch of its own.
         block_n: keys per tile (a power of two >= 16, any page size); min_split_keys: fewest keys a split takes
-            (a multiple of block_n); num_warps, num_stages: Triton launch options.
+            (a multiple of block_n); num_warps, num_stages: Triton launch options. None: `launch_options`.
     Returns:
         (B, Hq, D) in q's dtype; 0 for a row with no keys.
     """
     B, Hq, D = q.shape
     Hkv = k_pool.shape[0]
+    default = launch_options(q.dtype, D, q.device)
+    block_n = block_n or default["block_n"]
+    num_warps = num_warps or default["num_warps"]
+    num_stages = num_stages or default["num_stages"]
+    min_split_keys = max(min_split_keys, block_n)
+    write_new = k_new is not None
+    if write_new and (v_new is None or k_new.shape != (B, Hkv, D) or v_new.shape != (B, Hkv, D)):
+        raise ValueError(f"k_new and v_new must both be (B, Hkv, D) = {(B, Hkv, D)}")
     if min_split_keys % block_n:
         raise ValueError(f"min_split_keys {min_split_keys} must be a multiple of block_n {block_n}")
     group = Hq // Hkv
@@ -209,14 +263,16 @@ def paged_decode(
     d_pad = _next_pow2(max(D, 16))
     # The merge indexes PartOut as (B, Hq, S) rows of D: strides in units of rows.
     sb, sh, ss = Hq * num_splits, num_splits, 1
+    k_src, v_src = (k_new, v_new) if write_new else (q, q)  # unused when not writing
     _split_kernel[(B, Hkv, num_splits)](
-        q, k_pool, v_pool, page_table, q_start, q_len, out, part_out, part_lse,
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), page_table.stride(0),
+        q, k_pool, v_pool, k_src, v_src, page_table, q_start, q_len, out, part_out, part_lse,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_src.stride(0), k_src.stride(1),
+        page_table.stride(0),
         out.stride(0), out.stride(1), sb, sh, ss,
         scale * 1.4426950408889634,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=D, D_PAD=d_pad,
         PAGE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_KEYS=min_split_keys,
-        F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu", num_warps=num_warps, num_stages=num_stages)
+        F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu", WRITE_NEW=write_new, num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(B, Hq)](
             part_out, part_lse, out, sb, sh, ss, out.stride(0), out.stride(1),

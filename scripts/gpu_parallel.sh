@@ -18,6 +18,7 @@ declare -A shard=(
   [t_scenarios]="tests/test_scenarios.py"
   [t_core]="tests/test_allocator.py tests/test_errors.py tests/test_public_api.py tests/test_plugin.py tests/test_host_table.py tests/test_kernel_options.py tests/test_cuda_graph.py"
   [t_twins]="tests/test_cache_bookkeeping.py tests/test_eager_vs_compiled.py tests/test_peer_torch_paged.py"
+  [t_triton]="tests/test_triton_decode.py tests/test_teeth.py -k triton_decode"
 )
 checks=(outputs_match_oracle fragmentation isolation_poison isolation_fork eager_matches_compiled
         errors_leave_state_unchanged determinism stateful)
@@ -36,6 +37,9 @@ for c in "${checks[@]}"; do
   timed "s_$c" "$PY" -m conformance --device cuda --profile gpu --json "$out/logs/s_$c.json" \
       -- -p conformance.plugin -k "test_$c" --junitxml="$out/logs/s_$c.xml" &
 done
+# `paged` decodes on the Triton kernel on CUDA: keep FlexAttention decode under the suite too (ci profile).
+timed s_paged_flex "$PY" -m conformance --device cuda --profile ci --backend paged-flex \
+    --json "$out/logs/s_paged_flex.json" -- -p conformance.plugin --junitxml="$out/logs/s_paged_flex.xml" &
 wait
 : > "$out/summary.txt"
 for f in "$out"/logs/*.log; do
