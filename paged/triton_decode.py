@@ -90,7 +90,7 @@ if triton is not None:
     @triton.jit
     def _split_kernel(
         Q, K, V, KNew, VNew, PageTable, QStart, QLen, Out, PartOut, PartLse,
-        stride_qb, stride_qh, stride_kh, stride_ks, stride_nb, stride_nh, stride_pt,
+        stride_qb, stride_qh, stride_kh, stride_ks, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_pt,
         stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
         scale_log2e,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -150,9 +150,8 @@ if triton is not None:
 
         if WRITE_NEW:
             if (start <= new_pos) & (new_pos < end):
-                new_off = b * stride_nb + h * stride_nh + dims
-                k_new = tl.load(KNew + new_off, mask=dim_ok, other=0.0)   # (D,)
-                v_new = tl.load(VNew + new_off, mask=dim_ok, other=0.0)
+                k_new = tl.load(KNew + b * stride_knb + h * stride_knh + dims, mask=dim_ok, other=0.0)   # (D,)
+                v_new = tl.load(VNew + b * stride_vnb + h * stride_vnh + dims, mask=dim_ok, other=0.0)
                 page = tl.load(PageTable + b * stride_pt + new_pos // PAGE)
                 slot = page.to(tl.int64) * PAGE + new_pos % PAGE
                 tl.store(k_head + slot * stride_ks + dims, k_new, mask=dim_ok)
@@ -233,7 +232,8 @@ def paged_decode(
         page_size: P.
         scale: softmax scale.
         num_splits: S, CTAs per (row, kv head) (`decode_splits`); fixed for a CUDA graph.
-        k_new, v_new: (B, Hkv, D) the new token of each row (last dim contiguous), or None when the pool already
+        k_new, v_new: (B, Hkv, D) the new token of each row (last dims contiguous, any other strides, each its
+            own: e.g. views into a fused QKV projection), or None when the pool already
             holds it. Given, the kernel stores them at position q_start[b] + q_len[b] - 1 (q_len must be 1) and
             attends to them from registers: the K/V write costs no launch of its own.
         block_n: keys per tile (a power of two >= 16, any page size); min_split_keys: fewest keys a split takes
@@ -267,7 +267,7 @@ def paged_decode(
     _split_kernel[(B, Hkv, num_splits)](
         q, k_pool, v_pool, k_src, v_src, page_table, q_start, q_len, out, part_out, part_lse,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_src.stride(0), k_src.stride(1),
-        page_table.stride(0),
+        v_src.stride(0), v_src.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1), sb, sh, ss,
         scale * 1.4426950408889634,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=D, D_PAD=d_pad,

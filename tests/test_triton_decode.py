@@ -118,7 +118,9 @@ def test_fused_write_stores_the_new_token_and_attends_to_it(kernel_device, split
     q_start = torch.tensor([n - 1 for n in lens], dtype=torch.int32, device=kernel_device)
     q_len = torch.ones(B, dtype=torch.int32, device=kernel_device)
     q = torch.randn(B, Hq, D, generator=gen).to(kernel_device)
-    k_new, v_new = (torch.randn(B, Hkv, D, generator=gen).to(kernel_device) for _ in range(2))
+    # Views with different strides, as FMS hands them over (V a slice of a fused projection, K fresh after RoPE).
+    k_new = torch.randn(B, Hkv, D, generator=gen).to(kernel_device)
+    v_new = torch.randn(B, 3, Hkv, D, generator=gen).to(kernel_device)[:, 1]
     slots = torch.stack([table[b, (n - 1) // page].long() * page + (n - 1) % page for b, n in enumerate(lens)])
     k_want, v_want = k_pool.clone(), v_pool.clone()
     k_want[:, slots], v_want[:, slots] = k_new.transpose(0, 1), v_new.transpose(0, 1)

@@ -257,11 +257,18 @@ def test_hf_checkpoint_generates_like_default_path(tmp_path, device):
         check_against_default(llama, p, o, lg, 6)
 
 
-def test_fms_generate_runs_on_the_paged_op(llama_batch):
+@pytest.mark.parametrize("decode_kernel", ["auto", "triton"])
+def test_fms_generate_runs_on_the_paged_op(llama_batch, decode_kernel):
+    """decode_kernel="triton" on the CPU too (Triton's interpreter): FMS hands K and V over as views of different
+    strides (V a slice of the fused projection), which a first fused-write kernel misread on the GPU."""
     llama = llama_batch
+    if decode_kernel == "triton":
+        triton_decode = pytest.importorskip("paged.triton_decode")
+        if not triton_decode.available(llama.device):
+            pytest.skip("the Triton decode kernel cannot run here (CPU: TRITON_INTERPRET=1 before import)")
     # FMS's own generate() loop, left-padded batch, driven through the op's update_attn_kwargs.
     prompts = prompts_of([6, 2, 11], seed=9)
-    cache = PagedKVCache(cache_spec_for(llama.model, token_budget=BUDGET))
+    cache = PagedKVCache(cache_spec_for(llama.model, token_budget=BUDGET), decode_kernel=decode_kernel)
     outs = fms_generate(llama.model, cache, prompts, 6)
     assert cache.memory().pages_in_use == 0 and cache.memory().live_sequences == 0
     for p, o in zip(prompts, outs):
