@@ -3,7 +3,8 @@
 # fit in one 10-minute device call: compiles are CPU-bound, the GPU is mostly idle while they run.
 #   bash scripts/gpu_parallel.sh OUTDIR [LIMIT_S]
 # OUTDIR gets summary.txt (one line per shard: exit code, seconds, pytest's last line, failures) and
-# logs.tar.gz (every shard's full log and junit XML). Environment: scripts/gpu_env.sh.
+# logs.tar.gz (every shard's full log and junit XML). Environment: scripts/gpu_env.sh; ONLY=REGEX runs only the
+# shards and checks whose names (t_core, s_isolation_poison, s_paged_flex, ...) match it.
 set -uo pipefail
 out=${1:?usage: gpu_parallel.sh OUTDIR [LIMIT_S]}; limit=${2:-420}
 mkdir -p "$out/logs"; out=$(cd "$out" && pwd)
@@ -25,6 +26,7 @@ checks=(outputs_match_oracle fragmentation isolation_poison isolation_fork eager
 t0=$(date +%s)
 timed() {  # timed NAME CMD...: run CMD under the limit, log to logs/NAME.log, exit code and seconds to logs/NAME.rc
   local name=$1 t; shift
+  [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]] && return 0
   t=$(date +%s)
   timeout -s INT -k 20 "$limit" "$@" > "$out/logs/$name.log" 2>&1
   echo "exit $? in $(( $(date +%s) - t ))s" > "$out/logs/$name.rc"
