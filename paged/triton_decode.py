@@ -14,13 +14,14 @@ Two launches (FlashInfer style: `decode_splits` once per bucket, `paged_decode` 
                    kernel then writes the output itself).
 
 Runs on CUDA, and on the CPU under Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported) so
-that the CPU test suite exercises the same kernel source (slowly: a test vehicle, never the CPU default). Products run in float32 (IEEE) for
-float32 pools, and under the interpreter for every dtype: its bf16/fp16 `tl.dot` returns garbage (triton
-3.8, CPU); the bf16/fp16 tensor-core path is tested on the GPU.
+that the CPU test suite exercises the same kernel source (slowly: a test vehicle, never the CPU default).
+Products run in float32 (IEEE) for float32 pools, and under the interpreter for every dtype: its bf16/fp16
+`tl.dot` returns garbage (triton 3.8, CPU); the bf16/fp16 tensor-core path is tested on the GPU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -69,6 +70,7 @@ def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.dev
     return max(1, min(want, most, MAX_SPLITS))
 
 
+@functools.lru_cache(maxsize=None)  # called once per layer: no device query on the hot path
 def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device) -> dict:
     """Key tile, warps and pipeline stages of the split kernel.
 
@@ -115,8 +117,8 @@ if triton is not None:
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)   # (G, D)
 
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)            # running max (log2 units)
-        l = tl.full([GROUP_PAD], 0.0, tl.float32)                           # running sum of exp2
-        acc = tl.full([GROUP_PAD, D_PAD], 0.0, tl.float32)                  # running sum of p * v
+        l = tl.full([GROUP_PAD], 0.0, tl.float32)                       # running sum of exp2
+        acc = tl.full([GROUP_PAD, D_PAD], 0.0, tl.float32)              # running sum of p * v
         k_head = K + h.to(tl.int64) * stride_kh
         v_head = V + h.to(tl.int64) * stride_kh
         # WRITE_NEW: the new token (position seq_len - 1) comes from KNew / VNew, not the pool; the CTA whose slice
@@ -228,14 +230,15 @@ def paged_decode(
         q: (B, Hq, D) queries, last dim contiguous (any batch / head strides).
         k_pool, v_pool: (Hkv, N * P, D) one layer's pool, contiguous.
         page_table: (>= B, W) int32, physical page of each logical page of row b.
-        q_start, q_len: (>= B,) int32; row b holds q_start[b] + q_len[b] keys (its new token stored already).
+        q_start, q_len: (>= B,) int32; row b holds q_start[b] + q_len[b] keys, its new token included (already in
+            the pool, or given as k_new / v_new).
         page_size: P.
         scale: softmax scale.
         num_splits: S, CTAs per (row, kv head) (`decode_splits`); fixed for a CUDA graph.
-        k_new, v_new: (B, Hkv, D) the new token of each row (last dims contiguous, any other strides, each its
-            own: e.g. views into a fused QKV projection), or None when the pool already
-            holds it. Given, the kernel stores them at position q_start[b] + q_len[b] - 1 (q_len must be 1) and
-            attends to them from registers: the K/V write costs no launch of its own.
+        k_new, v_new: (B, Hkv, D) the new token of each row (last dims contiguous, other strides free and each
+            its own: e.g. views into a fused QKV projection), or None when the pool already holds it. Given, the
+            kernel stores them at position q_start[b] + q_len[b] - 1 (q_len must be 1) and attends to them from
+            registers: the K/V write costs no launch of its own.
         block_n: keys per tile (a power of two >= 16, any page size); min_split_keys: fewest keys a split takes
             (a multiple of block_n); num_warps, num_stages: Triton launch options. None: `launch_options`.
     Returns:
@@ -272,7 +275,8 @@ def paged_decode(
         scale * 1.4426950408889634,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=D, D_PAD=d_pad,
         PAGE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_KEYS=min_split_keys,
-        F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu", WRITE_NEW=write_new, num_warps=num_warps, num_stages=num_stages)
+        F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu", WRITE_NEW=write_new,
+        num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(B, Hq)](
             part_out, part_lse, out, sb, sh, ss, out.stride(0), out.stride(1),
