@@ -18,13 +18,16 @@ def compiled_flex_attention() -> Any:
 
     `dynamic=False`: a dynamic batch disqualifies the FlexDecoding kernel on GPU and breaks the CPU
     template; the cache keeps every shape static instead (fixed pools, bucketed batch and query length).
+    `fullgraph=True`: past dynamo's recompile limit (or at a graph break) the call raises instead of running
+    eagerly, which would be 10-20x slower and would read the whole pool through a mask_mod that may trust the
+    block lists (`PagedKVCache.check_ownership`).
     """
     global _compiled
     if _compiled is None:
         # Every (padded batch, padded query length, pool) bucket is one compiled graph; dynamo's default
-        # limit of 8 per function would silently drop later buckets to the slow eager path.
+        # limit of 8 per function would fail later buckets.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILED_SHAPES)
-        _compiled = torch.compile(flex_attention, dynamic=False)
+        _compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
     return _compiled
 
 

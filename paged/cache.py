@@ -12,6 +12,7 @@ Every request is validated before anything changes; a rejected request leaves th
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Hashable, Literal, Sequence
@@ -80,11 +81,16 @@ class PagedKVCache:
             (CUDA), so the tiles follow each sequence's length. "auto", the default, uses full blocks only
             where FlexDecoding does not split (padded batch x kv heads > SMs; always on CPU). Same outputs
             (docs/decode-performance-notes.md).
-        check_ownership: the compiled kernel's mask_mod also checks, per element, that a slot's page belongs to
-            the row's sequence (the eager path always does: it reads nothing but the mask_mod). False trusts the
-            block lists, which is all compiled FlexAttention visits: one gather fewer per masked element, +-7%
-            on an H200 (docs/decode-performance-notes.md), but a leak if a call ever runs eagerly behind your
-            back (dynamo runs a frame uncompiled once it hits its recompile limit, or when disabled).
+        check_ownership: where the FlexAttention mask_mod checks, per element, that a slot's page belongs to the
+            row's sequence. Eager FlexAttention reads nothing but the mask_mod, over the whole pool, so there it
+            must; an inductor-compiled kernel visits only the pages listed for the row, so there the check is a
+            second gather per masked element for nothing (prefill 12-35% slower on an H200). "auto", the
+            default: checked everywhere but in the cache's own compiled call, which is compiled with
+            fullgraph=True so that it fails rather than run eagerly behind your back (dynamo's recompile limit,
+            graph breaks). Still checked there while dynamo's suppress_errors is on, and when `run` is traced by
+            your torch.compile, whose backend may run FlexAttention eagerly ("eager", "aot_eager"). True: checked
+            in every call. False: unchecked in every compiled call, yours included (right with inductor, a leak
+            of other sequences' pages with a backend that runs FlexAttention eagerly).
         decode_kernel: the kernel of plain causal decode steps (one new token per row, no mods): "flex"
             (FlexAttention, as every other step), "triton" (`paged.triton_decode`: key tiles across pages,
             split-KV over each row's own length), or "auto", the default: "triton" on CUDA where Triton imports,
@@ -104,7 +110,7 @@ class PagedKVCache:
         kernel_options: dict | None = None,
         poison_free_pages: bool = False,
         decode_full_blocks: bool | Literal["auto"] = "auto",
-        check_ownership: bool = True,
+        check_ownership: bool | Literal["auto"] = "auto",
         decode_kernel: Literal["auto", "flex", "triton"] = "auto",
     ) -> None:
         if attention not in ("compiled", "eager"):
@@ -112,6 +118,8 @@ class PagedKVCache:
         if decode_full_blocks not in (True, False, "auto"):
             raise UnsupportedConfigError(
                 f"decode_full_blocks must be True, False or 'auto', got {decode_full_blocks!r}")
+        if check_ownership not in (True, False, "auto"):
+            raise UnsupportedConfigError(f"check_ownership must be True, False or 'auto', got {check_ownership!r}")
         self.spec = spec
         self.decode_kernel = _resolve_decode_kernel(decode_kernel, attention, spec.device)
         self.allocator = PageAllocator(spec.num_pages, policy, seed)
@@ -355,9 +363,11 @@ class PagedKVCache:
                             set(), kernel="triton")
         key = (mask_mod, score_mod)
         if key not in buf.wrapped:
-            check = self.attention == "eager" or self.check_ownership
-            buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod, check)
-        paged_mask, paged_score = buf.wrapped[key]
+            buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod)
+        checked_mask, listed_mask, paged_score = buf.wrapped[key]
+        own_compiled = self.attention == "compiled" and self.check_ownership is not True
+        own_mask = listed_mask if own_compiled else checked_mask
+        caller_mask = listed_mask if self.check_ownership is False else checked_mask
         # FlexDecoding keys its split-KV tiling on whether full-block lists exist at all (not on their contents),
         # so the every-page-masked layout passes none on CUDA. The CPU template does not split, and its C++ codegen
         # fails for some shapes without full-block lists (torch 2.13): it gets all-zero lists.
@@ -365,10 +375,14 @@ class PagedKVCache:
         block_mask = BlockMask.from_kv_blocks(
             buf.kv_num_blocks, buf.kv_indices, None if no_full else buf.full_kv_num_blocks,
             None if no_full else buf.full_kv_indices,
-            BLOCK_SIZE=(buf.q_block, P), mask_mod=paged_mask,
+            BLOCK_SIZE=(buf.q_block, P), mask_mod=own_mask,
             seq_lengths=(buf.padded_q_len, spec.num_pages * P), compute_q_blocks=False)
+        checked_block_mask = block_mask
+        if caller_mask is not own_mask:
+            checked_block_mask = copy.copy(block_mask)      # same block-list tensors, the other mask_mod
+            checked_block_mask.mask_mod = caller_mask
         return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, buf.slots[:T], buf.token_rows[:T],
-                        block_mask, paged_score, set())
+                        block_mask, paged_score, set(), checked_block_mask=checked_block_mask)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             scale: float | None = None) -> torch.Tensor:
@@ -417,13 +431,21 @@ class PagedKVCache:
         qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)            # (Bp, Lqp, Hq, D)
         qp[:B, :Lq] = q
         out = attend(qp.transpose(1, 2), self.k_pool[layer:layer + 1], self.v_pool[layer:layer + 1],
-                     plan.block_mask, plan.score_mod, scale, self.attention, buf.kernel_options)
+                     self._block_mask(plan), plan.score_mod, scale, self.attention, buf.kernel_options)
         out = out.transpose(1, 2)[:B, :Lq]                                             # (B, Lq, Hq, D)
         if not dense:
             # Unmasked (full) pages reach a short row's padding positions too: zero them so callers never see garbage.
             valid = torch.arange(Lq, device=q.device)[None, :] < buf.q_len[:B, None]  # (B, Lq)
             out = out * valid[:, :, None, None].to(out.dtype)
         return out if Lq_in == Lq else F.pad(out, (0, 0, 0, 0, 0, Lq_in - Lq))        # (B, Lq_in, Hq, D)
+
+    @staticmethod
+    def _block_mask(plan: StepPlan) -> BlockMask:
+        """The plan's block mask for this call: the checked one where FlexAttention may run eagerly over the pool."""
+        # Traced by the caller's torch.compile (backend unknown), or dynamo told to run failed frames eagerly.
+        if torch.compiler.is_compiling() or torch._dynamo.config.suppress_errors:
+            return plan.checked_block_mask
+        return plan.block_mask
 
     # ------------------------------------------------------------------ memory
     def memory(self) -> MemoryStats:

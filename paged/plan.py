@@ -59,7 +59,7 @@ class StepBuffers:
         self.token_rows = torch.zeros_like(self.slots)
         # The physical->logical wrappers are built once per (bucket, user mods) so the compiled kernel
         # sees the same functions, and so the same guards, every step.
-        self.wrapped: dict[tuple, tuple[Callable, Callable | None]] = {}
+        self.wrapped: dict[tuple, tuple[Callable, Callable, Callable | None]] = {}
         self.kernel_options: dict | None = None  # this bucket's FlexAttention kernel options, set once by the cache
         self.decode_splits = 1  # the Triton decode kernel's splits per (row, kv head), set once by the cache
 
@@ -70,42 +70,45 @@ def physical_mods(
     page_size: int,
     mask_mod: MaskMod,
     score_mod: ScoreMod | None,
-    check_ownership: bool = True,
-) -> tuple[Callable, Callable | None]:
+) -> tuple[Callable, Callable, Callable | None]:
     """Wrap logical mods into FlexAttention mods over physical pool slots.
 
-    With `check_ownership` the mask is right on its own (eager FlexAttention reads nothing else): a slot is
-    visible to a query only if its page belongs to the query's sequence (ownership), the query row is real, and
-    the user's logical mask keeps (query position, key position). Keys past the sequence's stored length are
-    never visible because a causal or prefix mask only reaches positions that exist (checked via `kv < kv_len`).
-    Without it the mask trusts the block lists for ownership, as compiled FlexAttention does (it visits only
-    the pages listed for a row, which are that row's own, and it already skips the mask on full pages): one
-    gather per element instead of two.
+    Returns (checked_mask, listed_mask, score_mod):
+        checked_mask: right on its own (eager FlexAttention reads nothing else, over the whole pool): a slot is
+            visible to a query only if its page belongs to the query's sequence (ownership), the query row is
+            real, and the user's logical mask keeps (query position, key position). Keys past the sequence's
+            stored length are never visible because a causal or prefix mask only reaches positions that exist
+            (checked via `kv < kv_len`).
+        listed_mask: the same minus the ownership check: right only in a kernel that visits nothing but the pages
+            listed for the row, which are that row's own (inductor's FlexAttention kernels, which also skip the
+            mask on full pages). One gather per masked element instead of two.
+        score_mod: the user's score_mod at logical positions, or None.
+    `torch.compiler.is_compiling()` cannot choose between them inside the mask: eager FlexAttention is itself a
+    dynamo trace (torch >= 2.5 compiles it with backend="eager"), so the caller chooses (`PagedKVCache.run`).
     """
     page_table, q_start, q_len = buffers.page_table, buffers.q_start, buffers.q_len
 
-    def to_logical(b, kv_idx):
-        page = kv_idx // page_size
-        logical_page = page_logical[page]  # same logical index for every owner (forks share prefixes)
-        kv_pos = logical_page * page_size + kv_idx % page_size
-        if not check_ownership:
-            return None, kv_pos
-        return (logical_page >= 0) & (page_table[b, logical_page.clamp(min=0)] == page), kv_pos
+    def logical_pos(kv_idx):
+        logical_page = page_logical[kv_idx // page_size]  # same logical index for every owner (forks share prefixes)
+        return logical_page, logical_page * page_size + kv_idx % page_size
 
-    def paged_mask(b, h, q_idx, kv_idx):
-        owned, kv_pos = to_logical(b, kv_idx)
+    def listed_mask(b, h, q_idx, kv_idx):
+        kv_pos = logical_pos(kv_idx)[1]
         q_pos = q_start[b] + q_idx
-        keep = (kv_pos < q_start[b] + q_len[b]) & (q_idx < q_len[b]) & mask_mod(b, h, q_pos, kv_pos)
-        return keep if owned is None else owned & keep
+        return (kv_pos < q_start[b] + q_len[b]) & (q_idx < q_len[b]) & mask_mod(b, h, q_pos, kv_pos)
+
+    def checked_mask(b, h, q_idx, kv_idx):
+        logical_page = logical_pos(kv_idx)[0]
+        owned = (logical_page >= 0) & (page_table[b, logical_page.clamp(min=0)] == kv_idx // page_size)
+        return owned & listed_mask(b, h, q_idx, kv_idx)
 
     if score_mod is None:
-        return paged_mask, None
+        return checked_mask, listed_mask, None
 
     def paged_score(score, b, h, q_idx, kv_idx):
-        _, kv_pos = to_logical(b, kv_idx)
-        return score_mod(score, b, h, q_start[b] + q_idx, kv_pos)
+        return score_mod(score, b, h, q_start[b] + q_idx, logical_pos(kv_idx)[1])
 
-    return paged_mask, paged_score
+    return checked_mask, listed_mask, paged_score
 
 
 @dataclass
@@ -119,7 +122,10 @@ class StepPlan:
         slot_mapping: (T,) int64, pool slot (page * P + offset) of each new token, T = sum(q_lens).
         token_rows: (T,) int64, row of each new token in the caller's flattened (B * max_q_len) inputs.
             It is the identity exactly when T == B * max_q_len (every row full), and `run` relies on that.
-        block_mask: FlexAttention BlockMask over (Bp, Lqp) queries and the whole pool; None on a Triton step.
+        block_mask: FlexAttention BlockMask over (Bp, Lqp) queries and the whole pool, for the cache's own call
+            (compiled or eager); None on a Triton step.
+        checked_block_mask: the same block lists for a `run` traced by the caller's torch.compile, whose backend
+            may run FlexAttention eagerly (`PagedKVCache.check_ownership`); may be block_mask itself.
         score_mod: physical score_mod or None.
         kernel: "flex", or "triton" for a plain decode step run by `paged.triton_decode` (no block mask).
     The tensors are views of the bucket's persistent StepBuffers: the next plan() of the same bucket overwrites
@@ -137,6 +143,7 @@ class StepPlan:
     score_mod: Callable | None
     layers_run: set[int]
     kernel: str = "flex"
+    checked_block_mask: BlockMask | None = None
 
     @property
     def batch(self) -> int:

@@ -128,8 +128,12 @@ if triton is not None:
         for n0 in range(start, pool_end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)                            # (N,) logical key positions
             key_ok = pos < pool_end
-            page = tl.load(PageTable + b * stride_pt + pos // PAGE, mask=key_ok, other=0)
-            slot = page.to(tl.int64) * PAGE + pos % PAGE                # (N,) physical slots
+            if PAGE % BLOCK_N == 0:  # tiles are aligned, so each lies in one page: one lookup, contiguous slots
+                page = tl.load(PageTable + b * stride_pt + n0 // PAGE)
+                slot = page.to(tl.int64) * PAGE + n0 % PAGE + tl.arange(0, BLOCK_N)   # (N,) physical slots
+            else:                # the tile spans pages: a lookup per key
+                page = tl.load(PageTable + b * stride_pt + pos // PAGE, mask=key_ok, other=0)
+                slot = page.to(tl.int64) * PAGE + pos % PAGE            # (N,) physical slots
             kv_off = slot[:, None] * stride_ks + dims[None, :]
             kv_ok = key_ok[:, None] & dim_ok[None, :]
             k = tl.load(k_head + kv_off, mask=kv_ok, other=0.0)         # (N, D)

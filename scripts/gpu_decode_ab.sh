@@ -9,13 +9,17 @@
 #             num_stages 3 / num_warps 4), padded SDPA, FlexAttention on a contiguous cache, torch's
 #             PagedAttention, FlashInfer (tensor cores); pool 5% of the card                          ~120 s
 #   sweep     scripts/triton_decode_sweep.py: the Triton kernel's launch options and split counts   ~250 s
+#   sweep_long the same sweep with --long: batch 32 x 8k / 32k keys, deeper pipelines, 1-16 splits  ~150 s
 #   full      pagedflex with decode_full_blocks=True (full pages as full blocks at every batch)     ~60 s
 #   masked    pagedflex with decode_full_blocks=False (every page masked: split-KV follows each sequence) ~60 s
 #   nocheck   pagedflex with check_ownership=False (the compiled mask_mod without its second gather) ~60 s
+#   check     pagedflex with check_ownership=True (the ownership gather in the compiled mask too: the default
+#             before "auto") ~60 s
 #   torchcfg  pagedflex with stages 1 / warps 2 (what torch's sm_90 heuristic ends at): is the shipped default a gain? ~60 s
 #   pool4x    paged + FlashInfer with a 4x larger pool (20%), same sequences (target 4)        ~80 s
 #   fi_default FlashInfer without tensor cores (its own default)                                ~40 s
 #   prefill   the prefill grid, paged vs FlexAttention on a contiguous cache (target 7: a 4k chunk within 1.2x) ~40 s
+#   prefill_check the prefill grid with check_ownership=True (paged only)                     ~30 s
 #   prefill_m64 the prefill grid with 64-row query tiles (what prefill_tiles set before)        ~40 s
 #   step      whole decode steps of a 32-layer Llama-3-8B-shaped model, op by op vs one CUDA graph (target 5) ~130 s
 #   step_flex the same with decode_kernel="flex"                                               ~130 s
@@ -25,7 +29,8 @@
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_decode_ab.sh OUT [RUN ...]}; shift
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-RUNS=("$@"); [ ${#RUNS[@]} -eq 0 ] && RUNS=(base sweep full masked nocheck torchcfg pool4x fi_default prefill prefill_m64 step step_flex)
+RUNS=("$@"); [ ${#RUNS[@]} -eq 0 ] && RUNS=(base sweep full masked nocheck check torchcfg pool4x fi_default prefill prefill_check prefill_m64 step
+                                        step_flex)
 . scripts/gpu_env.sh
 machine_info "$OUT/machine.txt"
 
@@ -45,9 +50,13 @@ for r in "${RUNS[@]}"; do
                 --bench-backends paged,pagedflex,sdpa,flexcontig,torchpa,flashinfer ;;
     sweep)    t=$(date +%s); timeout -k 20 $(( ${SWEEP_BUDGET_S:-240} + 60 )) "$PY" scripts/triton_decode_sweep.py "$OUT/sweep" --budget-s ${SWEEP_BUDGET_S:-240} \
                 > "$OUT/sweep.log" 2>&1; echo "sweep: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt" ;;
+    sweep_long) t=$(date +%s); timeout -k 20 $(( ${SWEEP_BUDGET_S:-150} + 60 )) "$PY" scripts/triton_decode_sweep.py "$OUT/sweep_long" \
+                --long --budget-s ${SWEEP_BUDGET_S:-150} > "$OUT/sweep_long.log" 2>&1
+              echo "sweep_long: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt" ;;
     full)     run full 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=1 -- --bench-grid small --bench-backends pagedflex ;;
     masked)   run masked 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-grid small --bench-backends pagedflex ;;
     nocheck)  run nocheck 70 test_decode.py PAGED_BENCH_CHECK_OWNERSHIP=0 -- --bench-grid small --bench-backends pagedflex ;;
+    check)    run check 70 test_decode.py PAGED_BENCH_CHECK_OWNERSHIP=1 -- --bench-grid small --bench-backends pagedflex ;;
     torchcfg) run torchcfg 70 test_decode.py -- --bench-grid small --bench-backends pagedflex \
                 --bench-kernel-options '{"num_stages": 1, "num_warps": 2}' ;;
     pool4x)   run pool4x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
@@ -55,6 +64,8 @@ for r in "${RUNS[@]}"; do
     fi_default) run fi_default 50 test_decode.py PAGED_BENCH_FLASHINFER_TENSOR_CORES=0 -- --bench-grid small \
                 --bench-backends flashinfer ;;
     prefill)  run prefill 60 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig ;;
+    prefill_check) run prefill_check 50 test_prefill.py PAGED_BENCH_CHECK_OWNERSHIP=1 -- --bench-grid small \
+                --bench-backends paged ;;
     prefill_m64) run prefill_m64 60 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig \
                 --bench-kernel-options '{"BLOCK_M": 64, "BLOCK_N": 64}' ;;
     step)     run step 150 test_step.py -- --bench-rounds 30 ;;
@@ -77,8 +88,8 @@ def load(name):
     return []
 def medians(name):
     return {b["name"]: b["stats"]["median"] * 1e3 for b in load(name)}
-runs = {n: medians(n) for n in ("base", "full", "masked", "nocheck", "torchcfg", "pool4x", "fi_default", "prefill",
-                                 "prefill_m64")}
+runs = {n: medians(n) for n in ("base", "full", "masked", "nocheck", "check", "torchcfg", "pool4x", "fi_default",
+                                 "prefill", "prefill_check", "prefill_m64")}
 def case_of(name):
     return name.split("[", 1)[1].split("-", 1)[1].rstrip("]")
 def cell(run, backend, case, ref, test="test_decode"):
@@ -88,24 +99,26 @@ def cell(run, backend, case, ref, test="test_decode"):
     return f"{v:.3f}" + (f" ({v / ref:.2f}x)" if ref else "")
 print("# Decode A/B (median ms of the device time; in brackets: ratio to `paged base`, FlashInfer variants to FlashInfer base)\n")
 print("| case | paged base | pagedflex base | pagedflex full blocks | pagedflex all masked | pagedflex no ownership "
-      "check | pagedflex torchcfg | paged pool4x | SDPA padded | flex contiguous | torch PA | FlashInfer base (tc) | "
-      "FlashInfer pool4x | FlashInfer default |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+      "check | pagedflex ownership checked | pagedflex torchcfg | paged pool4x | SDPA padded | flex contiguous | "
+      "torch PA | FlashInfer base (tc) | FlashInfer pool4x | FlashInfer default |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for c in sorted({case_of(n) for r, ms in runs.items() if not r.startswith("prefill") for n in ms}):
     pb = runs["base"].get(f"test_decode[paged-{c}]")
     fb = runs["base"].get(f"test_decode[flashinfer-{c}]")
     print(f"| {c} | {cell('base', 'paged', c, None)} | {cell('base', 'pagedflex', c, pb)} | "
           f"{cell('full', 'pagedflex', c, pb)} | {cell('masked', 'pagedflex', c, pb)} | "
-          f"{cell('nocheck', 'pagedflex', c, pb)} | {cell('torchcfg', 'pagedflex', c, pb)} | {cell('pool4x', 'paged', c, pb)} | "
+          f"{cell('nocheck', 'pagedflex', c, pb)} | {cell('check', 'pagedflex', c, pb)} | "
+          f"{cell('torchcfg', 'pagedflex', c, pb)} | {cell('pool4x', 'paged', c, pb)} | "
           f"{cell('base', 'sdpa', c, pb)} | {cell('base', 'flexcontig', c, pb)} | {cell('base', 'torchpa', c, pb)} | "
           f"{cell('base', 'flashinfer', c, pb)} | {cell('pool4x', 'flashinfer', c, fb)} | {cell('fi_default', 'flashinfer', c, fb)} |")
 print("\n# Prefill (median ms; ratio to paged in brackets)\n")
-print("| case | paged | flex contiguous | paged, 64-row tiles | flex contiguous, 64-row tiles |")
-print("|---|---|---|---|---|")
+print("| case | paged | flex contiguous | paged, ownership checked | paged, 64-row tiles | flex contiguous, 64-row tiles |")
+print("|---|---|---|---|---|---|")
 for c in sorted({case_of(n) for n in runs["prefill"]}):
     pp = runs["prefill"].get(f"test_prefill[paged-{c}]")
     print(f"| {c} | {cell('prefill', 'paged', c, None, 'test_prefill')} | "
-          f"{cell('prefill', 'flexcontig', c, pp, 'test_prefill')} | {cell('prefill_m64', 'paged', c, pp, 'test_prefill')} | "
+          f"{cell('prefill', 'flexcontig', c, pp, 'test_prefill')} | {cell('prefill_check', 'paged', c, pp, 'test_prefill')} | "
+          f"{cell('prefill_m64', 'paged', c, pp, 'test_prefill')} | "
           f"{cell('prefill_m64', 'flexcontig', c, pp, 'test_prefill')} |")
 for run_name in ("step", "step_flex"):
     step = load(run_name)

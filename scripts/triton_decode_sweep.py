@@ -1,6 +1,6 @@
 """Sweep the Triton paged-decode kernel's launch options on one GPU: device time per call, from CUDA graphs.
 
-    python scripts/triton_decode_sweep.py OUT [--budget-s 300]
+    python scripts/triton_decode_sweep.py OUT [--budget-s 300] [--long]
 
 Cases follow issue 6's targets: bf16, 32 query heads over 8 (and 32) kv heads, head dim 128, pages 16 and 128,
 batch 1/8/32/128, lengths uniform in [512, 4096) and [4096, 16384), pages placed at random in a pool twice the
@@ -8,6 +8,9 @@ live size. Stage 1 times every (block_n, num_warps, num_stages) at the shipped s
 counts (CTA target x SMs, min keys per split) at each case's best stage-1 options, for the batches that split.
 Each timing: 20 kernel calls captured in one CUDA graph, replayed 5 times after a warm-up, median per call; the
 K/V bytes read over that time against the card's copy bandwidth (a 1 GiB device-to-device copy).
+--long instead times the long-context cases where the kernel trailed FlashInfer most (batch 32, every row 8192
+or 32768 keys, pages 16 and 64): more pipeline stages and smaller tiles (LONG_CONFIGS) in stage 1, split counts
+1-16 in stage 2.
 Writes OUT/sweep.json (every timing) and OUT/sweep.md (best options per case). Stops a stage when the budget
 is spent, keeping what it measured.
 """
@@ -33,6 +36,10 @@ CALLS, REPLAYS = 20, 5
 CONFIGS = list(itertools.product((32, 64, 128), (4, 8), (2, 3)))          # block_n, num_warps, num_stages
 SPLIT_TARGETS = (1, 2, 4)                                                  # CTAs aimed at, x SMs
 MIN_KEYS = (128, 256, 512)
+# --long: deeper pipelines with smaller tiles (shared memory: stages x block_n x 512 B of K + V <= 227 KB).
+LONG_CONFIGS = [(128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 4, 5),
+                (64, 8, 3), (64, 8, 4), (32, 4, 3), (32, 4, 4), (32, 4, 5)]
+LONG_SPLITS = (1, 2, 4, 8, 16)
 
 
 def cases() -> list[dict]:
@@ -42,6 +49,10 @@ def cases() -> list[dict]:
     for page in (16, 128):
         out.append(dict(page=page, lo=512, hi=4096, batch=32, hkv=32))
     return out
+
+
+def long_cases() -> list[dict]:
+    return [dict(page=page, lo=n, hi=n + 1, batch=32, hkv=8) for page in (64, 16) for n in (32768, 8192)]
 
 
 def case_id(c: dict) -> str:
@@ -119,6 +130,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--long", action="store_true", help="the long-context cases, deeper pipelines, splits 1-16")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
@@ -127,14 +139,20 @@ def main() -> int:
     bw = copy_bandwidth(dev)
     rows, best = [], {}
     for stage in (1, 2):
-        for c in cases():
+        for c in (long_cases() if args.long else cases()):
             if time.time() - t0 > args.budget_s * (0.6 if stage == 1 else 1.0):
                 print(f"stage {stage}: budget spent at {case_id(c)}", flush=True)
                 break
             data = Data(c, dev)
             splits = triton_decode.decode_splits(c["batch"], c["hkv"], c["hi"], dev)
             if stage == 1:
-                trials = [(splits, bn, w, s, triton_decode.MIN_SPLIT_KEYS) for bn, w, s in CONFIGS]
+                trials = [(splits, bn, w, s, max(bn, triton_decode.MIN_SPLIT_KEYS))
+                          for bn, w, s in (LONG_CONFIGS if args.long else CONFIGS)]
+            elif args.long:
+                if case_id(c) not in best:
+                    continue
+                _, bn, w, s, mk = best[case_id(c)]["options"]
+                trials = [(n, bn, w, s, mk) for n in LONG_SPLITS]
             else:
                 if case_id(c) not in best or c["batch"] * c["hkv"] > 2 * sms:
                     continue

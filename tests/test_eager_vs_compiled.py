@@ -115,10 +115,12 @@ def test_decode_block_layouts(device, dtype, full_blocks):
     t.checked_step(["d", "b", "c"], [1, 1, 1])
 
 
-def test_compiled_mask_trusting_the_block_lists(device, dtype):
-    """check_ownership=False drops the ownership check from the compiled kernel's mask_mod (the kernel visits only
-    the row's listed pages; eager keeps the check): same answers, with a user mask and across a fork too."""
-    t = Twins(make_spec(device, dtype), seed=4, policy="random", check_ownership=False)
+@pytest.mark.parametrize("check_ownership", ["auto", True, False])
+def test_compiled_mask_with_and_without_the_ownership_check(device, dtype, check_ownership):
+    """"auto" (the default) and False drop the ownership check from the cache's own compiled kernel's mask_mod
+    (it visits only the row's listed pages; eager keeps the check), True keeps it: same answers, with a user mask
+    and across a fork too."""
+    t = Twins(make_spec(device, dtype), seed=4, policy="random", check_ownership=check_ownership)
     for s in "abc":
         t.do("admit", s)
     t.checked_step(["a", "b", "c"], [16, 13, 5])
@@ -142,7 +144,7 @@ def test_eager_mask_mods_alone_are_right(device, mask_name, score_name):
     t.checked_step(["d", "a", "c"], [1, 1, 1], **kw)
 
 
-def physical_mods_without_ownership(buffers, page_logical, page_size, mask_mod, score_mod, check_ownership=True):
+def physical_mods_without_ownership(buffers, page_logical, page_size, mask_mod, score_mod):
     """paged.plan.physical_mods minus the ownership check: any live page with the right LOGICAL index passes,
     whichever sequence owns it (the bug FACTS.md describes)."""
     q_start, q_len = buffers.q_start, buffers.q_len
@@ -157,7 +159,7 @@ def physical_mods_without_ownership(buffers, page_logical, page_size, mask_mod, 
         return live & (kv_pos < q_start[b] + q_len[b]) & (q_idx < q_len[b]) & mask_mod(b, h, q_pos, kv_pos)
 
     assert score_mod is None
-    return paged_mask, None
+    return paged_mask, paged_mask, None
 
 
 def test_ownership_check_matters_on_the_eager_path(device, monkeypatch):
@@ -178,3 +180,74 @@ def test_ownership_check_matters_on_the_eager_path(device, monkeypatch):
     assert all(c.finite for c in eager)
     for c in results["compiled"] + results2["compiled"]:
         assert c.ok, f"compiled flex skips unlisted pages, so it stays right: {c.describe()}"
+
+
+def _two_rows_on_logical_page_0(cache, ids="ab"):
+    """Admit two sequences and plan a step in which both own a (different) logical page 0."""
+    for s in ids:
+        cache.admit(s)
+    return cache.plan(list(ids), [16, 5])
+
+
+@pytest.mark.parametrize("attention,check_ownership,own,caller", [
+    ("compiled", "auto", "listed", "checked"), ("compiled", True, "checked", "checked"),
+    ("compiled", False, "listed", "listed"), ("eager", "auto", "checked", "checked"),
+    ("eager", False, "checked", "listed")])
+def test_which_mask_each_call_gets(device, monkeypatch, attention, check_ownership, own, caller):
+    """The mask without the ownership check goes only where the block lists are honoured: the cache's own
+    compiled call (unless check_ownership=True), and a caller's compile only with check_ownership=False; dynamo's
+    suppress_errors (failed frames run eagerly) gets the checked one. The two masks differ exactly there: at a
+    slot of b's page 0 asked for row a (which owns another page 0) only the mask without the check says yes."""
+    cache = PagedKVCache(make_spec(device, torch.float32), attention=attention, check_ownership=check_ownership,
+                         decode_kernel="flex")
+    plan = _two_rows_on_logical_page_0(cache)
+    checked, listed, _ = plan.buffers.wrapped[(None, None)]
+    masks = {"checked": checked, "listed": listed}
+    assert plan.block_mask.mask_mod is masks[own] and plan.checked_block_mask.mask_mod is masks[caller]
+    assert PagedKVCache._block_mask(plan) is plan.block_mask
+    with torch._dynamo.config.patch(suppress_errors=True):
+        assert PagedKVCache._block_mask(plan) is plan.checked_block_mask
+    page_b = cache.snapshot()["sequences"]["b"][0][0]                              # (pages, length)
+    args = [torch.tensor(x, device=device) for x in (0, 0, 15, page_b * P + 2)]   # row a, head 0, query 15
+    assert not checked(*args) and listed(*args)
+
+
+def test_own_compiled_call_fails_at_the_recompile_limit(device):
+    """Past dynamo's recompile limit the cache's compiled FlexAttention raises rather than run eagerly (which
+    would read the whole pool through a mask_mod that trusts the block lists)."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from paged.attention import compiled_flex_attention
+    flex = compiled_flex_attention()
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(FailOnRecompileLimitHit):
+        for n in (3, 5, 7):                   # shapes no other test uses: each a new graph
+            x = torch.randn(1, 1, 16 * n, 16, device=device)
+            flex(x, x, x)
+
+
+@pytest.mark.parametrize("check_ownership", ["auto", True, False])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_run_traced_by_a_callers_compile(device, check_ownership, backend):
+    """A caller compiles code that calls `run` with a backend that runs FlexAttention eagerly, over the whole pool
+    and the mask_mod alone. "auto" and True hand that trace the checked mask: right. False hands it the mask
+    without the ownership check: it reads the other row's page 0 (the leak the option's docstring warns of),
+    which also shows this test can see a leak."""
+    spec = make_spec(device, torch.float32)
+    cache = PagedKVCache(spec, check_ownership=check_ownership, decode_kernel="flex")
+    oracle = ContiguousOracle(spec)
+    gen = torch.Generator().manual_seed(5)
+    run = torch.compile(lambda q, k, v: cache.run(0, q, k, v), backend=backend)
+    errors = []
+    for step, lens in enumerate(([16, 5], [1, 2])):
+        for c in (cache, oracle):
+            if step == 0:
+                _two_rows_on_logical_page_0(c)
+            else:
+                c.plan(["a", "b"], lens)
+        q, k, v = (torch.randn(2, max(lens), h, spec.head_dim, generator=gen).to(device) for h in (HQ, 2, 2))
+        out, ref = run(q, k, v), oracle.run(0, q, k, v)
+        errors += [(out[b, :n] - ref[b, :n]).abs().max().item() for b, n in enumerate(lens)]
+    if check_ownership is False:
+        assert max(errors) > 0.1, f"the mask without the check must leak here: errors {errors}"
+    else:
+        assert max(errors) < 1e-5, f"errors {errors}"

@@ -418,6 +418,8 @@ def test_bad_cache_options(device):
         PagedKVCache(spec, attention="fused")
     with pytest.raises(InvalidRequestError, match=r"unknown placement policy 'best'"):
         PagedKVCache(spec, policy="best")
+    with pytest.raises(UnsupportedConfigError, match=r"check_ownership must be True, False or 'auto', got 'yes'"):
+        PagedKVCache(spec, check_ownership="yes")
 
 
 def test_every_error_is_a_paged_error_with_the_builtin_base():

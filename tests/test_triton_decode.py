@@ -47,14 +47,17 @@ def reference(q, k_pool, v_pool, table, lens, page, scale, dtype=torch.float64) 
     return out
 
 
-# (batch, Hq, Hkv, D, page, splits, block_n): GQA groups 1, 2, 4 and 3 (not a power of two), pages smaller and
-# larger than the key tile, head dims that are not powers of two, one split and several.
+# (batch, Hq, Hkv, D, page, splits, block_n): GQA groups 1, 2, 4 and 3 (not a power of two), head dims that are
+# not powers of two, one split and several; pages a multiple of the key tile (one page lookup per tile), smaller
+# than the tile, and larger but not a multiple (48 / 32, 24 / 16: tiles straddle pages, a lookup per key).
 CASES = [
     (3, 8, 2, 32, 16, 1, 16),
     (3, 8, 2, 32, 4, 3, 16),
     (2, 4, 4, 16, 32, 2, 16),
     (4, 6, 2, 24, 8, 4, 32),
     (2, 16, 4, 64, 64, 5, 32),
+    (2, 8, 2, 32, 48, 3, 32),
+    (3, 4, 1, 16, 24, 2, 16),
 ]
 
 

@@ -202,8 +202,10 @@ class PagedRunner(Runner):
         # PAGED_BENCH_DECODE_FULL_BLOCKS=1 / 0 / auto overrides PagedKVCache's decode_full_blocks (see its docstring).
         layout = os.environ.get("PAGED_BENCH_DECODE_FULL_BLOCKS", "")
         layout_kw = {"decode_full_blocks": {"1": True, "0": False}.get(layout, layout)} if layout else {}
-        # PAGED_BENCH_CHECK_OWNERSHIP=0: PagedKVCache(check_ownership=False), the mask without its second gather.
-        check = os.environ.get("PAGED_BENCH_CHECK_OWNERSHIP", "") != "0"
+        # PAGED_BENCH_CHECK_OWNERSHIP=1 / 0 / auto overrides PagedKVCache's check_ownership (see its docstring):
+        # 1 checks page ownership in the compiled mask too (the default before "auto").
+        check_env = os.environ.get("PAGED_BENCH_CHECK_OWNERSHIP", "auto")
+        check = {"1": True, "0": False}.get(check_env, check_env)
         self.cache = PagedKVCache(pool.spec(), policy="random", seed=case.seed, kernel_options=settings.kernel_options,
                                   check_ownership=check, decode_kernel=self.decode_kernel, **layout_kw)
         ids = list(range(case.batch))
