@@ -9,7 +9,8 @@
 #             num_stages 3 / num_warps 4), padded SDPA, FlexAttention on a contiguous cache, torch's
 #             PagedAttention, FlashInfer (tensor cores); pool 5% of the card                          ~120 s
 #   sweep     scripts/triton_decode_sweep.py: the Triton kernel's launch options and split counts   ~250 s
-#   sweep_long the same sweep with --long: batch 32 x 8k / 32k keys, deeper pipelines, 1-16 splits  ~150 s
+#   sweep_long the same sweep with --long: batch 32 x 8k / 32k keys, deeper pipelines, 1-16 splits  ~40 s
+#   sweep_tiles the same sweep with --tiles: 128- vs 64-key tiles at batch 8-128                   ~60 s
 #   full      pagedflex with decode_full_blocks=True (full pages as full blocks at every batch)     ~60 s
 #   masked    pagedflex with decode_full_blocks=False (every page masked: split-KV follows each sequence) ~60 s
 #   nocheck   pagedflex with check_ownership=False (the compiled mask_mod without its second gather) ~60 s
@@ -46,13 +47,16 @@ run() {  # run NAME LIMIT_S FILE [ENV=VALUE ...] -- PYTEST ARGS...
 }
 for r in "${RUNS[@]}"; do
   case $r in
-    base)     run base 150 test_decode.py -- --bench-grid small \
+    base)     run base 220 test_decode.py -- --bench-grid small \
                 --bench-backends paged,pagedflex,sdpa,flexcontig,torchpa,flashinfer ;;
     sweep)    t=$(date +%s); timeout -k 20 $(( ${SWEEP_BUDGET_S:-240} + 60 )) "$PY" scripts/triton_decode_sweep.py "$OUT/sweep" --budget-s ${SWEEP_BUDGET_S:-240} \
                 > "$OUT/sweep.log" 2>&1; echo "sweep: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt" ;;
     sweep_long) t=$(date +%s); timeout -k 20 $(( ${SWEEP_BUDGET_S:-150} + 60 )) "$PY" scripts/triton_decode_sweep.py "$OUT/sweep_long" \
                 --long --budget-s ${SWEEP_BUDGET_S:-150} > "$OUT/sweep_long.log" 2>&1
               echo "sweep_long: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt" ;;
+    sweep_tiles) t=$(date +%s); timeout -k 20 200 "$PY" scripts/triton_decode_sweep.py "$OUT/sweep_tiles" --tiles \
+                --budget-s 140 > "$OUT/sweep_tiles.log" 2>&1
+              echo "sweep_tiles: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt" ;;
     full)     run full 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=1 -- --bench-grid small --bench-backends pagedflex ;;
     masked)   run masked 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-grid small --bench-backends pagedflex ;;
     nocheck)  run nocheck 70 test_decode.py PAGED_BENCH_CHECK_OWNERSHIP=0 -- --bench-grid small --bench-backends pagedflex ;;
@@ -63,8 +67,8 @@ for r in "${RUNS[@]}"; do
                 --bench-pool-fraction 0.2 -k "mix512-4096-P64-32x8" ;;
     fi_default) run fi_default 50 test_decode.py PAGED_BENCH_FLASHINFER_TENSOR_CORES=0 -- --bench-grid small \
                 --bench-backends flashinfer ;;
-    prefill)  run prefill 60 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig ;;
-    prefill_check) run prefill_check 50 test_prefill.py PAGED_BENCH_CHECK_OWNERSHIP=1 -- --bench-grid small \
+    prefill)  run prefill 90 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig ;;
+    prefill_check) run prefill_check 90 test_prefill.py PAGED_BENCH_CHECK_OWNERSHIP=1 -- --bench-grid small \
                 --bench-backends paged ;;
     prefill_m64) run prefill_m64 60 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig \
                 --bench-kernel-options '{"BLOCK_M": 64, "BLOCK_N": 64}' ;;
@@ -83,7 +87,7 @@ out, earlier = Path(sys.argv[1]), Path(sys.argv[2])
 def load(name):
     for d in (out, earlier):          # this call's run first
         f = d / f"{name}.json"
-        if f.is_file():
+        if f.is_file() and f.stat().st_size:        # a run killed before pytest-benchmark wrote it leaves it empty
             return json.loads(f.read_text())["benchmarks"]
     return []
 def medians(name):

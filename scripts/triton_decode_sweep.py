@@ -1,6 +1,6 @@
 """Sweep the Triton paged-decode kernel's launch options on one GPU: device time per call, from CUDA graphs.
 
-    python scripts/triton_decode_sweep.py OUT [--budget-s 300] [--long]
+    python scripts/triton_decode_sweep.py OUT [--budget-s 300] [--long | --tiles]
 
 Cases follow issue 6's targets: bf16, 32 query heads over 8 (and 32) kv heads, head dim 128, pages 16 and 128,
 batch 1/8/32/128, lengths uniform in [512, 4096) and [4096, 16384), pages placed at random in a pool twice the
@@ -10,7 +10,8 @@ Each timing: 20 kernel calls captured in one CUDA graph, replayed 5 times after 
 K/V bytes read over that time against the card's copy bandwidth (a 1 GiB device-to-device copy).
 --long instead times the long-context cases where the kernel trailed FlashInfer most (batch 32, every row 8192
 or 32768 keys, pages 16 and 64): more pipeline stages and smaller tiles (LONG_CONFIGS) in stage 1, split counts
-1-16 in stage 2.
+1-16 in stage 2. --tiles times 128- against 64-key tiles (TILE_CONFIGS) over batch 8-128 at 8192 keys per row, and
+at random lengths in [4096, 16384), page 64, at the shipped split counts (no stage 2).
 Writes OUT/sweep.json (every timing) and OUT/sweep.md (best options per case). Stops a stage when the budget
 is spent, keeping what it measured.
 """
@@ -40,6 +41,7 @@ MIN_KEYS = (128, 256, 512)
 LONG_CONFIGS = [(128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 4, 5),
                 (64, 8, 3), (64, 8, 4), (32, 4, 3), (32, 4, 4), (32, 4, 5)]
 LONG_SPLITS = (1, 2, 4, 8, 16)
+TILE_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 4, 4), (128, 8, 3)]
 
 
 def cases() -> list[dict]:
@@ -53,6 +55,11 @@ def cases() -> list[dict]:
 
 def long_cases() -> list[dict]:
     return [dict(page=page, lo=n, hi=n + 1, batch=32, hkv=8) for page in (64, 16) for n in (32768, 8192)]
+
+
+def tile_cases() -> list[dict]:
+    return ([dict(page=64, lo=8192, hi=8193, batch=b, hkv=8) for b in (8, 16, 32, 64, 128)]
+            + [dict(page=64, lo=4096, hi=16384, batch=b, hkv=8) for b in (32, 128)])
 
 
 def case_id(c: dict) -> str:
@@ -131,6 +138,7 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--long", action="store_true", help="the long-context cases, deeper pipelines, splits 1-16")
+    ap.add_argument("--tiles", action="store_true", help="128- vs 64-key tiles over batch 8-128")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
@@ -139,15 +147,17 @@ def main() -> int:
     bw = copy_bandwidth(dev)
     rows, best = [], {}
     for stage in (1, 2):
-        for c in (long_cases() if args.long else cases()):
+        for c in (long_cases() if args.long else tile_cases() if args.tiles else cases()):
             if time.time() - t0 > args.budget_s * (0.6 if stage == 1 else 1.0):
                 print(f"stage {stage}: budget spent at {case_id(c)}", flush=True)
                 break
             data = Data(c, dev)
             splits = triton_decode.decode_splits(c["batch"], c["hkv"], c["hi"], dev)
             if stage == 1:
-                trials = [(splits, bn, w, s, max(bn, triton_decode.MIN_SPLIT_KEYS))
-                          for bn, w, s in (LONG_CONFIGS if args.long else CONFIGS)]
+                configs = LONG_CONFIGS if args.long else TILE_CONFIGS if args.tiles else CONFIGS
+                trials = [(splits, bn, w, s, max(bn, triton_decode.MIN_SPLIT_KEYS)) for bn, w, s in configs]
+            elif args.tiles:
+                continue
             elif args.long:
                 if case_id(c) not in best:
                     continue
