@@ -70,18 +70,32 @@ def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.dev
     return max(1, min(want, most, MAX_SPLITS))
 
 
-@functools.lru_cache(maxsize=None)  # called once per layer: no device query on the hot path
-def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device) -> dict:
-    """Key tile, warps and pipeline stages of the split kernel.
+#: Hopper: 64-key tiles when each (row, kv head) has at most this many splits ...
+SMALL_TILE_MAX_SPLITS = 4
+#: ... and the grid is at most this many CTAs per SM (see `launch_options`).
+SMALL_TILE_MAX_CTAS_PER_SM = 4
 
-    Hopper (measured on an H200: 128-key tiles, 4 warps, 3 stages were within 4% of the best of 12 options in
-    each of 18 cases, 1.1-1.6x faster than 32-key tiles): the largest tile whose 3 stages of K and V fit in
-    ~200 KB of shared memory. Elsewhere (not measured): 2 stages within ~96 KB.
+
+@functools.lru_cache(maxsize=None)  # called once per layer: no device query on the hot path
+def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, splits: int = 1,
+                   ctas: int | None = None) -> dict:
+    """Key tile, warps and pipeline stages of the split kernel for a grid of `ctas` CTAs, `splits` per (row, head).
+
+    Hopper, measured on an H200 (bf16, 32/8 heads, D 128; scripts/triton_decode_sweep.py, results/h200-2026-11-29c):
+    128-key tiles, 4 warps, 3 stages (the largest tile whose 3 stages of K and V fit in ~200 KB of shared memory)
+    were within 4% of the best of 12 options at batch 1, 8 and 128 and with 32 kv heads (64-key tiles 4-18%
+    slower there); at batch 16-64 (1-4 splits, 448-512 CTAs: at most SMALL_TILE_MAX_CTAS_PER_SM per SM)
+    64-key tiles were 5-15% faster (8k-32k keys per row; 0-4% at 512-4096), so that grid gets 64-key tiles.
+    The rule is fitted to those measurements, not derived. Elsewhere (not measured): 2 stages within ~96 KB.
     """
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
     stages, budget = (3, 200 * 1024) if hopper else (2, 96 * 1024)
     row_bytes = 2 * _next_pow2(max(head_dim, 16)) * dtype.itemsize         # one key's K + V
     block_n = 128
+    if hopper and ctas is not None and splits <= SMALL_TILE_MAX_SPLITS:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if ctas <= SMALL_TILE_MAX_CTAS_PER_SM * sms:
+            block_n = 64
     while block_n > 16 and stages * block_n * row_bytes > budget:
         block_n //= 2
     return {"block_n": block_n, "num_warps": 4, "num_stages": stages}
@@ -250,7 +264,7 @@ def paged_decode(
     """
     B, Hq, D = q.shape
     Hkv = k_pool.shape[0]
-    default = launch_options(q.dtype, D, q.device)
+    default = launch_options(q.dtype, D, q.device, num_splits, B * Hkv * num_splits)
     block_n = block_n or default["block_n"]
     num_warps = num_warps or default["num_warps"]
     num_stages = num_stages or default["num_stages"]

@@ -146,6 +146,20 @@ def test_split_count_fills_the_device():
         assert triton_decode.decode_splits(128, 8, 32768, cuda) == 1
 
 
+def test_launch_options_follow_the_measured_rule():
+    """Key tiles as measured on an H200 (launch_options' docstring): 64 keys for a grid of at most 4 splits and
+    4 CTAs per SM on Hopper, else the largest tile whose pipeline fits the shared-memory budget."""
+    cpu = torch.device("cpu")
+    assert triton_decode.launch_options(torch.float32, 16, cpu)["block_n"] == 128
+    assert triton_decode.launch_options(torch.bfloat16, 128, cpu, 2, 8)["block_n"] == 64     # 2 x 128 x 512 B > 96 KB
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] == 9):
+        return
+    cuda, sms = torch.device("cuda"), torch.cuda.get_device_properties(0).multi_processor_count
+    opts = [triton_decode.launch_options(torch.bfloat16, 128, cuda, s, n)["block_n"]
+            for s, n in ((2, 4 * sms), (1, 4 * sms + 1), (5, 2 * sms), (1, None))]
+    assert opts == [64, 128, 128, 128]
+
+
 def test_cache_decode_steps_match_the_oracle(kernel_device, dtype):
     """decode_kernel="triton": growth across pages, a fork sharing pages (copy-on-write), a finished sequence
     whose pages are reused, mixed steps (prefill on FlexAttention); every output within the oracle policy."""
