@@ -93,8 +93,8 @@ class PagedKVCache:
             of other sequences' pages with a backend that runs FlexAttention eagerly).
         decode_kernel: the kernel of plain causal decode steps (one new token per row, no mods): "flex"
             (FlexAttention, as every other step), "triton" (`paged.triton_decode`: key tiles across pages,
-            split-KV over each row's own length), or "auto", the default: "triton" on CUDA where Triton imports,
-            else "flex". Prefill, mods and attention="eager" always use FlexAttention. "triton" on the CPU
+            split-KV over each row's own length, longer rows in more slices), or "auto", the default:
+            "triton" on CUDA where Triton imports, else "flex". Prefill, mods and attention="eager" always use FlexAttention. "triton" on the CPU
             runs Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported): for tests only.
 
     Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
@@ -335,7 +335,13 @@ class PagedKVCache:
         copy_into(buf.q_len, q_len)
         # The Triton decode kernel reads only the page table and lengths: no block lists, no mask.
         triton_step = self.decode_kernel == "triton" and max_q == 1 and mask_mod is None and score_mod is None
-        if not triton_step:
+        if triton_step:
+            from paged.triton_decode import split_keys
+
+            lengths = [s + 1 for s in start_lens]
+            copy_into(buf.split_keys, torch.tensor(
+                [split_keys(lengths, spec.num_kv_heads, buf.decode_splits, spec.device)]))
+        else:
             num_pages = torch.zeros(Bp, dtype=torch.long)
             num_pages[:B] = torch.tensor([len(st.pages) for st in states])
             decode_full = max_q == 1 and self._decode_full_blocks(Bp)
@@ -413,7 +419,7 @@ class PagedKVCache:
             q1, k1, v1 = (x[:, 0] if x.stride(-1) == 1 else x[:, 0].contiguous() for x in (q, k, v))
             out = paged_decode(q1, self.k_pool[layer], self.v_pool[layer], buf.page_table, buf.q_start, buf.q_len,
                                spec.page_size, D ** -0.5 if scale is None else scale, buf.decode_splits,
-                               k_new=k1, v_new=v1)                             # (B, Hq, D)
+                               k_new=k1, v_new=v1, split_keys=buf.split_keys)  # (B, Hq, D)
             out = out[:, None]                                                 # (B, 1, Hq, D)
             return out if Lq_in == 1 else F.pad(out, (0, 0, 0, 0, 0, Lq_in - 1))
 

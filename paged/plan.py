@@ -61,7 +61,8 @@ class StepBuffers:
         # sees the same functions, and so the same guards, every step.
         self.wrapped: dict[tuple, tuple[Callable, Callable, Callable | None]] = {}
         self.kernel_options: dict | None = None  # this bucket's FlexAttention kernel options, set once by the cache
-        self.decode_splits = 1  # the Triton decode kernel's splits per (row, kv head), set once by the cache
+        self.decode_splits = 1  # the Triton decode kernel's split slots per (row, kv head), set once by the cache
+        self.split_keys = torch.zeros(1, dtype=torch.long, device=device)  # its keys per split, set by each plan
 
 
 def physical_mods(

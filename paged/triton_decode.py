@@ -9,7 +9,10 @@ with no mods; FlexAttention keeps prefill, mods and the eager reference path.
 Two launches (FlashInfer style: `decode_splits` once per bucket, `paged_decode` per layer):
 
     split kernel   grid (B, Hkv, S): CTA (b, h, s) attends the g = Hq / Hkv query heads of kv head h over the
-                   s-th of S equal, tile-aligned slices of row b's keys -> partial output and log-sum-exp.
+                   s-th tile-aligned slice of row b's keys -> partial output and log-sum-exp. Slices are
+                   `split_keys` long for every row (`split_keys()`, once per step from the host's lengths): a
+                   long row takes more of its S slots than a short one, so that the longest row, the step's
+                   critical path, is cut as short as the step's total work allows; unused slots exit at once.
     merge kernel   grid (B, Hq): weights the S partials by their log-sum-exp. Skipped when S == 1 (the split
                    kernel then writes the output itself).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import torch
 
@@ -34,8 +38,10 @@ except ImportError:  # the CPU-only install has no Triton; `available()` says so
 
 #: Smallest slice of keys a split takes (rounded up to the key tile).
 MIN_SPLIT_KEYS = 128
-#: Splits aim at this many CTAs per SM (batch x kv heads x splits ~ CTAS_PER_SM x SMs).
+#: Splits aim at this many CTAs with work per SM (batch x kv heads x splits ~ CTAS_PER_SM x SMs).
 CTAS_PER_SM = 3
+#: The grid has this many times the even share of split slots per (row, kv head), for a mixed batch's long rows.
+SPLIT_HEADROOM = 2
 #: At most this many splits per (sequence, kv head).
 MAX_SPLITS = 64
 
@@ -53,48 +59,68 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and bool(triton.knobs.runtime.interpret)
 
 
-def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Splits per (sequence, kv head) so that batch x kv heads x splits is about CTAS_PER_SM x the SM count.
-
-    Fixed per batch bucket (a CUDA graph freezes the grid); each split's slice follows the row's own length at
-    run time (at least MIN_SPLIT_KEYS keys), so short rows leave their last splits empty rather than spreading
-    a few keys over many CTAs. Measured on an H200 (scripts/triton_decode_sweep.py, results/h200-2026-11-29b):
-    2-3 CTAs per SM and 128-key slices were within 3% of the best split count at batch 1, 8, 32 and 128.
-    """
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 2  # interpreter: still exercise the merge
-    want = math.ceil(CTAS_PER_SM * sms / (batch * kv_heads))
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: still exercise the merge
+
+
+def decode_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Split slots per (sequence, kv head) of a batch bucket: SPLIT_HEADROOM x the even share of about
+    CTAS_PER_SM x the SM count, at most one per MIN_SPLIT_KEYS keys of max_seq_len and MAX_SPLITS.
+
+    Fixed per batch bucket (a CUDA graph freezes the grid); `split_keys` decides each step how many of them
+    each row uses. Measured on an H200 (scripts/triton_decode_sweep.py): 2-3 CTAs per SM with work and slices
+    of >= 128 keys were within 3% of the best even split count at batch 1, 8, 32 and 128.
+    """
+    want = math.ceil(SPLIT_HEADROOM * CTAS_PER_SM * _sm_count(device) / (batch * kv_heads))
     most = max(1, math.ceil(max_seq_len / MIN_SPLIT_KEYS))
     return max(1, min(want, most, MAX_SPLITS))
 
 
-#: Hopper: 64-key tiles when each (row, kv head) has at most this many splits ...
+def split_keys(lengths: Sequence[int], kv_heads: int, num_splits: int, device: torch.device) -> int:
+    """Keys per split for one step (the kernel rounds it up to its key tile).
+
+    The longest row is cut into k = ceil(CTAS_PER_SM x SMs x longest / (kv_heads x total keys)) slices (at most
+    num_splits), so that about CTAS_PER_SM x SMs CTAs have work in all and none has more than longest / k keys.
+    Uniform lengths give the even split of `decode_splits`' share; in a mixed batch short rows take fewer slices.
+    Args: lengths, each row's keys this step (its new token included); num_splits, the bucket's split slots.
+    """
+    longest, total = max(lengths, default=0), sum(lengths)
+    if longest == 0:
+        return MIN_SPLIT_KEYS
+    k = math.ceil(CTAS_PER_SM * _sm_count(device) * longest / (kv_heads * total))
+    return max(MIN_SPLIT_KEYS, math.ceil(longest / max(1, min(k, num_splits))))
+
+
+#: Hopper: 64-key tiles when an even split has at most this many splits per (row, kv head) ...
 SMALL_TILE_MAX_SPLITS = 4
-#: ... and the grid is at most this many CTAs per SM (see `launch_options`).
+#: ... and at most this many CTAs per SM (see `launch_options`).
 SMALL_TILE_MAX_CTAS_PER_SM = 4
 
 
 @functools.lru_cache(maxsize=None)  # called once per layer: no device query on the hot path
-def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, splits: int = 1,
-                   ctas: int | None = None) -> dict:
-    """Key tile, warps and pipeline stages of the split kernel for a grid of `ctas` CTAs, `splits` per (row, head).
+def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, batch: int | None = None,
+                   kv_heads: int = 1) -> dict:
+    """Key tile, warps and pipeline stages of the split kernel for `batch` rows of `kv_heads` kv heads.
 
     Hopper, measured on an H200 (bf16, 32/8 heads, D 128; scripts/triton_decode_sweep.py, results/h200-2026-11-29c):
     128-key tiles, 4 warps, 3 stages (the largest tile whose 3 stages of K and V fit in ~200 KB of shared memory)
     were within 4% of the best of 12 options at batch 1, 8 and 128 and with 32 kv heads (64-key tiles 4-18%
-    slower there); at batch 16-64 (1-4 splits, 448-512 CTAs: at most SMALL_TILE_MAX_CTAS_PER_SM per SM)
-    64-key tiles were 5-15% faster (8k-32k keys per row; 0-4% at 512-4096), so that grid gets 64-key tiles.
-    The rule is fitted to those measurements, not derived. Elsewhere (not measured): 2 stages within ~96 KB.
+    slower there); at batch 16-64, where an even split of CTAS_PER_SM x SMs has 1-4 splits and 448-512 CTAs
+    (at most SMALL_TILE_MAX_CTAS_PER_SM per SM), 64-key tiles were 5-15% faster with 8k-32k keys per row, so
+    such a batch gets 64-key tiles. The rule is fitted to those measurements, not derived. Elsewhere (not
+    measured): 2 stages within ~96 KB.
     """
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
     stages, budget = (3, 200 * 1024) if hopper else (2, 96 * 1024)
     row_bytes = 2 * _next_pow2(max(head_dim, 16)) * dtype.itemsize         # one key's K + V
     block_n = 128
-    if hopper and ctas is not None and splits <= SMALL_TILE_MAX_SPLITS:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if ctas <= SMALL_TILE_MAX_CTAS_PER_SM * sms:
+    if hopper and batch is not None:
+        sms = _sm_count(device)
+        even = math.ceil(CTAS_PER_SM * sms / (batch * kv_heads))
+        if even <= SMALL_TILE_MAX_SPLITS and batch * kv_heads * even <= SMALL_TILE_MAX_CTAS_PER_SM * sms:
             block_n = 64
     while block_n > 16 and stages * block_n * row_bytes > budget:
         block_n //= 2
@@ -105,20 +131,22 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        Q, K, V, KNew, VNew, PageTable, QStart, QLen, Out, PartOut, PartLse,
+        Q, K, V, KNew, VNew, PageTable, QStart, QLen, SplitKeys, Out, PartOut, PartLse,
         stride_qb, stride_qh, stride_kh, stride_ks, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_pt,
         stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
         scale_log2e,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,
-        F32_DOT: tl.constexpr, WRITE_NEW: tl.constexpr,
+        F32_DOT: tl.constexpr, WRITE_NEW: tl.constexpr, BALANCED: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(QStart + b) + tl.load(QLen + b)             # keys of row b, new token included
-        per_split = ((seq_len + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        per_split = tl.maximum(per_split, MIN_KEYS)
+        per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS                    # even: every slot used
+        if BALANCED:  # the step's slice length; never short of covering the row with the grid's slots
+            per_split = tl.maximum(tl.load(SplitKeys).to(tl.int32), per_split)
+        per_split = tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N, MIN_KEYS)
         start = split * per_split
         end = tl.minimum(start + per_split, seq_len)
 
@@ -237,6 +265,7 @@ def paged_decode(
     *,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    split_keys: torch.Tensor | None = None,
     block_n: int | None = None,
     min_split_keys: int = MIN_SPLIT_KEYS,
     num_warps: int | None = None,
@@ -257,6 +286,9 @@ def paged_decode(
             its own: e.g. views into a fused QKV projection), or None when the pool already holds it. Given, the
             kernel stores them at position q_start[b] + q_len[b] - 1 (q_len must be 1) and attends to them from
             registers: the K/V write costs no launch of its own.
+        split_keys: (1,) int tensor, keys per split for every row (`split_keys()`: a long row uses more of its
+            num_splits slots than a short one; the kernel never lets a row's slices fall short of covering it),
+            or None: each row's keys evenly over all num_splits slots.
         block_n: keys per tile (a power of two >= 16, any page size); min_split_keys: fewest keys a split takes
             (a multiple of block_n); num_warps, num_stages: Triton launch options. None: `launch_options`.
     Returns:
@@ -264,7 +296,7 @@ def paged_decode(
     """
     B, Hq, D = q.shape
     Hkv = k_pool.shape[0]
-    default = launch_options(q.dtype, D, q.device, num_splits, B * Hkv * num_splits)
+    default = launch_options(q.dtype, D, q.device, B, Hkv)
     block_n = block_n or default["block_n"]
     num_warps = num_warps or default["num_warps"]
     num_stages = num_stages or default["num_stages"]
@@ -286,7 +318,8 @@ def paged_decode(
     sb, sh, ss = Hq * num_splits, num_splits, 1
     k_src, v_src = (k_new, v_new) if write_new else (q, q)  # unused when not writing
     _split_kernel[(B, Hkv, num_splits)](
-        q, k_pool, v_pool, k_src, v_src, page_table, q_start, q_len, out, part_out, part_lse,
+        q, k_pool, v_pool, k_src, v_src, page_table, q_start, q_len,
+        q_len if split_keys is None else split_keys, out, part_out, part_lse,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_src.stride(0), k_src.stride(1),
         v_src.stride(0), v_src.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1), sb, sh, ss,
@@ -294,6 +327,7 @@ def paged_decode(
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=D, D_PAD=d_pad,
         PAGE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_KEYS=min_split_keys,
         F32_DOT=q.dtype == torch.float32 or q.device.type == "cpu", WRITE_NEW=write_new,
+        BALANCED=split_keys is not None,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(B, Hq)](

@@ -11,6 +11,7 @@
 #   sweep     scripts/triton_decode_sweep.py: the Triton kernel's launch options and split counts   ~250 s
 #   sweep_long the same sweep with --long: batch 32 x 8k / 32k keys, deeper pipelines, 1-16 splits  ~40 s
 #   sweep_tiles the same sweep with --tiles: 128- vs 64-key tiles at batch 8-128                   ~60 s
+#   sweep_balance the same sweep with --balance: even splits vs balanced slices, mixed batches      ~30 s
 #   full      pagedflex with decode_full_blocks=True (full pages as full blocks at every batch)     ~60 s
 #   masked    pagedflex with decode_full_blocks=False (every page masked: split-KV follows each sequence) ~60 s
 #   nocheck   pagedflex with check_ownership=False (the compiled mask_mod without its second gather) ~60 s
@@ -57,6 +58,9 @@ for r in "${RUNS[@]}"; do
     sweep_tiles) t=$(date +%s); timeout -k 20 200 "$PY" scripts/triton_decode_sweep.py "$OUT/sweep_tiles" --tiles \
                 --budget-s 140 > "$OUT/sweep_tiles.log" 2>&1
               echo "sweep_tiles: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt" ;;
+    sweep_balance) t=$(date +%s); timeout -k 20 200 "$PY" scripts/triton_decode_sweep.py "$OUT/sweep_balance" \
+                --balance --budget-s 140 > "$OUT/sweep_balance.log" 2>&1
+              echo "sweep_balance: exit $? in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt" ;;
     full)     run full 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=1 -- --bench-grid small --bench-backends pagedflex ;;
     masked)   run masked 70 test_decode.py PAGED_BENCH_DECODE_FULL_BLOCKS=0 -- --bench-grid small --bench-backends pagedflex ;;
     nocheck)  run nocheck 70 test_decode.py PAGED_BENCH_CHECK_OWNERSHIP=0 -- --bench-grid small --bench-backends pagedflex ;;

@@ -1,6 +1,6 @@
 """Sweep the Triton paged-decode kernel's launch options on one GPU: device time per call, from CUDA graphs.
 
-    python scripts/triton_decode_sweep.py OUT [--budget-s 300] [--long | --tiles]
+    python scripts/triton_decode_sweep.py OUT [--budget-s 300] [--long | --tiles | --balance]
 
 Cases follow issue 6's targets: bf16, 32 query heads over 8 (and 32) kv heads, head dim 128, pages 16 and 128,
 batch 1/8/32/128, lengths uniform in [512, 4096) and [4096, 16384), pages placed at random in a pool twice the
@@ -11,7 +11,11 @@ K/V bytes read over that time against the card's copy bandwidth (a 1 GiB device-
 --long instead times the long-context cases where the kernel trailed FlashInfer most (batch 32, every row 8192
 or 32768 keys, pages 16 and 64): more pipeline stages and smaller tiles (LONG_CONFIGS) in stage 1, split counts
 1-16 in stage 2. --tiles times 128- against 64-key tiles (TILE_CONFIGS) over batch 8-128 at 8192 keys per row, and
-at random lengths in [4096, 16384), page 64, at the shipped split counts (no stage 2).
+at random lengths in [4096, 16384), page 64, at the shipped split counts (no stage 2). --balance times the even
+split (each row's keys over all of ceil(CTAS_PER_SM x SMs / (B x Hkv)) splits, what shipped before) against the
+shipped balanced slices (`split_keys`) over mixed batches (lengths log-uniform over a range, both ends present).
+Options are (splits, block_n, num_warps, num_stages, min_split_keys, balanced); every mode but --balance times
+balanced slices, as the cache runs them.
 Writes OUT/sweep.json (every timing) and OUT/sweep.md (best options per case). Stops a stage when the budget
 is spent, keeping what it measured.
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from conformance.benchmarks.grid import Ctx
 from paged import triton_decode
 
 HQ, D = 32, 128
@@ -62,8 +67,14 @@ def tile_cases() -> list[dict]:
             + [dict(page=64, lo=4096, hi=16384, batch=b, hkv=8) for b in (32, 128)])
 
 
+def balance_cases() -> list[dict]:
+    mixed = [dict(page=64, lo=512, hi=4096, batch=b, hkv=8, mix=True) for b in (8, 32, 64, 128)]
+    return mixed + [dict(page=64, lo=4096, hi=16384, batch=32, hkv=8, mix=True),
+                    dict(page=64, lo=512, hi=4096, batch=32, hkv=8), dict(page=64, lo=8192, hi=8193, batch=32, hkv=8)]
+
+
 def case_id(c: dict) -> str:
-    return f"B{c['batch']}-u{c['lo']}-{c['hi']}-P{c['page']}-{HQ}x{c['hkv']}"
+    return f"B{c['batch']}-{'mix' if c.get('mix') else 'u'}{c['lo']}-{c['hi']}-P{c['page']}-{HQ}x{c['hkv']}"
 
 
 class Data:
@@ -72,7 +83,10 @@ class Data:
     def __init__(self, c: dict, dev: torch.device) -> None:
         gen = torch.Generator().manual_seed(zlib.crc32(case_id(c).encode()))
         page, B, hkv = c["page"], c["batch"], c["hkv"]
-        self.lens = torch.randint(c["lo"], c["hi"], (B,), generator=gen)                 # (B,) keys per row
+        if c.get("mix"):  # log-uniform over [lo, hi], both ends present: the benchmark grid's mixed batches
+            self.lens = torch.tensor(Ctx("mix", c["lo"], c["hi"]).lengths(B, zlib.crc32(case_id(c).encode())))
+        else:
+            self.lens = torch.randint(c["lo"], c["hi"], (B,), generator=gen)             # (B,) keys per row
         need = [math.ceil(int(n) / page) for n in self.lens]
         num_pages = 2 * sum(need)
         width = math.ceil(c["hi"] / page)
@@ -89,12 +103,16 @@ class Data:
         self.q_start = (self.lens - 1).int().to(dev)
         self.q_len = torch.ones(B, dtype=torch.int32, device=dev)
         self.bytes = int(self.lens.sum()) * hkv * D * 2 * 2                              # K + V read
-        self.page = page
+        self.page, self.hkv, self.dev = page, hkv, dev
 
-    def call(self, splits: int, block_n: int, warps: int, stages: int, min_keys: int):
+    def call(self, splits: int, block_n: int, warps: int, stages: int, min_keys: int, balanced: bool = True):
+        keys = None
+        if balanced:
+            keys = torch.tensor([triton_decode.split_keys(self.lens.tolist(), self.hkv, splits, self.dev)],
+                                device=self.dev)
         return triton_decode.paged_decode(self.q, self.k, self.v, self.table, self.q_start, self.q_len, self.page,
                                           D ** -0.5, splits, block_n=block_n, min_split_keys=min_keys,
-                                          num_warps=warps, num_stages=stages)
+                                          num_warps=warps, num_stages=stages, split_keys=keys)
 
 
 def device_time(fn) -> float:
@@ -139,6 +157,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--long", action="store_true", help="the long-context cases, deeper pipelines, splits 1-16")
     ap.add_argument("--tiles", action="store_true", help="128- vs 64-key tiles over batch 8-128")
+    ap.add_argument("--balance", action="store_true", help="even splits vs balanced slices over mixed batches")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
@@ -147,13 +166,22 @@ def main() -> int:
     bw = copy_bandwidth(dev)
     rows, best = [], {}
     for stage in (1, 2):
-        for c in (long_cases() if args.long else tile_cases() if args.tiles else cases()):
+        for c in (long_cases() if args.long else tile_cases() if args.tiles else balance_cases() if args.balance
+                  else cases()):
             if time.time() - t0 > args.budget_s * (0.6 if stage == 1 else 1.0):
                 print(f"stage {stage}: budget spent at {case_id(c)}", flush=True)
                 break
             data = Data(c, dev)
             splits = triton_decode.decode_splits(c["batch"], c["hkv"], c["hi"], dev)
-            if stage == 1:
+            if args.balance:
+                if stage == 2:
+                    continue
+                o = triton_decode.launch_options(torch.bfloat16, D, dev, c["batch"], c["hkv"])
+                even = min(math.ceil(triton_decode.CTAS_PER_SM * sms / (c["batch"] * c["hkv"])),
+                           math.ceil(c["hi"] / triton_decode.MIN_SPLIT_KEYS), triton_decode.MAX_SPLITS)
+                shipped = (o["block_n"], o["num_warps"], o["num_stages"], max(o["block_n"], triton_decode.MIN_SPLIT_KEYS))
+                trials = [(even, *shipped, False), (splits, *shipped, True)]
+            elif stage == 1:
                 configs = LONG_CONFIGS if args.long else TILE_CONFIGS if args.tiles else CONFIGS
                 trials = [(splits, bn, w, s, max(bn, triton_decode.MIN_SPLIT_KEYS)) for bn, w, s in configs]
             elif args.tiles:
@@ -187,15 +215,17 @@ def main() -> int:
     meta = dict(gpu=torch.cuda.get_device_name(dev), sms=sms, torch=torch.__version__, cuda=torch.version.cuda,
                 triton=triton_decode.triton.__version__, copy_gbps=bw / 1e9, seconds=time.time() - t0)
     (args.out / "sweep.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    def shipped(r: dict) -> tuple:  # the launch options paged_decode picks by default for this row's grid
+    def shipped(r: dict) -> tuple:  # the launch options paged_decode picks by default for this row's batch
         b, hkv = (int(x) for x in (r["case"].split("-")[0][1:], r["case"].rsplit("x", 1)[1]))
-        o = triton_decode.launch_options(torch.bfloat16, D, dev, r["options"][0], b * hkv * r["options"][0])
+        o = triton_decode.launch_options(torch.bfloat16, D, dev, b, hkv)
         return o["block_n"], o["num_warps"], o["num_stages"]
 
-    default = {r["case"]: r for r in rows if r.get("stage") == 1 and tuple(r["options"][1:4]) == shipped(r)}
+    default = {r["case"]: r for r in rows if r.get("stage") == 1 and tuple(r["options"][1:4]) == shipped(r)
+               and (len(r["options"]) < 6 or r["options"][5])}
     lines = [f"# Triton decode sweep: {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, triton "
              f"{meta['triton']}, copy {meta['copy_gbps']:.0f} GB/s", "",
-             "options = (splits, block_n, num_warps, num_stages, min_split_keys); device time per call, CUDA graphs",
+             "options = (splits, block_n, num_warps, num_stages, min_split_keys, balanced); device time per call, CUDA "
+             "graphs",
              "", "| case | best options | best ms | best % copy BW | shipped options | shipped ms |",
              "|---|---|---|---|---|---|"]
     for cid, r in best.items():

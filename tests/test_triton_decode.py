@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conformance.policy import compare
 from paged import CacheSpec, PagedKVCache, mods
@@ -97,16 +99,44 @@ def test_kernel_matches_float64_attention(kernel_device, dtype, case):
 
 
 def test_empty_splits_and_one_split_agree(kernel_device):
-    """Short rows leave later splits empty; the merge must weigh them 0. Same answer for 1 and 7 splits."""
+    """Short rows leave later splits empty; the merge must weigh them 0. Same answer for 1 and 7 even splits,
+    and for 7 split slots with any keys per split: a long row then takes more slots than a short one; too few
+    keys per split to cover a row with 7 slots (1) fall back to the even split; 160 keys cover every row in one."""
     gen = torch.Generator().manual_seed(5)
     k_pool, v_pool = (torch.randn(2, 40 * 16, 32, generator=gen).to(kernel_device) for _ in range(2))
     q = torch.randn(3, 4, 32, generator=gen).to(kernel_device)
-    table = torch.randperm(40, generator=gen)[:30].view(3, 10).int().to(kernel_device)
-    q_start = torch.tensor([0, 20, 150], dtype=torch.int32, device=kernel_device)
+    table = torch.randperm(40, generator=gen)[:30].view(3, 10).int()
+    lens = [1, 21, 151]
+    q_start = torch.tensor([n - 1 for n in lens], dtype=torch.int32, device=kernel_device)
     q_len = torch.ones(3, dtype=torch.int32, device=kernel_device)
-    outs = [triton_decode.paged_decode(q, k_pool, v_pool, table, q_start, q_len, 16, 0.2, s, block_n=16,
-                                       min_split_keys=32) for s in (1, 7)]
-    assert (outs[0] - outs[1]).abs().max().item() <= 1e-6
+    gold = reference(q, k_pool, v_pool, table, lens, 16, 0.2).to(kernel_device)
+
+    def decode(splits, keys=None):
+        keys = None if keys is None else torch.tensor([keys], device=kernel_device)
+        return triton_decode.paged_decode(q, k_pool, v_pool, table.to(kernel_device), q_start, q_len, 16, 0.2,
+                                          splits, block_n=16, min_split_keys=32, split_keys=keys)
+
+    one = decode(1)
+    assert (one.double() - gold).abs().max().item() <= 1e-5
+    for splits, keys in ((7, None), (7, 1), (7, 32), (7, 48), (7, 160)):
+        assert (decode(splits, keys) - one).abs().max().item() <= 1e-6, (splits, keys)
+    # The slices really follow split_keys: one slice per row is the 1-split sum exactly; 7 even slices are not.
+    assert torch.equal(decode(7, 160), one) and not torch.equal(decode(7), one)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40_000), min_size=1, max_size=64), kv_heads=st.sampled_from([1, 2, 8, 32]),
+       num_splits=st.integers(1, triton_decode.MAX_SPLITS))
+def test_split_keys_covers_every_row_and_never_lengthens_the_longest_slice(lengths, kv_heads, num_splits):
+    """Every row fits its slots; no slice is shorter than MIN_SPLIT_KEYS; the longest row's slices (the step's
+    critical path) are never longer than with the even split of CTAS_PER_SM x SMs CTAs over the rows."""
+    cpu = torch.device("cpu")
+    keys = triton_decode.split_keys(lengths, kv_heads, num_splits, cpu)
+    longest = max(lengths)
+    assert keys >= triton_decode.MIN_SPLIT_KEYS
+    assert math.ceil(longest / keys) <= num_splits
+    even = math.ceil(triton_decode.CTAS_PER_SM * triton_decode._sm_count(cpu) / (len(lengths) * kv_heads))
+    assert keys <= max(triton_decode.MIN_SPLIT_KEYS, math.ceil(longest / min(even, num_splits)))
 
 
 @pytest.mark.parametrize("splits", [1, 4])
