@@ -28,7 +28,7 @@ from paged.mods import MaskMod, ScoreMod, causal
 from paged.plan import StepBuffers, StepPlan, bucket, fill_block_lists, padded_query_len, physical_mods
 from paged.spec import CacheSpec
 from paged.stats import MemoryStats
-from paged.transfer import copy_into, to_device
+from paged.transfer import to_device
 from paged.validation import check_new_id, check_run, check_step, lookup
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -324,23 +324,27 @@ class PagedKVCache:
         buf = self._buffers_for(bucket(B), padded_query_len(max_q))
         Bp, W = buf.padded_batch, buf.width
 
-        table = self._host_table.gather([st.row for st in states], Bp)                     # (Bp, W) int32
+        # One host->device copy per tensor, into the bucket's persistent buffers, each from its pinned twin
+        # (transfer.StagedCopies); none waits for the GPU.
+        stage = buf.stage
+        stage.begin()
+        table = self._host_table.gather([st.row for st in states], Bp, out=stage.twin(buf.page_table))  # (Bp, W)
         q_start = torch.zeros(Bp, dtype=torch.long)
         q_start[:B] = torch.tensor(start_lens)
         q_len = torch.zeros(Bp, dtype=torch.long)
         q_len[:B] = torch.tensor(q_lens)
-        # One host->device copy per tensor, into the bucket's persistent buffers; none waits for the GPU.
-        copy_into(buf.page_table, table)
-        copy_into(buf.q_start, q_start)
-        copy_into(buf.q_len, q_len)
+        stage.twin(buf.q_start).copy_(q_start)
+        stage.twin(buf.q_len).copy_(q_len)
+        for dst in (buf.page_table, buf.q_start, buf.q_len):
+            stage.copy(dst)
         # The Triton decode kernel reads only the page table and lengths: no block lists, no mask.
         triton_step = self.decode_kernel == "triton" and max_q == 1 and mask_mod is None and score_mod is None
         if triton_step:
             from paged.triton_decode import split_keys
 
             lengths = [s + 1 for s in start_lens]
-            copy_into(buf.split_keys, torch.tensor(
-                [split_keys(lengths, spec.num_kv_heads, buf.decode_splits, spec.device)]))
+            stage.twin(buf.split_keys)[0] = split_keys(lengths, spec.num_kv_heads, buf.decode_splits, spec.device)
+            stage.copy(buf.split_keys)
         else:
             num_pages = torch.zeros(Bp, dtype=torch.long)
             num_pages[:B] = torch.tensor([len(st.pages) for st in states])
@@ -348,7 +352,8 @@ class PagedKVCache:
             full_blocks = mask_mod is None and (max_q > 1 or decode_full)
             lists = fill_block_lists(buf, table, num_pages, q_start, q_len, P, causal_default=full_blocks)
             for name, host in lists.items():
-                copy_into(getattr(buf, name), host)
+                stage.twin(getattr(buf, name)).copy_(host)
+                stage.copy(getattr(buf, name))
 
         # Slot of every new token, and its row in the caller's flattened (B * max_q) inputs.
         if max_q == 1:                                                                            # decode: T = B
@@ -361,8 +366,11 @@ class PagedKVCache:
         rows = owner * max_q + offset                                                             # (T,)
         slots = table[owner, torch.div(pos, P, rounding_mode="floor")].long() * P + pos % P      # (T,)
         T = slots.numel()
-        copy_into(buf.slots[:T], slots)
-        copy_into(buf.token_rows[:T], rows)
+        stage.twin(buf.slots)[:T] = slots
+        stage.twin(buf.token_rows)[:T] = rows
+        stage.copy(buf.slots, T)
+        stage.copy(buf.token_rows, T)
+        stage.end()
 
         if triton_step:
             return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, buf.slots[:T], buf.token_rows[:T], None, None,

@@ -43,8 +43,10 @@ class HostPageTable:
         if rows:
             self.rows[torch.tensor(rows), torch.tensor(columns)] = torch.tensor(pages, dtype=torch.int32)
 
-    def gather(self, rows: list[int], padded_rows: int) -> torch.Tensor:
-        """(padded_rows, W) int32: the given rows in order, then -1 rows."""
-        table = torch.full((padded_rows, self.rows.shape[1]), -1, dtype=torch.int32)
-        table[:len(rows)] = self.rows.index_select(0, torch.tensor(rows))
+    def gather(self, rows: list[int], padded_rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(padded_rows, W) int32: the given rows in order, then -1 rows; written into `out` when given."""
+        table = torch.empty((padded_rows, self.rows.shape[1]), dtype=torch.int32) if out is None else out
+        n = len(rows)
+        torch.index_select(self.rows, 0, torch.tensor(rows), out=table[:n])
+        table[n:] = -1
         return table

@@ -17,6 +17,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from paged.mods import MaskMod, ScoreMod
+from paged.transfer import StagedCopies
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -63,6 +64,7 @@ class StepBuffers:
         self.kernel_options: dict | None = None  # this bucket's FlexAttention kernel options, set once by the cache
         self.decode_splits = 1  # the Triton decode kernel's split slots per (row, kv head), set once by the cache
         self.split_keys = torch.zeros(1, dtype=torch.long, device=device)  # its keys per split, set by each plan
+        self.stage = StagedCopies()  # the pinned twins plan() fills these tensors from
 
 
 def physical_mods(

@@ -5,6 +5,10 @@ issuing a dozen of them waits for the previous step's kernels a dozen times and 
 of the GPU. Staging through pinned memory with `non_blocking=True` enqueues the copy and returns at once.
 Reusing the pinned staging memory is safe: PyTorch's caching host allocator records an event with each
 non-blocking copy and hands the block out again only after that event has completed.
+
+`StagedCopies` goes one step further for the copies a plan() repeats every step into the same device tensors:
+each destination has a pinned twin allocated once, and one event per round of copies says when the twins may
+be written again, so a step pays no pinned allocation, no event per copy and no host-side staging copy.
 """
 
 from __future__ import annotations
@@ -33,3 +37,50 @@ def copy_into(dst: torch.Tensor, host: torch.Tensor) -> None:
         dst.copy_(host)
     else:
         dst.copy_(_staged(host.to(dst.dtype)), non_blocking=True)
+
+
+class StagedCopies:
+    """Rounds of host->device copies into fixed device tensors, each through a pinned twin allocated once.
+
+        stage = StagedCopies()
+        stage.begin()                       # waits (rarely) until the last round's copies left the twins
+        stage.twin(dst)[:n] = values        # or write it any other way: a (dst.shape) pinned CPU tensor
+        stage.copy(dst, n)                  # enqueue dst.view(-1)[:n] <- twin.view(-1)[:n]
+        stage.end()                         # one event for the round
+
+    On the CPU the twin is `dst` itself and copy() does nothing. Twins are keyed by the destination tensor, so
+    `dst` must be the same (persistent) tensor every round.
+    """
+
+    def __init__(self) -> None:
+        self._twins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(dst) -> (dst, its pinned twin)
+        self._event: torch.cuda.Event | None = None
+
+    def begin(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def twin(self, dst: torch.Tensor) -> torch.Tensor:
+        """The tensor to write this round's values of `dst` into."""
+        if dst.device.type != "cuda":
+            return dst
+        entry = self._twins.get(id(dst))
+        if entry is None or entry[0] is not dst:
+            entry = self._twins[id(dst)] = (dst, torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True))
+        return entry[1]
+
+    def copy(self, dst: torch.Tensor, n: int | None = None) -> None:
+        """Enqueue the copy of the twin's first n elements (default all) into `dst`; returns at once."""
+        if dst.device.type != "cuda":
+            return
+        src = self.twin(dst)
+        if n is None:
+            dst.copy_(src, non_blocking=True)
+        elif n:
+            dst.view(-1)[:n].copy_(src.view(-1)[:n], non_blocking=True)
+
+    def end(self) -> None:
+        if self._twins:
+            if self._event is None:
+                self._event = torch.cuda.Event()
+            self._event.record()
