@@ -94,8 +94,9 @@ class PagedKVCache:
         decode_kernel: the kernel of plain causal decode steps (one new token per row, no mods): "flex"
             (FlexAttention, as every other step), "triton" (`paged.triton_decode`: key tiles across pages,
             split-KV over each row's own length, longer rows in more slices), or "auto", the default:
-            "triton" on CUDA where Triton imports, else "flex". Prefill, mods and attention="eager" always use FlexAttention. "triton" on the CPU
-            runs Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported): for tests only.
+            "triton" on CUDA where Triton imports, else "flex". Prefill, mods and attention="eager" always use
+            FlexAttention. "triton" on the CPU runs Triton's interpreter (TRITON_INTERPRET=1 before Triton is
+            imported): for tests only.
 
     Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
     """

@@ -12,7 +12,8 @@ Two launches (FlashInfer style: `decode_splits` once per bucket, `paged_decode` 
                    s-th tile-aligned slice of row b's keys -> partial output and log-sum-exp. Slices are
                    `split_keys` long for every row (`split_keys()`, once per step from the host's lengths): a
                    long row takes more of its S slots than a short one, so that the longest row, the step's
-                   critical path, is cut as short as the step's total work allows; unused slots exit at once.
+                   critical path, is cut as short as the step's total work allows; an unused slot runs no key
+                   tile and writes an empty partial, which the merge weighs 0.
     merge kernel   grid (B, Hq): weights the S partials by their log-sum-exp. Skipped when S == 1 (the split
                    kernel then writes the output itself).
 
@@ -84,7 +85,8 @@ def split_keys(lengths: Sequence[int], kv_heads: int, num_splits: int, device: t
 
     The longest row is cut into k = ceil(CTAS_PER_SM x SMs x longest / (kv_heads x total keys)) slices (at most
     num_splits), so that about CTAS_PER_SM x SMs CTAs have work in all and none has more than longest / k keys.
-    Uniform lengths give the even split of `decode_splits`' share; in a mixed batch short rows take fewer slices.
+    Uniform lengths give the even split of CTAS_PER_SM x SMs CTAs over the rows; in a mixed batch short rows take
+    fewer slices and the longest more.
     Args: lengths, each row's keys this step (its new token included); num_splits, the bucket's split slots.
     """
     longest, total = max(lengths, default=0), sum(lengths)

@@ -182,7 +182,8 @@ def main() -> int:
                 o = triton_decode.launch_options(torch.bfloat16, D, dev, c["batch"], c["hkv"])
                 even = min(math.ceil(triton_decode.CTAS_PER_SM * sms / (c["batch"] * c["hkv"])),
                            math.ceil(c["hi"] / triton_decode.MIN_SPLIT_KEYS), triton_decode.MAX_SPLITS)
-                shipped = (o["block_n"], o["num_warps"], o["num_stages"], max(o["block_n"], triton_decode.MIN_SPLIT_KEYS))
+                min_keys = max(o["block_n"], triton_decode.MIN_SPLIT_KEYS)
+                shipped = (o["block_n"], o["num_warps"], o["num_stages"], min_keys)
                 trials = [(even, *shipped, False), (splits, *shipped, True)]
             elif stage == 1:
                 configs = LONG_CONFIGS if args.long else TILE_CONFIGS if args.tiles else CONFIGS
