@@ -31,6 +31,27 @@ def compiled_flex_attention() -> Any:
     return _compiled
 
 
+def own_call_is_compiled() -> bool:
+    """Whether a call of `compiled_flex_attention()` made now runs inductor's kernel rather than eager FlexAttention.
+
+    Eager FlexAttention evaluates the mask_mod over the whole pool, so a mask that trusts the block lists is right
+    only when this holds. It does not when the call is traced by the caller's torch.compile (whose backend may be
+    "eager" or "aot_eager"), when dynamo is disabled (TORCHDYNAMO_DISABLE=1 makes torch.compile return the
+    function itself; `torch._dynamo.config.disable` at call time), when a stance other than "default"
+    or "fail_on_recompile" or a forced backend is set (`torch.compiler.set_stance`: "force_eager",
+    "eager_on_recompile", ...), or when dynamo's suppress_errors may run a failed frame eagerly. The recompile
+    limit and graph breaks raise instead (fullgraph=True).
+    """
+    if torch.compiler.is_compiling() or compiled_flex_attention() is flex_attention:
+        return False
+    config = torch._dynamo.config
+    if config.disable or config.suppress_errors:
+        return False
+    stance = getattr(torch._dynamo.eval_frame, "_stance", None)  # private: unknown layouts count as not compiled
+    return (stance is not None and getattr(stance, "stance", None) in ("default", "fail_on_recompile")
+            and getattr(stance, "backend", "?") is None)
+
+
 def prefill_tiles(padded_q_len: int, page_size: int) -> dict:
     """Tiles for compiled flex's non-decode GPU kernel: key tiles must divide the page, query tiles the Q block.
 

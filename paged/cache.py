@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from paged.allocator import PageAllocator, PlacementPolicy
-from paged.attention import AttentionMode, attend, decode_kernel_defaults, decode_splits_kv, prefill_tiles
+from paged.attention import (AttentionMode, attend, decode_kernel_defaults, decode_splits_kv, own_call_is_compiled,
+                             prefill_tiles)
 from paged.errors import UnsupportedConfigError
 from paged.host_table import HostPageTable
 from paged.mods import MaskMod, ScoreMod, causal
@@ -85,12 +86,12 @@ class PagedKVCache:
             row's sequence. Eager FlexAttention reads nothing but the mask_mod, over the whole pool, so there it
             must; an inductor-compiled kernel visits only the pages listed for the row, so there the check is a
             second gather per masked element for nothing (prefill 12-35% slower on an H200). "auto", the
-            default: checked everywhere but in the cache's own compiled call, which is compiled with
-            fullgraph=True so that it fails rather than run eagerly behind your back (dynamo's recompile limit,
-            graph breaks). Still checked there while dynamo's suppress_errors is on, and when `run` is traced by
-            your torch.compile, whose backend may run FlexAttention eagerly ("eager", "aot_eager"). True: checked
-            in every call. False: unchecked in every compiled call, yours included (right with inductor, a leak
-            of other sequences' pages with a backend that runs FlexAttention eagerly).
+            default: checked in every call but the cache's own compiled call when that surely runs inductor's
+            kernel (`attention.own_call_is_compiled`: not traced by your torch.compile, whose backend may run
+            FlexAttention eagerly; dynamo not disabled, not forced eager by `torch.compiler.set_stance`, not
+            suppressing errors; compiled with fullgraph=True, so its recompile limit raises instead of running
+            eagerly). True: checked in every call. False: checked only with attention="eager" (right with
+            inductor; a leak of other sequences' pages wherever FlexAttention runs eagerly).
         decode_kernel: the kernel of plain causal decode steps (one new token per row, no mods): "flex"
             (FlexAttention, as every other step), "triton" (`paged.triton_decode`: key tiles across pages,
             split-KV over each row's own length, longer rows in more slices), or "auto", the default:
@@ -380,9 +381,9 @@ class PagedKVCache:
         if key not in buf.wrapped:
             buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod)
         checked_mask, listed_mask, paged_score = buf.wrapped[key]
-        own_compiled = self.attention == "compiled" and self.check_ownership is not True
-        own_mask = listed_mask if own_compiled else checked_mask
-        caller_mask = listed_mask if self.check_ownership is False else checked_mask
+        compiled = self.attention == "compiled"
+        own_mask = listed_mask if compiled and self.check_ownership is not True else checked_mask
+        caller_mask = listed_mask if compiled and self.check_ownership is False else checked_mask
         # FlexDecoding keys its split-KV tiling on whether full-block lists exist at all (not on their contents),
         # so the every-page-masked layout passes none on CUDA. The CPU template does not split, and its C++ codegen
         # fails for some shapes without full-block lists (torch 2.13): it gets all-zero lists.
@@ -418,9 +419,7 @@ class PagedKVCache:
         H, D = spec.num_kv_heads, spec.head_dim
         Lq_in = q.shape[1]
         q, k, v = q[:, :Lq], k[:, :Lq], v[:, :Lq]
-        plan.layers_run.add(layer)
-
-        buf = plan.buffers
+        buf = plan.buffers  # the layer counts as run once its attention was launched: a raise allows a retry
         if plan.kernel == "triton":                                                    # plain decode: Lq == 1
             from paged.triton_decode import paged_decode
 
@@ -429,6 +428,7 @@ class PagedKVCache:
             out = paged_decode(q1, self.k_pool[layer], self.v_pool[layer], buf.page_table, buf.q_start, buf.q_len,
                                spec.page_size, D ** -0.5 if scale is None else scale, buf.decode_splits,
                                k_new=k1, v_new=v1, split_keys=buf.split_keys)  # (B, Hq, D)
+            plan.layers_run.add(layer)
             out = out[:, None]                                                 # (B, 1, Hq, D)
             return out if Lq_in == 1 else F.pad(out, (0, 0, 0, 0, 0, Lq_in - 1))
 
@@ -447,6 +447,7 @@ class PagedKVCache:
         qp[:B, :Lq] = q
         out = attend(qp.transpose(1, 2), self.k_pool[layer:layer + 1], self.v_pool[layer:layer + 1],
                      self._block_mask(plan), plan.score_mod, scale, self.attention, buf.kernel_options)
+        plan.layers_run.add(layer)
         out = out.transpose(1, 2)[:B, :Lq]                                             # (B, Lq, Hq, D)
         if not dense:
             # Unmasked (full) pages reach a short row's padding positions too: zero them so callers never see garbage.
@@ -456,11 +457,9 @@ class PagedKVCache:
 
     @staticmethod
     def _block_mask(plan: StepPlan) -> BlockMask:
-        """The plan's block mask for this call: the checked one where FlexAttention may run eagerly over the pool."""
-        # Traced by the caller's torch.compile (backend unknown), or dynamo told to run failed frames eagerly.
-        if torch.compiler.is_compiling() or torch._dynamo.config.suppress_errors:
-            return plan.checked_block_mask
-        return plan.block_mask
+        """The plan's block mask for this call: the checked one unless the cache's own compiled call surely runs
+        inductor's kernel, which visits only the listed pages (`own_call_is_compiled`)."""
+        return plan.block_mask if own_call_is_compiled() else plan.checked_block_mask
 
     # ------------------------------------------------------------------ memory
     def memory(self) -> MemoryStats:

@@ -95,15 +95,17 @@ def physical_mods(
         logical_page = page_logical[kv_idx // page_size]  # same logical index for every owner (forks share prefixes)
         return logical_page, logical_page * page_size + kv_idx % page_size
 
-    def listed_mask(b, h, q_idx, kv_idx):
-        kv_pos = logical_pos(kv_idx)[1]
+    def visible(b, h, q_idx, kv_pos):
         q_pos = q_start[b] + q_idx
         return (kv_pos < q_start[b] + q_len[b]) & (q_idx < q_len[b]) & mask_mod(b, h, q_pos, kv_pos)
 
+    def listed_mask(b, h, q_idx, kv_idx):
+        return visible(b, h, q_idx, logical_pos(kv_idx)[1])
+
     def checked_mask(b, h, q_idx, kv_idx):
-        logical_page = logical_pos(kv_idx)[0]
+        logical_page, kv_pos = logical_pos(kv_idx)
         owned = (logical_page >= 0) & (page_table[b, logical_page.clamp(min=0)] == kv_idx // page_size)
-        return owned & listed_mask(b, h, q_idx, kv_idx)
+        return owned & visible(b, h, q_idx, kv_pos)
 
     if score_mod is None:
         return checked_mask, listed_mask, None
@@ -127,8 +129,9 @@ class StepPlan:
             It is the identity exactly when T == B * max_q_len (every row full), and `run` relies on that.
         block_mask: FlexAttention BlockMask over (Bp, Lqp) queries and the whole pool, for the cache's own call
             (compiled or eager); None on a Triton step.
-        checked_block_mask: the same block lists for a `run` traced by the caller's torch.compile, whose backend
-            may run FlexAttention eagerly (`PagedKVCache.check_ownership`); may be block_mask itself.
+        checked_block_mask: the same block lists for a call that may run FlexAttention eagerly (traced by the
+            caller's torch.compile, dynamo disabled or forced eager: `attention.own_call_is_compiled`), with the
+            ownership-checking mask unless check_ownership=False; may be block_mask itself; None on a Triton step.
         score_mod: physical score_mod or None.
         kernel: "flex", or "triton" for a plain decode step run by `paged.triton_decode` (no block mask).
     The tensors are views of the bucket's persistent StepBuffers: the next plan() of the same bucket overwrites

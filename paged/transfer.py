@@ -55,6 +55,7 @@ class StagedCopies:
     def __init__(self) -> None:
         self._twins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(dst) -> (dst, its pinned twin)
         self._event: torch.cuda.Event | None = None
+        self._device: torch.device | None = None  # the destinations' GPU: its stream runs the copies
 
     def begin(self) -> None:
         if self._event is not None:
@@ -64,6 +65,10 @@ class StagedCopies:
         """The tensor to write this round's values of `dst` into."""
         if dst.device.type != "cuda":
             return dst
+        if self._device is None:
+            self._device = dst.device
+        elif dst.device != self._device:
+            raise ValueError(f"one StagedCopies serves one GPU: {self._device}, not {dst.device}")
         entry = self._twins.get(id(dst))
         if entry is None or entry[0] is not dst:
             entry = self._twins[id(dst)] = (dst, torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True))
@@ -80,7 +85,10 @@ class StagedCopies:
             dst.view(-1)[:n].copy_(src.view(-1)[:n], non_blocking=True)
 
     def end(self) -> None:
-        if self._twins:
-            if self._event is None:
-                self._event = torch.cuda.Event()
-            self._event.record()
+        if self._device is not None:
+            # On the destinations' device's current stream, where copy_ enqueued the copies, whatever the
+            # current device is.
+            with torch.cuda.device(self._device):
+                if self._event is None:
+                    self._event = torch.cuda.Event()
+                self._event.record(torch.cuda.current_stream(self._device))

@@ -8,9 +8,13 @@ the ownership check leaks other sequences' pages on the eager path while the com
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
+import paged.attention
 import paged.cache
 from conformance.policy import CEILING, compare
 from oracle import ContiguousOracle
@@ -192,8 +196,8 @@ def _two_rows_on_logical_page_0(cache, ids="ab"):
 @pytest.mark.parametrize("attention,check_ownership,own,caller", [
     ("compiled", "auto", "listed", "checked"), ("compiled", True, "checked", "checked"),
     ("compiled", False, "listed", "listed"), ("eager", "auto", "checked", "checked"),
-    ("eager", False, "checked", "listed")])
-def test_which_mask_each_call_gets(device, monkeypatch, attention, check_ownership, own, caller):
+    ("eager", False, "checked", "checked")])
+def test_which_mask_each_call_gets(device, attention, check_ownership, own, caller):
     """The mask without the ownership check goes only where the block lists are honoured: the cache's own
     compiled call (unless check_ownership=True), and a caller's compile only with check_ownership=False; dynamo's
     suppress_errors (failed frames run eagerly) gets the checked one. The two masks differ exactly there: at a
@@ -225,28 +229,44 @@ def test_own_compiled_call_fails_at_the_recompile_limit(device):
             flex(x, x, x)
 
 
+#: Ways a call of the cache's compiled FlexAttention ends up evaluating the mask_mod densely over the whole pool.
+EAGER_ROUTES = ["caller_compile_eager", "caller_compile_aot_eager", "stance_force_eager", "stance_forced_eager_backend",
+                "dynamo_disabled_at_compile"]
+
+
 @pytest.mark.parametrize("check_ownership", ["auto", True, False])
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_run_traced_by_a_callers_compile(device, check_ownership, backend):
-    """A caller compiles code that calls `run` with a backend that runs FlexAttention eagerly, over the whole pool
-    and the mask_mod alone. "auto" and True hand that trace the checked mask: right. False hands it the mask
-    without the ownership check: it reads the other row's page 0 (the leak the option's docstring warns of),
-    which also shows this test can see a leak."""
+@pytest.mark.parametrize("route", EAGER_ROUTES)
+def test_ownership_is_checked_wherever_flex_may_run_eagerly(device, monkeypatch, check_ownership, route):
+    """`run` reached through a route where FlexAttention evaluates the mask_mod alone over the whole pool: the
+    caller's torch.compile with backend "eager" / "aot_eager", `torch.compiler.set_stance("force_eager")` or a
+    forced "eager" backend, or dynamo disabled when the cache's flex was compiled (TORCHDYNAMO_DISABLE=1 makes
+    torch.compile return flex_attention itself; simulated). "auto" and True hand all of them the checked mask:
+    right. False hands them the mask without the ownership check: it reads the other row's page 0 (the leak its
+    docstring warns of), which also shows that each route really runs eagerly and that this test sees a leak."""
     spec = make_spec(device, torch.float32)
     cache = PagedKVCache(spec, check_ownership=check_ownership, decode_kernel="flex")
     oracle = ContiguousOracle(spec)
     gen = torch.Generator().manual_seed(5)
-    run = torch.compile(lambda q, k, v: cache.run(0, q, k, v), backend=backend)
+    run, context = (lambda q, k, v: cache.run(0, q, k, v)), contextlib.nullcontext()
+    if route.startswith("caller_compile_"):
+        run = torch.compile(run, backend=route.removeprefix("caller_compile_"))
+    elif route == "stance_force_eager":
+        context = torch.compiler.set_stance("force_eager")
+    elif route == "stance_forced_eager_backend":
+        context = torch.compiler.set_stance("default", force_backend="eager")
+    else:
+        monkeypatch.setattr(paged.attention, "_compiled", flex_attention)
     errors = []
-    for step, lens in enumerate(([16, 5], [1, 2])):
-        for c in (cache, oracle):
-            if step == 0:
-                _two_rows_on_logical_page_0(c)
-            else:
-                c.plan(["a", "b"], lens)
-        q, k, v = (torch.randn(2, max(lens), h, spec.head_dim, generator=gen).to(device) for h in (HQ, 2, 2))
-        out, ref = run(q, k, v), oracle.run(0, q, k, v)
-        errors += [(out[b, :n] - ref[b, :n]).abs().max().item() for b, n in enumerate(lens)]
+    with context:
+        for step, lens in enumerate(([16, 5], [1, 2])):
+            for c in (cache, oracle):
+                if step == 0:
+                    _two_rows_on_logical_page_0(c)
+                else:
+                    c.plan(["a", "b"], lens)
+            q, k, v = (torch.randn(2, max(lens), h, spec.head_dim, generator=gen).to(device) for h in (HQ, 2, 2))
+            out, ref = run(q, k, v), oracle.run(0, q, k, v)
+            errors += [(out[b, :n] - ref[b, :n]).abs().max().item() for b, n in enumerate(lens)]
     if check_ownership is False:
         assert max(errors) > 0.1, f"the mask without the check must leak here: errors {errors}"
     else:

@@ -429,3 +429,31 @@ def test_every_error_is_a_paged_error_with_the_builtin_base():
                       (PlanError, RuntimeError)]:
         assert issubclass(cls, PagedError) and issubclass(cls, base)
     assert str(UnknownSequenceError("x")).startswith("sequence 'x'"), "no KeyError repr quoting"
+
+
+def test_a_layer_whose_attention_raises_can_be_run_again(device, monkeypatch):
+    """A failure inside the attention call (a kernel error, dynamo's recompile limit) leaves the layer not run:
+    the same call again stores the same K/V and attends, and gives the oracle's answer."""
+    import paged.cache
+
+    spec = make_spec(device)
+    cache, oracle = PagedKVCache(spec, decode_kernel="flex"), ContiguousOracle(spec)
+    for c in (cache, oracle):
+        c.admit("a")
+        c.plan(["a"], [5])
+    q, k, v = rand_qkv(torch.Generator().manual_seed(3), spec, 1, 5)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the kernel failed")
+
+    real = paged.cache.attend
+    monkeypatch.setattr(paged.cache, "attend", broken)
+    with pytest.raises(RuntimeError, match="the kernel failed"):
+        cache.run(0, q, k, v)
+    monkeypatch.setattr(paged.cache, "attend", real)
+    out = cache.run(0, q, k, v)
+    gold = oracle.run(0, q, k, v)[0]
+    result = compare(out[0], gold, gold, spec.dtype)
+    assert result.ok, result.describe()
+    with pytest.raises(PlanError, match="layer 0 already ran"):
+        cache.run(0, q, k, v)

@@ -41,26 +41,41 @@ def test_staged_copies_wait_for_the_last_round_before_reusing_the_twins():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("decode_kernel", ["flex", "triton"])
-def test_plans_staged_while_the_gpu_lags_behind(decode_kernel):
+def test_plans_staged_while_the_gpu_lags_behind(decode_kernel, monkeypatch):
     """Steps planned and run while the GPU is far behind the host: each step's kernels must read that step's
-    page table, lengths and slots, not the next plan's (which reuses the same pinned twins)."""
+    page table, lengths and slots, not the next plan's (which reuses the same pinned twins). Inputs are made on
+    the GPU beforehand and the oracle runs afterwards, so that nothing in the loop waits for the GPU; the test
+    checks that plan() really found the previous plan's copies still pending."""
     spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, page_size=16, num_pages=64, max_seq_len=256,
                      dtype=torch.float32, device=torch.device("cuda"))
-    cache, oracle = PagedKVCache(spec, decode_kernel=decode_kernel), ContiguousOracle(spec)
-    gen = torch.Generator().manual_seed(11)
+    cache = PagedKVCache(spec, decode_kernel=decode_kernel)
+    steps = [[20, 3, 17], [1, 1, 1], [1, 1, 1], [1, 1, 1], [15, 1, 1]]
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    inputs = [[tuple(torch.randn(3, max(lens), h, 64, device="cuda", generator=gen) for h in (4, 2, 2))
+               for _ in range(spec.num_layers)] for lens in steps]
+    pending = []
+    begin = StagedCopies.begin
+
+    def spying_begin(self):
+        pending.append(self._event is not None and not self._event.query())
+        begin(self)
+
+    monkeypatch.setattr(StagedCopies, "begin", spying_begin)
     ids = ["a", "b", "c"]
-    for c in (cache, oracle):
-        for s in ids:
-            c.admit(s)
-    outs, refs = [], []
-    for lens in ([20, 3, 17], [1, 1, 1], [1, 1, 1], [1, 1, 1], [15, 1, 1]):
+    for s in ids:
+        cache.admit(s)
+    outs = []
+    for lens, layers in zip(steps, inputs):
         torch.cuda._sleep(20_000_000)                     # the GPU lags: this step's copies wait behind it
-        for c in (cache, oracle):
-            c.plan(ids, lens)
-        for layer in range(spec.num_layers):
-            q, k, v = (torch.randn(3, max(lens), h, 64, generator=gen).cuda() for h in (4, 2, 2))
-            outs.append((cache.run(layer, q, k, v), lens))
-            refs.append(oracle.run(layer, q, k, v))
-    for (out, lens), ref in zip(outs, refs):
-        for b, n in enumerate(lens):
-            assert (out[b, :n] - ref[b, :n]).abs().max().item() < 1e-4
+        cache.plan(ids, lens)
+        outs.append([cache.run(layer, *qkv) for layer, qkv in enumerate(layers)])
+    assert any(pending), "plan() never met a pending copy: the test did not exercise the race"
+    oracle = ContiguousOracle(spec)
+    for s in ids:
+        oracle.admit(s)
+    for lens, layers, step_outs in zip(steps, inputs, outs):
+        oracle.plan(ids, lens)
+        for layer, (qkv, out) in enumerate(zip(layers, step_outs)):
+            ref = oracle.run(layer, *qkv)
+            for b, n in enumerate(lens):
+                assert (out[b, :n] - ref[b, :n]).abs().max().item() < 1e-4

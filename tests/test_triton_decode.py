@@ -101,7 +101,7 @@ def test_kernel_matches_float64_attention(kernel_device, dtype, case):
 def test_empty_splits_and_one_split_agree(kernel_device):
     """Short rows leave later splits empty; the merge must weigh them 0. Same answer for 1 and 7 even splits,
     and for 7 split slots with any keys per split: a long row then takes more slots than a short one; too few
-    keys per split to cover a row with 7 slots (1) fall back to the even split; 160 keys cover every row in one."""
+    keys per split to cover a row with 7 slots fall back to the even split; 160 keys cover every row in one."""
     gen = torch.Generator().manual_seed(5)
     k_pool, v_pool = (torch.randn(2, 40 * 16, 32, generator=gen).to(kernel_device) for _ in range(2))
     q = torch.randn(3, 4, 32, generator=gen).to(kernel_device)
@@ -111,15 +111,18 @@ def test_empty_splits_and_one_split_agree(kernel_device):
     q_len = torch.ones(3, dtype=torch.int32, device=kernel_device)
     gold = reference(q, k_pool, v_pool, table, lens, 16, 0.2).to(kernel_device)
 
-    def decode(splits, keys=None):
+    def decode(splits, keys=None, min_keys=32):
         keys = None if keys is None else torch.tensor([keys], device=kernel_device)
         return triton_decode.paged_decode(q, k_pool, v_pool, table.to(kernel_device), q_start, q_len, 16, 0.2,
-                                          splits, block_n=16, min_split_keys=32, split_keys=keys)
+                                          splits, block_n=16, min_split_keys=min_keys, split_keys=keys)
 
     one = decode(1)
     assert (one.double() - gold).abs().max().item() <= 1e-5
     for splits, keys in ((7, None), (7, 1), (7, 32), (7, 48), (7, 160)):
         assert (decode(splits, keys) - one).abs().max().item() <= 1e-6, (splits, keys)
+    # 16-key slices over 7 slots cover 112 of the longest row's 151 keys: only the kernel's even-split floor
+    # (ceil(151 / 7) -> 32 keys per slice) keeps its last 39 keys in.
+    assert (decode(7, 16, min_keys=16) - one).abs().max().item() <= 1e-6
     # The slices really follow split_keys: one slice per row is the 1-split sum exactly; 7 even slices are not.
     assert torch.equal(decode(7, 160), one) and not torch.equal(decode(7), one)
 
