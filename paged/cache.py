@@ -459,6 +459,8 @@ class PagedKVCache:
     def _block_mask(plan: StepPlan) -> BlockMask:
         """The plan's block mask for this call: the checked one unless the cache's own compiled call surely runs
         inductor's kernel, which visits only the listed pages (`own_call_is_compiled`)."""
+        if plan.checked_block_mask is plan.block_mask:  # eager attention, check_ownership=True: nothing to decide
+            return plan.block_mask
         return plan.block_mask if own_call_is_compiled() else plan.checked_block_mask
 
     # ------------------------------------------------------------------ memory
