@@ -132,6 +132,7 @@ class PageAllocator:
         self.policy = make_policy(policy, num_pages, seed) if isinstance(policy, str) else policy
         self._refcount = [0] * num_pages
         self._free = num_pages
+        self._shared = 0  # pages with more than one owner
 
     @property
     def free_count(self) -> int:
@@ -140,6 +141,11 @@ class PageAllocator:
     @property
     def used_count(self) -> int:
         return self.num_pages - self._free
+
+    @property
+    def shared_count(self) -> int:
+        """Pages with more than one owner (0 unless some sequence was forked)."""
+        return self._shared
 
     def refcount(self, page: int) -> int:
         return self._refcount[page]
@@ -168,6 +174,7 @@ class PageAllocator:
         self._check_live(pages)
         for p in pages:
             self._refcount[p] += 1
+            self._shared += self._refcount[p] == 2
 
     def release(self, pages: Iterable[int]) -> list[int]:
         """Drop one owner from each page; return the pages that became free."""
@@ -182,6 +189,7 @@ class PageAllocator:
         freed = []
         for p in pages:
             self._refcount[p] -= 1
+            self._shared -= self._refcount[p] == 1
             if self._refcount[p] == 0:
                 freed.append(p)
         self.policy.give(freed)

@@ -13,7 +13,6 @@ Every request is validated before anything changes; a rejected request leaves th
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Hashable, Literal, Sequence
 
@@ -223,13 +222,13 @@ class PagedKVCache:
         Raises (before any change): UnknownSequenceError, DuplicateSequenceError, InvalidRequestError,
             SequenceTooLongError, OutOfPagesError.
         """
-        seq_ids, q_lens = check_step(self.length, self._seqs, seq_ids, q_lens, self.spec.max_seq_len, mask_mod,
-                                     score_mod)
-        spec, P = self.spec, self.spec.page_size
+        seq_ids, q_lens = check_step(self._length_of_live, self._seqs, seq_ids, q_lens, self.spec.max_seq_len,
+                                     mask_mod, score_mod)
+        P = self.spec.page_size
         states = [self._seqs[s] for s in seq_ids]
 
         # Pages to add, and shared partly filled last pages that must be copied before they are written.
-        grow = [math.ceil((st.length + q) / P) - len(st.pages) for st, q in zip(states, q_lens)]
+        grow = [-(-(st.length + q) // P) - len(st.pages) for st, q in zip(states, q_lens)]
         cow = self._copies_needed(states)
         new_pages = self.allocator.allocate(sum(grow) + sum(cow), what=f"step of {len(seq_ids)} sequence(s)")
 
@@ -254,9 +253,13 @@ class PagedKVCache:
                 st.pages.append(assigned[-1])
             st.length += q
         self._host_table.write(assigned_rows, assigned_logical, assigned)
+
+        plan = self._build_plan(seq_ids, q_lens, start_lens, states, assigned, assigned_logical, mask_mod, score_mod)
+        # Device-side bookkeeping, stream-ordered after the plan's copy: the new pages' logical indices (sent with
+        # the plan), then (debug) their poison cleared, then copy-on-write copies into them, then freed pages.
         if assigned:
-            idx = to_device(torch.tensor(assigned), spec.device)
-            self.page_logical[idx] = to_device(torch.tensor(assigned_logical, dtype=torch.int32), spec.device)
+            idx = plan.buffers.new_pages[:len(assigned)]
+            self.page_logical.index_put_((idx,), plan.buffers.new_logical[:len(assigned)])
             if self.poison:
                 self._fill_pages(idx, 0.0)
         for old, fresh in copies:
@@ -264,9 +267,11 @@ class PagedKVCache:
                 pool[:, :, fresh * P:(fresh + 1) * P] = pool[:, :, old * P:(old + 1) * P]
         if freed:
             self._mark_free(freed)
+        self._plan = plan
+        return plan
 
-        self._plan = self._build_plan(seq_ids, q_lens, start_lens, states, mask_mod, score_mod)
-        return self._plan
+    def _length_of_live(self, seq_id: Hashable) -> int:
+        return self._seqs[seq_id].length
 
     def _kernel_options(self, buf: StepBuffers) -> dict | None:
         """GPU kernel options: tiles the non-decode kernel can take, faster decode stages/warps; user options win."""
@@ -292,6 +297,8 @@ class PagedKVCache:
         Writers are taken in step order; one whose page no longer has another owner (every other owner
         already copied it in this step) writes in place, so a page is never copied by all its owners.
         """
+        if not self.allocator.shared_count:                 # no forks alive: nothing is shared
+            return [False] * len(states)
         owners: dict[int, int] = {}
         cow = []
         for st in states:
@@ -310,7 +317,7 @@ class PagedKVCache:
             # The query block must be a multiple of the GPU kernels' row tile: FlexDecoding's is
             # max(16, next_pow2(GQA group)) even for one query row, so decode steps get a 128-row block too.
             buf = StepBuffers(padded_batch, padded_q, 128 if padded_q == 1 else min(padded_q, 128),
-                              self._table_width, self.spec.device)
+                              self._table_width, self.spec.page_size, self.spec.device)
             buf.kernel_options = self._kernel_options(buf)  # once per bucket, not once per layer
             if padded_q == 1 and self.decode_kernel == "triton":
                 from paged.triton_decode import decode_splits
@@ -320,59 +327,54 @@ class PagedKVCache:
             self._buffers[key] = buf
         return self._buffers[key]
 
-    def _build_plan(self, seq_ids, q_lens, start_lens, states, mask_mod, score_mod) -> StepPlan:
+    def _build_plan(self, seq_ids, q_lens, start_lens, states, assigned, assigned_logical, mask_mod,
+                    score_mod) -> StepPlan:
         spec, P = self.spec, self.spec.page_size
         B, max_q = len(seq_ids), max(q_lens)
         buf = self._buffers_for(bucket(B), padded_query_len(max_q))
-        Bp, W = buf.padded_batch, buf.width
+        Bp, host = buf.padded_batch, buf.host
 
-        # One host->device copy per tensor, into the bucket's persistent buffers, each from its pinned twin
-        # (transfer.StagedCopies); none waits for the GPU.
-        stage = buf.stage
-        stage.begin()
-        table = self._host_table.gather([st.row for st in states], Bp, out=stage.twin(buf.page_table))  # (Bp, W)
-        q_start = torch.zeros(Bp, dtype=torch.long)
-        q_start[:B] = torch.tensor(start_lens)
-        q_len = torch.zeros(Bp, dtype=torch.long)
-        q_len[:B] = torch.tensor(q_lens)
-        stage.twin(buf.q_start).copy_(q_start)
-        stage.twin(buf.q_len).copy_(q_len)
-        for dst in (buf.page_table, buf.q_start, buf.q_len):
-            stage.copy(dst)
-        # The Triton decode kernel reads only the page table and lengths: no block lists, no mask.
+        # Every tensor of the step goes into the bucket's pinned twin, then to the GPU in ONE copy that never
+        # waits for it (transfer.PackedStaging); begin() waits only if the host is a whole round ahead.
+        buf.packed.begin()
+        pad = (0,) * (Bp - B)
+        host["q_start"].copy_(torch.tensor(start_lens + pad, dtype=torch.int32))                   # (Bp,)
+        host["q_len"].copy_(torch.tensor(q_lens + pad, dtype=torch.int32))                         # (Bp,)
+        table = self._host_table.gather([st.row for st in states], Bp, out=host["page_table"])    # (Bp, W)
+        if assigned:
+            host["new_pages"][:len(assigned)] = torch.tensor(assigned)
+            host["new_logical"][:len(assigned)] = torch.tensor(assigned_logical, dtype=torch.int32)
+
+        # Slot of every new token, and its row in the caller's flattened (B * max_q) inputs.
+        if max_q == 1:                      # decode: T = B, token_rows is the bucket's arange; one slot per row
+            T = B
+            host["slots"][:T] = torch.tensor([st.pages[n // P] * P + n % P for st, n in zip(states, start_lens)])
+        else:
+            lens = host["q_len"][:B].long()                                                       # (B,)
+            owner = torch.repeat_interleave(torch.arange(B), lens)                                # (T,)
+            offset = torch.arange(owner.numel()) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+            pos = host["q_start"][owner].long() + offset                                          # (T,)
+            T = owner.numel()
+            host["slots"][:T] = table[owner, torch.div(pos, P, rounding_mode="floor")].long() * P + pos % P
+            host["token_rows"][:T] = owner * max_q + offset
+
+        # The Triton decode kernel reads only the page table, lengths and split length: no block lists, no mask.
         triton_step = self.decode_kernel == "triton" and max_q == 1 and mask_mod is None and score_mod is None
         if triton_step:
             from paged.triton_decode import split_keys
 
-            lengths = [s + 1 for s in start_lens]
-            stage.twin(buf.split_keys)[0] = split_keys(lengths, spec.num_kv_heads, buf.decode_splits, spec.device)
-            stage.copy(buf.split_keys)
+            host["split_keys"][0] = split_keys([n + 1 for n in start_lens], spec.num_kv_heads, buf.decode_splits,
+                                               spec.device)
+            buf.packed.send(last="new_logical")
         else:
-            num_pages = torch.zeros(Bp, dtype=torch.long)
-            num_pages[:B] = torch.tensor([len(st.pages) for st in states])
+            num_pages = torch.tensor([len(st.pages) for st in states] + list(pad))
             decode_full = max_q == 1 and self._decode_full_blocks(Bp)
             full_blocks = mask_mod is None and (max_q > 1 or decode_full)
-            lists = fill_block_lists(buf, table, num_pages, q_start, q_len, P, causal_default=full_blocks)
-            for name, host in lists.items():
-                stage.twin(getattr(buf, name)).copy_(host)
-                stage.copy(getattr(buf, name))
-
-        # Slot of every new token, and its row in the caller's flattened (B * max_q) inputs.
-        if max_q == 1:                                                                            # decode: T = B
-            owner, offset = torch.arange(B), torch.zeros(B, dtype=torch.long)
-        else:
-            lens = q_len[:B]                                                                      # (B,)
-            owner = torch.repeat_interleave(torch.arange(B), lens)                                # (T,)
-            offset = torch.arange(owner.numel()) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-        pos = q_start[owner] + offset                                                             # (T,)
-        rows = owner * max_q + offset                                                             # (T,)
-        slots = table[owner, torch.div(pos, P, rounding_mode="floor")].long() * P + pos % P      # (T,)
-        T = slots.numel()
-        stage.twin(buf.slots)[:T] = slots
-        stage.twin(buf.token_rows)[:T] = rows
-        stage.copy(buf.slots, T)
-        stage.copy(buf.token_rows, T)
-        stage.end()
+            lists = fill_block_lists(buf, table, num_pages, host["q_start"].long(), host["q_len"].long(), P,
+                                     causal_default=full_blocks)
+            for name, values in lists.items():
+                host[name].copy_(values)
+            buf.packed.send()
 
         if triton_step:
             return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, buf.slots[:T], buf.token_rows[:T], None, None,

@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from paged.mods import MaskMod, ScoreMod
-from paged.transfer import StagedCopies
+from paged.transfer import PackedStaging
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -34,37 +34,50 @@ def padded_query_len(max_q_len: int) -> int:
 class StepBuffers:
     """Device tensors of one (padded batch, padded query length) bucket, refilled in place each step.
 
-    Attributes (Bp = padded batch, W = page-table width, Qb = query blocks):
-        page_table: (Bp, W) int32, physical page of each logical page, -1 past the sequence's pages.
+    Attributes (Bp = padded batch, W = page-table width, Qb = query blocks, Lqp = padded query length):
         q_start: (Bp,) int32, logical position of each row's first new token (its length before the step).
         q_len: (Bp,) int32, new tokens per row (0 for padding rows).
+        split_keys: (1,) int64, the Triton decode kernel's keys per split this step.
+        page_table: (Bp, W) int32, physical page of each logical page, -1 past the sequence's pages.
+        slots, token_rows: (Bp * Lqp,) int64; a step's slot mapping and token rows are their first T entries.
+        new_pages, new_logical: (Bp * (ceil(Lqp / P) + 1),) int64 / int32: the pages a step hands out and their
+            logical indices, for the device's page -> logical table (a step adds at most ceil(q / P) pages per
+            row, plus one copied on write).
         kv_num_blocks, full_kv_num_blocks: (Bp, 1, Qb) int32, masked / unmasked pages per query block.
         kv_indices, full_kv_indices: (Bp, 1, Qb, W) int32, those pages, left-aligned.
-        slots, token_rows: (Bp * Lqp,) int64; a step's slot mapping and token rows are their first T entries.
+        host: the pinned twins of all of these (on the CPU the tensors themselves): plan() writes a step's values
+            there and `send()`s them in one copy (`transfer.PackedStaging`); a Triton decode step sends only the
+            fields up to new_logical.
     Every tensor keeps its storage for the cache's lifetime, so a CUDA graph captured over `run()` calls
     reads the next step's plan when replayed after the next `plan()` (same batch and query length).
     """
 
-    def __init__(self, padded_batch: int, padded_q_len: int, q_block: int, width: int, device: torch.device):
+    def __init__(self, padded_batch: int, padded_q_len: int, q_block: int, width: int, page_size: int,
+                 device: torch.device):
         self.padded_batch, self.padded_q_len, self.q_block, self.width = padded_batch, padded_q_len, q_block, width
-        num_q_blocks = -(-padded_q_len // q_block)
-        i32 = dict(dtype=torch.int32, device=device)
-        self.page_table = torch.full((padded_batch, width), -1, **i32)
-        self.q_start = torch.zeros(padded_batch, **i32)
-        self.q_len = torch.zeros(padded_batch, **i32)
-        self.kv_num_blocks = torch.zeros(padded_batch, 1, num_q_blocks, **i32)
-        self.kv_indices = torch.zeros(padded_batch, 1, num_q_blocks, width, **i32)
-        self.full_kv_num_blocks = torch.zeros(padded_batch, 1, num_q_blocks, **i32)
-        self.full_kv_indices = torch.zeros(padded_batch, 1, num_q_blocks, width, **i32)
-        self.slots = torch.zeros(padded_batch * padded_q_len, dtype=torch.long, device=device)
-        self.token_rows = torch.zeros_like(self.slots)
+        Bp, Qb, T = padded_batch, -(-padded_q_len // q_block), padded_batch * padded_q_len
+        new = Bp * (-(-padded_q_len // page_size) + 1)
+        i32, i64 = torch.int32, torch.long
+        self.packed = PackedStaging([
+            ("q_start", (Bp,), i32, 0), ("q_len", (Bp,), i32, 0), ("split_keys", (1,), i64, 0),
+            ("page_table", (Bp, width), i32, -1),
+            ("slots", (T,), i64, 0), ("token_rows", (T,), i64, torch.arange(T)),   # decode buckets keep arange
+            ("new_pages", (new,), i64, 0), ("new_logical", (new,), i32, -1),
+            ("kv_num_blocks", (Bp, 1, Qb), i32, 0), ("full_kv_num_blocks", (Bp, 1, Qb), i32, 0),
+            ("kv_indices", (Bp, 1, Qb, width), i32, 0), ("full_kv_indices", (Bp, 1, Qb, width), i32, 0),
+        ], device)
+        self.host = self.packed.host
+        dev = self.packed.dev
+        self.q_start, self.q_len, self.split_keys = dev["q_start"], dev["q_len"], dev["split_keys"]
+        self.page_table, self.slots, self.token_rows = dev["page_table"], dev["slots"], dev["token_rows"]
+        self.new_pages, self.new_logical = dev["new_pages"], dev["new_logical"]
+        self.kv_num_blocks, self.kv_indices = dev["kv_num_blocks"], dev["kv_indices"]
+        self.full_kv_num_blocks, self.full_kv_indices = dev["full_kv_num_blocks"], dev["full_kv_indices"]
         # The physical->logical wrappers are built once per (bucket, user mods) so the compiled kernel
         # sees the same functions, and so the same guards, every step.
         self.wrapped: dict[tuple, tuple[Callable, Callable, Callable | None]] = {}
         self.kernel_options: dict | None = None  # this bucket's FlexAttention kernel options, set once by the cache
         self.decode_splits = 1  # the Triton decode kernel's split slots per (row, kv head), set once by the cache
-        self.split_keys = torch.zeros(1, dtype=torch.long, device=device)  # its keys per split, set by each plan
-        self.stage = StagedCopies()  # the pinned twins plan() fills these tensors from
 
 
 def physical_mods(

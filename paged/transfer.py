@@ -6,12 +6,14 @@ of the GPU. Staging through pinned memory with `non_blocking=True` enqueues the 
 Reusing the pinned staging memory is safe: PyTorch's caching host allocator records an event with each
 non-blocking copy and hands the block out again only after that event has completed.
 
-`StagedCopies` goes one step further for the copies a plan() repeats every step into the same device tensors:
-each destination has a pinned twin allocated once, and one event per round of copies says when the twins may
-be written again, so a step pays no pinned allocation, no event per copy and no host-side staging copy.
+`PackedStaging` goes further for what a plan() sends every step: its device tensors are views of one buffer with
+one pinned twin allocated once, so a step pays one copy and one event, no pinned allocation and no staging copy.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import torch
 
@@ -39,56 +41,57 @@ def copy_into(dst: torch.Tensor, host: torch.Tensor) -> None:
         dst.copy_(_staged(host.to(dst.dtype)), non_blocking=True)
 
 
-class StagedCopies:
-    """Rounds of host->device copies into fixed device tensors, each through a pinned twin allocated once.
+class PackedStaging:
+    """Device tensors refilled from the host every step, packed into ONE device buffer with ONE pinned twin, so
+    that a step's host->device transfer is a single copy (each copy costs the host ~5-10 us of CUDA calls).
 
-        stage = StagedCopies()
-        stage.begin()                       # waits (rarely) until the last round's copies left the twins
-        stage.twin(dst)[:n] = values        # or write it any other way: a (dst.shape) pinned CPU tensor
-        stage.copy(dst, n)                  # enqueue dst.view(-1)[:n] <- twin.view(-1)[:n]
-        stage.end()                         # one event for the round
+        packed = PackedStaging([("q_start", (B,), torch.int32, 0), ("page_table", (B, W), torch.int32, -1)], dev)
+        packed.dev["q_start"]       # the device tensor: storage fixed for life (a CUDA graph may capture it)
+        packed.begin()              # waits (rarely) until the last round's copy has left the twin
+        packed.host["q_start"][:n] = values    # the pinned twin's view of it: write this round's values here
+        packed.send(last="q_start") # ONE copy of every field up to `last` (default: all), then one event
 
-    On the CPU the twin is `dst` itself and copy() does nothing. Twins are keyed by the destination tensor, so
-    `dst` must be the same (persistent) tensor every round.
+    Fields are laid out in the given order at 256-byte aligned offsets (compiled kernels assume 16-byte aligned
+    inputs), so a step that needs only the first fields copies only those. On the CPU `host` and `dev` are the
+    same tensors and send() does nothing.
     """
 
-    def __init__(self) -> None:
-        self._twins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(dst) -> (dst, its pinned twin)
+    ALIGN = 256
+
+    def __init__(self, fields: Sequence[tuple[str, tuple[int, ...], torch.dtype, int | torch.Tensor]],
+                 device: torch.device) -> None:
+        offsets, self._ends, end = {}, {}, 0
+        for name, shape, dtype, _ in fields:
+            offsets[name], self._ends[name] = end, end + math.prod(shape) * dtype.itemsize
+            end += -(-(self._ends[name] - end) // self.ALIGN) * self.ALIGN
+        self._cuda = device.type == "cuda"
+        self._dev_raw = torch.empty(end, dtype=torch.uint8, device=device)
+        self._host_raw = torch.empty(end, dtype=torch.uint8, pin_memory=True) if self._cuda else self._dev_raw
+        def views(raw: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {name: raw[offsets[name]:self._ends[name]].view(dtype).view(shape)
+                    for name, shape, dtype, _ in fields}
+
+        self.dev: dict[str, torch.Tensor] = views(self._dev_raw)
+        self.host: dict[str, torch.Tensor] = views(self._host_raw) if self._cuda else self.dev
+        for name, _, _, init in fields:
+            self.host[name].copy_(init) if isinstance(init, torch.Tensor) else self.host[name].fill_(init)
+        if self._cuda:
+            self._dev_raw.copy_(self._host_raw)
         self._event: torch.cuda.Event | None = None
-        self._device: torch.device | None = None  # the destinations' GPU: its stream runs the copies
 
     def begin(self) -> None:
+        """Wait until the previous round's copy has read the twin (it has, unless the host is far ahead)."""
         if self._event is not None:
             self._event.synchronize()
 
-    def twin(self, dst: torch.Tensor) -> torch.Tensor:
-        """The tensor to write this round's values of `dst` into."""
-        if dst.device.type != "cuda":
-            return dst
-        if self._device is None:
-            self._device = dst.device
-        elif dst.device != self._device:
-            raise ValueError(f"one StagedCopies serves one GPU: {self._device}, not {dst.device}")
-        entry = self._twins.get(id(dst))
-        if entry is None or entry[0] is not dst:
-            entry = self._twins[id(dst)] = (dst, torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True))
-        return entry[1]
-
-    def copy(self, dst: torch.Tensor, n: int | None = None) -> None:
-        """Enqueue the copy of the twin's first n elements (default all) into `dst`; returns at once."""
-        if dst.device.type != "cuda":
+    def send(self, last: str | None = None) -> None:
+        """Enqueue one copy of the twin's fields up to and including `last` (default: all); returns at once."""
+        if not self._cuda:
             return
-        src = self.twin(dst)
-        if n is None:
-            dst.copy_(src, non_blocking=True)
-        elif n:
-            dst.view(-1)[:n].copy_(src.view(-1)[:n], non_blocking=True)
-
-    def end(self) -> None:
-        if self._device is not None:
-            # On the destinations' device's current stream, where copy_ enqueued the copies, whatever the
-            # current device is.
-            with torch.cuda.device(self._device):
-                if self._event is None:
-                    self._event = torch.cuda.Event()
-                self._event.record(torch.cuda.current_stream(self._device))
+        end = self._ends[last] if last is not None else self._host_raw.numel()
+        self._dev_raw[:end].copy_(self._host_raw[:end], non_blocking=True)
+        # On the buffer's device's current stream, where copy_ enqueued the copy, whatever the current device is.
+        stream = torch.cuda.current_stream(self._dev_raw.device)
+        if self._event is None:
+            self._event = torch.cuda.Event()
+        self._event.record(stream)

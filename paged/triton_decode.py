@@ -12,10 +12,11 @@ Two launches (FlashInfer style: `decode_splits` once per bucket, `paged_decode` 
                    s-th tile-aligned slice of row b's keys -> partial output and log-sum-exp. Slices are
                    `split_keys` long for every row (`split_keys()`, once per step from the host's lengths): a
                    long row takes more of its S slots than a short one, so that the longest row, the step's
-                   critical path, is cut as short as the step's total work allows; an unused slot runs no key
-                   tile and writes an empty partial, which the merge weighs 0.
-    merge kernel   grid (B, Hq): weights the S partials by their log-sum-exp. Skipped when S == 1 (the split
-                   kernel then writes the output itself).
+                   critical path, is cut as short as the step's total work allows; an unused slot reads and
+                   writes nothing.
+    merge kernel   grid (B, Hq): weights the row's used partials by their log-sum-exp (it recounts the row's
+                   slices as the split kernel cut them). Skipped when S == 1 (the split kernel then writes the
+                   output itself).
 
 Runs on CUDA, and on the CPU under Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported) so
 that the CPU test suite exercises the same kernel source (slowly: a test vehicle, never the CPU default).
@@ -133,6 +134,17 @@ def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, batc
 if triton is not None:
 
     @triton.jit
+    def _row_slices(QStart, QLen, SplitKeys, b, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MIN_KEYS: tl.constexpr, BALANCED: tl.constexpr):
+        """(keys of row b with its new token, keys per slice): the split kernel's slices and the merge's count."""
+        seq_len = tl.load(QStart + b) + tl.load(QLen + b)
+        per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS                    # even: every slot used
+        if BALANCED:  # the step's slice length; never short of covering the row with the grid's slots
+            per_split = tl.maximum(tl.load(SplitKeys).to(tl.int32), per_split)
+        per_split = tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N, MIN_KEYS)
+        return seq_len, per_split
+
+    @triton.jit
     def _split_kernel(
         Q, K, V, KNew, VNew, PageTable, QStart, QLen, SplitKeys, Out, PartOut, PartLse,
         stride_qb, stride_qh, stride_kh, stride_ks, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_pt,
@@ -145,13 +157,12 @@ if triton is not None:
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
-        seq_len = tl.load(QStart + b) + tl.load(QLen + b)             # keys of row b, new token included
-        per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS                    # even: every slot used
-        if BALANCED:  # the step's slice length; never short of covering the row with the grid's slots
-            per_split = tl.maximum(tl.load(SplitKeys).to(tl.int32), per_split)
-        per_split = tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N, MIN_KEYS)
+        seq_len, per_split = _row_slices(QStart, QLen, SplitKeys, b, NUM_SPLITS, BLOCK_N, MIN_KEYS, BALANCED)
         start = split * per_split
         end = tl.minimum(start + per_split, seq_len)
+        # A slot past the row's last slice reads and writes nothing (its loads and stores are masked off): the
+        # merge counts the row's slices itself and never reads that slot's partial.
+        has_work = start < seq_len
 
         rows = tl.arange(0, GROUP_PAD)                                  # (G,) query heads of kv head h
         dims = tl.arange(0, D_PAD)                                      # (D,)
@@ -159,7 +170,7 @@ if triton is not None:
         dim_ok = dims < HEAD_DIM
         heads = h * GROUP + rows
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)   # (G, D)
+                    mask=row_ok[:, None] & dim_ok[None, :] & has_work, other=0.0)   # (G, D)
 
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)            # running max (log2 units)
         l = tl.full([GROUP_PAD], 0.0, tl.float32)                       # running sum of exp2
@@ -224,20 +235,22 @@ if triton is not None:
         else:
             lse = tl.where(l > 0, m + tl.log2(l_safe), float("-inf"))  # (G,) log2 units
             base = b * stride_pb + heads * stride_ph + split * stride_ps
-            tl.store(PartOut + base[:, None] * HEAD_DIM + dims[None, :], out, mask=out_ok)
-            tl.store(PartLse + base, lse, mask=row_ok)
+            tl.store(PartOut + base[:, None] * HEAD_DIM + dims[None, :], out, mask=out_ok & has_work)
+            tl.store(PartLse + base, lse, mask=row_ok & has_work)
 
     @triton.jit
     def _merge_kernel(
-        PartOut, PartLse, Out,
+        PartOut, PartLse, Out, QStart, QLen, SplitKeys,
         stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, MIN_KEYS: tl.constexpr, BALANCED: tl.constexpr,
     ):
         b = tl.program_id(0)
         hq = tl.program_id(1)
+        seq_len, per_split = _row_slices(QStart, QLen, SplitKeys, b, NUM_SPLITS, BLOCK_N, MIN_KEYS, BALANCED)
         splits = tl.arange(0, S_PAD)
         dims = tl.arange(0, D_PAD)
-        split_ok = splits < NUM_SPLITS
+        split_ok = (splits < NUM_SPLITS) & (splits * per_split < seq_len)   # (S,) the slots with a slice of the row
         dim_ok = dims < HEAD_DIM
         base = b * stride_pb + hq * stride_ph + splits * stride_ps      # (S,)
         lse = tl.load(PartLse + base, mask=split_ok, other=float("-inf"))
@@ -334,6 +347,8 @@ def paged_decode(
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_kernel[(B, Hq)](
-            part_out, part_lse, out, sb, sh, ss, out.stride(0), out.stride(1),
-            HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=num_splits, S_PAD=_next_pow2(num_splits), num_warps=4)
+            part_out, part_lse, out, q_start, q_len, q_len if split_keys is None else split_keys,
+            sb, sh, ss, out.stride(0), out.stride(1),
+            HEAD_DIM=D, D_PAD=d_pad, NUM_SPLITS=num_splits, S_PAD=_next_pow2(num_splits), BLOCK_N=block_n,
+            MIN_KEYS=min_split_keys, BALANCED=split_keys is not None, num_warps=4)
     return out

@@ -47,6 +47,18 @@ def check_step(
         raise InvalidRequestError("a step needs at least one sequence")
     if len(seq_ids) != len(q_lens):
         raise InvalidRequestError(f"{len(seq_ids)} sequence ids but {len(q_lens)} query lengths")
+    for name, mod in (("mask_mod", mask_mod), ("score_mod", score_mod)):
+        if mod is not None and not callable(mod):
+            raise InvalidRequestError(f"{name} must be callable or None, got {type(mod).__name__}")
+    # A valid step (every step of a serving loop) passes these few whole-batch checks; anything else takes the
+    # loops below, which name the first bad entry.
+    try:
+        valid = len(set(seq_ids)) == len(seq_ids) and all(s in live for s in seq_ids)
+    except TypeError:                                         # an unhashable id
+        valid = False
+    if valid and all(type(q) is int for q in q_lens) and min(q_lens) >= 1 and all(
+            lengths(s) + q <= max_seq_len for s, q in zip(seq_ids, q_lens)):
+        return seq_ids, q_lens
     seen = set()
     for s in seq_ids:
         lookup(live, s)
@@ -59,9 +71,6 @@ def check_step(
         if lengths(s) + q > max_seq_len:
             raise SequenceTooLongError(
                 f"sequence {s!r}: {lengths(s)} stored + {q} new tokens exceeds max_seq_len {max_seq_len}")
-    for name, mod in (("mask_mod", mask_mod), ("score_mod", score_mod)):
-        if mod is not None and not callable(mod):
-            raise InvalidRequestError(f"{name} must be callable or None, got {type(mod).__name__}")
     return seq_ids, q_lens
 
 

@@ -47,6 +47,7 @@ def check_invariants(cache: PagedKVCache) -> None:
         if page not in owners:
             assert logical[page] == -1, f"free page {page} still maps to logical page {logical[page]}"
     assert alloc.free_count == spec.num_pages - len(owners)
+    assert alloc.shared_count == sum(n > 1 for n in owners.values()), "shared-page count out of date"
     assert sorted(alloc.policy.free_pages()) == sorted(set(range(spec.num_pages)) - set(owners))
 
 

@@ -127,6 +127,32 @@ def test_empty_splits_and_one_split_agree(kernel_device):
     assert torch.equal(decode(7, 160), one) and not torch.equal(decode(7), one)
 
 
+def test_unused_split_slots_are_never_read(kernel_device, monkeypatch):
+    """The split kernel writes no partial for a slot past a row's last slice, so the merge must not read one:
+    with every partial buffer born NaN, a row that leaves slots unused must still come out right."""
+    gen = torch.Generator().manual_seed(6)
+    k_pool, v_pool = (torch.randn(2, 40 * 16, 32, generator=gen).to(kernel_device) for _ in range(2))
+    q = torch.randn(4, 4, 32, generator=gen).to(kernel_device)
+    table = torch.randperm(40, generator=gen)[:40].view(4, 10).int().to(kernel_device)
+    lens = [0, 1, 40, 151]                                   # a padding row, then rows using 0-5 of 7 slots
+    q_start = torch.tensor([max(n - 1, 0) for n in lens], dtype=torch.int32, device=kernel_device)
+    q_len = torch.tensor([min(n, 1) for n in lens], dtype=torch.int32, device=kernel_device)
+    gold = reference(q, k_pool, v_pool, table.cpu(), lens, 16, 0.2).to(kernel_device)
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    for keys in (None, 32):                                  # even slices, and balanced 32-key slices
+        keys = None if keys is None else torch.tensor([keys], device=kernel_device)
+        out = triton_decode.paged_decode(q, k_pool, v_pool, table, q_start, q_len, 16, 0.2, 7, block_n=16,
+                                         min_split_keys=32, split_keys=keys)
+        assert torch.isfinite(out).all(), "the merge read a partial no split wrote"
+        assert (out.double() - gold).abs().max().item() <= 1e-5
+
+
 @settings(max_examples=200, deadline=None)
 @given(lengths=st.lists(st.integers(0, 40_000), min_size=1, max_size=64), kv_heads=st.sampled_from([1, 2, 8, 32]),
        num_splits=st.integers(1, triton_decode.MAX_SPLITS))
