@@ -22,6 +22,8 @@
 #             base / pool4x is the effect of a 4x larger pool (target 4). Both stay under the benchmark's cap
 #             of 2**31 elements per pool tensor; a 20% pool, the run's first form, was capped at 8 GiB: only
 #             1.14x base's 7 GiB on an H200 (the table marks capped pools)                         ~80 s
+#   pool1x    pool4x's cases at base's pool (5%), run just before pool4x: when present, the 4x-pool ratio is
+#             pool1x / pool4x (two short runs back to back) instead of base / pool4x               ~25 s
 #   fi_default FlashInfer without tensor cores (its own default)                                ~40 s
 #   prefill   the prefill grid, paged vs FlexAttention on a contiguous cache (target 7: a 4k chunk within 1.2x) ~40 s
 #   prefill_check the prefill grid with check_ownership=True (paged only)                     ~30 s
@@ -72,6 +74,8 @@ for r in "${RUNS[@]}"; do
                 --bench-kernel-options '{"num_stages": 1, "num_warps": 2}' ;;
     pool4x)   run pool4x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
                 --bench-pool-fraction 0.0125 -k "mix512-4096-P64-32x8" ;;
+    pool1x)   run pool1x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
+                --bench-pool-fraction 0.05 -k "mix512-4096-P64-32x8" ;;
     fi_default) run fi_default 50 test_decode.py PAGED_BENCH_FLASHINFER_TENSOR_CORES=0 -- --bench-grid small \
                 --bench-backends flashinfer ;;
     prefill)  run prefill 90 test_prefill.py -- --bench-grid small --bench-backends paged,flexcontig ;;
@@ -99,11 +103,12 @@ def load(name):
     return []
 def medians(name):
     return {b["name"]: b["stats"]["median"] * 1e3 for b in load(name)}
-capped = {n for n in ("base", "pool4x") for b in load(n) if b.get("extra_info", {}).get("pool_capped")}
-def pool4x(backend, case):  # base (4x the pool) over pool4x (a quarter of base's pool): target 4
-    v, small = runs["base"].get(f"test_decode[{backend}-{case}]"), runs["pool4x"].get(f"test_decode[{backend}-{case}]")
+capped = {n for n in ("base", "pool1x", "pool4x") for b in load(n) if b.get("extra_info", {}).get("pool_capped")}
+def pool4x(backend, case):  # pool1x or base (4x the pool) over pool4x (a quarter of that pool): target 4
+    big = runs["pool1x"] or runs["base"]
+    v, small = big.get(f"test_decode[{backend}-{case}]"), runs["pool4x"].get(f"test_decode[{backend}-{case}]")
     return "-" if v is None or small is None else f"{v / small:.3f}x" + (" (capped)" if capped else "")
-runs = {n: medians(n) for n in ("base", "full", "masked", "nocheck", "check", "torchcfg", "pool4x", "fi_default",
+runs = {n: medians(n) for n in ("base", "full", "masked", "nocheck", "check", "torchcfg", "pool1x", "pool4x", "fi_default",
                                  "prefill", "prefill_check", "prefill_m64")}
 def case_of(name):
     return name.split("[", 1)[1].split("-", 1)[1].rstrip("]")
