@@ -24,6 +24,9 @@
 #             1.14x base's 7 GiB on an H200 (the table marks capped pools)                         ~80 s
 #   pool1x    pool4x's cases at base's pool (5%), run just before pool4x: when present, the 4x-pool ratio is
 #             pool1x / pool4x (two short runs back to back) instead of base / pool4x               ~25 s
+#   issue6    issue 6's target grid as stated (--bench-grid issue6: 24 decode cases, pages 16/128, heads 32/8 and
+#             32/32, batches 8/32/128, lengths uniform in [512, 4096) and [4096, 16384)): paged, padded SDPA,
+#             FlashInfer; its own table in ab.md (targets 1-3 case by case)                          ~150 s
 #   fi_default FlashInfer without tensor cores (its own default)                                ~40 s
 #   prefill   the prefill grid, paged vs FlexAttention on a contiguous cache (target 7: a 4k chunk within 1.2x) ~40 s
 #   prefill_check the prefill grid with check_ownership=True (paged only)                     ~30 s
@@ -74,6 +77,7 @@ for r in "${RUNS[@]}"; do
                 --bench-kernel-options '{"num_stages": 1, "num_warps": 2}' ;;
     pool4x)   run pool4x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
                 --bench-pool-fraction 0.0125 -k "mix512-4096-P64-32x8" ;;
+    issue6)   run issue6 260 test_decode.py -- --bench-grid issue6 --bench-backends paged,sdpa,flashinfer -rs ;;
     pool1x)   run pool1x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
                 --bench-pool-fraction 0.05 -k "mix512-4096-P64-32x8" ;;
     fi_default) run fi_default 50 test_decode.py PAGED_BENCH_FLASHINFER_TENSOR_CORES=0 -- --bench-grid small \
@@ -140,6 +144,24 @@ for c in sorted({case_of(n) for n in runs["prefill"]}):
           f"{cell('prefill', 'flexcontig', c, pp, 'test_prefill')} | {cell('prefill_check', 'paged', c, pp, 'test_prefill')} | "
           f"{cell('prefill_m64', 'paged', c, pp, 'test_prefill')} | "
           f"{cell('prefill_m64', 'flexcontig', c, pp, 'test_prefill')} |")
+issue6 = {b["name"]: b for b in load("issue6")}
+if issue6:
+    print("\n# Issue 6's target grid (median ms of the device time; paged / FlashInfer and paged / padded SDPA: "
+          "targets 1 and 2; paged's K/V bytes over its time as a fraction of the card's copy bandwidth: target 3)\n")
+    print("| case | paged | FlashInfer | SDPA padded | paged / FlashInfer | paged / SDPA | paged copy fraction |")
+    print("|---|---|---|---|---|---|---|")
+    for c in sorted({b["extra_info"]["case"] for b in issue6.values()}):
+        ms = {k: issue6.get(f"test_decode[{k}-{c}]") for k in ("paged", "flashinfer", "sdpa")}
+        med = {k: (b["stats"]["median"] * 1e3 if b else None) for k, b in ms.items()}
+        ratio = lambda k: f"{med['paged'] / med[k]:.2f}x" if med["paged"] and med[k] else "-"
+        frac = ms["paged"]["extra_info"].get("copy_fraction") if ms["paged"] else None
+        print(f"| {c} | " + " | ".join(f"{med[k]:.3f}" if med[k] else "-" for k in ("paged", "flashinfer", "sdpa"))
+              + f" | {ratio('flashinfer')} | {ratio('sdpa')} | {f'{frac:.0%}' if frac else '-'} |")
+    from conformance.benchmarks.grid import ISSUE6_DECODE
+    ran = {b["extra_info"]["case"] for b in issue6.values()}
+    skipped = [c.id for c in ISSUE6_DECODE if c.id not in ran]
+    if skipped:
+        print(f"\nNot run (the reasons: issue6.log): {', '.join(skipped)}")
 for run_name in ("step", "step_flex"):
     step = load(run_name)
     if not step:

@@ -1,7 +1,7 @@
 """Options, settings and pytest-benchmark hooks of the benchmark package.
 
 Options (each also settable through an environment variable):
-    --bench-grid small|full       grid of cases (PAGED_BENCH_GRID; default small)
+    --bench-grid small|issue6|full  grid of cases (PAGED_BENCH_GRID; default small)
     --bench-rounds N              timed rounds per benchmark (PAGED_BENCH_ROUNDS; default 100 on GPU, 3 on CPU)
     --bench-warmup N              untimed warm-up calls (PAGED_BENCH_WARMUP; default 10 on GPU, 1 on CPU)
     --bench-pool-fraction F       share of the card's memory for the benchmarked layer's page pool
@@ -30,12 +30,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conformance.benchmarks.grid import GRIDS
 from conformance.benchmarks.harness import SLOWDOWN_ENV, BenchSettings, env_float
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("paged-benchmarks")
-    group.addoption("--bench-grid", default=None, choices=("small", "full"), help="benchmark grid (default small)")
+    group.addoption("--bench-grid", default=None, choices=GRIDS, help="benchmark grid (default small)")
     group.addoption("--bench-rounds", type=int, default=None, help="timed rounds per benchmark")
     group.addoption("--bench-warmup", type=int, default=None, help="untimed warm-up calls per benchmark")
     group.addoption("--bench-pool-fraction", type=float, default=None,

@@ -7,6 +7,9 @@ A `Case` is one shape of work; every backend runs it on the same data. Grids:
   2 prefill graphs per FlexAttention backend.
 * ``small`` on the CPU: the same kinds of case scaled down (tiny contexts, batch <= 4, page 16) so that the
   whole CPU smoke run compiles only 4 graphs.
+* ``issue6``: issue 6's target grid as stated (24 decode cases: pages 16/128 x heads 32/8, 32/32 x batches
+  8/32/128 x lengths uniform at random in [512, 4096) and [4096, 16384)) and the 4k prompt of its target 7.
+  On the CPU, scaled down.
 * ``full``: batch 1/8/32/128 x contexts 512..32k (uniform and mixed) x pages 16/64/128 x heads 32/8 and 32/32
   x head dim 128 and 64 (decode), and a prefill grid; cases that do not fit the pool or the card are skipped
   at run time. On the CPU, ``full`` is the GPU's small grid scaled down.
@@ -28,7 +31,8 @@ DTYPE_SHORT = {"bfloat16": "", "float16": "-fp16", "float32": "-fp32"}
 
 @dataclass(frozen=True)
 class Ctx:
-    """Context lengths of a batch: all `lo` ("u", uniform) or spread log-uniformly over [lo, hi] ("mix")."""
+    """Context lengths of a batch: all `lo` ("u", uniform), spread log-uniformly over [lo, hi] ("mix"), or drawn
+    uniformly at random from [lo, hi) ("rand": issue 6's target grid)."""
 
     kind: str
     lo: int
@@ -36,13 +40,15 @@ class Ctx:
 
     @property
     def label(self) -> str:
-        return f"u{self.lo}" if self.kind == "u" else f"mix{self.lo}-{self.hi}"
+        return f"u{self.lo}" if self.kind == "u" else f"{self.kind}{self.lo}-{self.hi}"
 
     def lengths(self, batch: int, seed: int) -> list[int]:
         """Seeded lengths; a mixed batch of >= 2 always holds both ends of its range (realistic spread)."""
         if self.kind == "u":
             return [self.lo] * batch
         rng = random.Random(seed)
+        if self.kind == "rand":
+            return [rng.randrange(self.lo, self.hi) for _ in range(batch)]
         lens = [int(round(math.exp(rng.uniform(math.log(self.lo), math.log(self.hi))))) for _ in range(batch)]
         if batch >= 2:
             lens[0], lens[1] = self.lo, self.hi
@@ -56,6 +62,10 @@ def u(n: int) -> Ctx:
 
 def mix(lo: int, hi: int) -> Ctx:
     return Ctx("mix", lo, hi)
+
+
+def rand(lo: int, hi: int) -> Ctx:
+    return Ctx("rand", lo, hi)
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,13 @@ CPU_PREFILL = (
     _prefill(1, u(0), 32, page=16),
 )
 
+#: Issue 6's target grid, as its text states it: bf16, 32/8 and 32/32 heads, head dim 128, pages 16 and 128,
+#: batches 8/32/128, lengths uniform in [512, 4096) and in [4096, 16384). 24 decode cases; the 4k prompt of
+#: target 7 is its prefill case. Cases that do not fit the pool are skipped at run time.
+ISSUE6_DECODE = tuple(_decode(b, c, p, hq, hkv) for (hq, hkv), p, c, b in
+                      product(((32, 8), (32, 32)), (16, 128), (rand(512, 4096), rand(4096, 16384)), (8, 32, 128)))
+ISSUE6_PREFILL = (_prefill(1, u(0), 4096),)
+
 FULL_BATCHES = (1, 8, 32, 128)
 FULL_CONTEXTS = (u(512), u(2048), u(8192), u(32768), mix(512, 4096), mix(512, 32768))
 FULL_PAGES = (16, 64, 128)
@@ -173,16 +190,23 @@ def _dedup(cases) -> tuple[Case, ...]:
     return tuple(out)
 
 
+GRIDS = ("small", "issue6", "full")
+
+
 def cases(kind: str, grid: str, device: str) -> tuple[Case, ...]:
-    """The cases of one kind ("decode" or "prefill") in a grid ("small" or "full") for a device type."""
-    if grid not in ("small", "full"):
-        raise ValueError(f"--bench-grid must be 'small' or 'full', got {grid!r}")
+    """The cases of one kind ("decode" or "prefill") in a grid (`GRIDS`) for a device type."""
+    if grid not in GRIDS:
+        raise ValueError(f"--bench-grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     if device == "cuda":
         if grid == "small":
             return SMALL_DECODE if kind == "decode" else SMALL_PREFILL
+        if grid == "issue6":
+            return ISSUE6_DECODE if kind == "decode" else ISSUE6_PREFILL
         return full_decode() if kind == "decode" else full_prefill()
     if grid == "small":
         return CPU_DECODE if kind == "decode" else CPU_PREFILL
+    if grid == "issue6":
+        return _dedup(tuple(scale_for_cpu(c) for c in (ISSUE6_DECODE if kind == "decode" else ISSUE6_PREFILL)))
     small = SMALL_DECODE if kind == "decode" else SMALL_PREFILL
     base = CPU_DECODE if kind == "decode" else CPU_PREFILL
     return _dedup(base + tuple(scale_for_cpu(c) for c in small))
