@@ -27,6 +27,8 @@
 #   issue6    issue 6's target grid as stated (--bench-grid issue6: 24 decode cases, pages 16/128, heads 32/8 and
 #             32/32, batches 8/32/128, lengths uniform in [512, 4096) and [4096, 16384)): paged, padded SDPA,
 #             FlashInfer; its own table in ab.md (targets 1-3 case by case)                          ~150 s
+#   issue6_big the two issue6 cases that need more than a 2**31-element pool tensor (batch 128 x [4096, 16384) x
+#             32 kv heads): pool 17% of the card, uncapped (--bench-pool-uncapped); joins issue6's table  ~60 s
 #   fi_default FlashInfer without tensor cores (its own default)                                ~40 s
 #   prefill   the prefill grid, paged vs FlexAttention on a contiguous cache (target 7: a 4k chunk within 1.2x) ~40 s
 #   prefill_check the prefill grid with check_ownership=True (paged only)                     ~30 s
@@ -78,6 +80,8 @@ for r in "${RUNS[@]}"; do
     pool4x)   run pool4x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
                 --bench-pool-fraction 0.0125 -k "mix512-4096-P64-32x8" ;;
     issue6)   run issue6 260 test_decode.py -- --bench-grid issue6 --bench-backends paged,sdpa,flashinfer -rs ;;
+    issue6_big) run issue6_big 200 test_decode.py PAGED_BENCH_POOL_UNCAPPED=1 -- --bench-grid issue6 \
+                --bench-backends paged,sdpa,flashinfer --bench-pool-fraction 0.17 -k "B128-rand4096-16384 and 32x32" -rs ;;
     pool1x)   run pool1x 90 test_decode.py -- --bench-grid small --bench-backends paged,flashinfer \
                 --bench-pool-fraction 0.05 -k "mix512-4096-P64-32x8" ;;
     fi_default) run fi_default 50 test_decode.py PAGED_BENCH_FLASHINFER_TENSOR_CORES=0 -- --bench-grid small \
@@ -144,7 +148,7 @@ for c in sorted({case_of(n) for n in runs["prefill"]}):
           f"{cell('prefill', 'flexcontig', c, pp, 'test_prefill')} | {cell('prefill_check', 'paged', c, pp, 'test_prefill')} | "
           f"{cell('prefill_m64', 'paged', c, pp, 'test_prefill')} | "
           f"{cell('prefill_m64', 'flexcontig', c, pp, 'test_prefill')} |")
-issue6 = {b["name"]: b for b in load("issue6")}
+issue6 = {b["name"]: b for b in load("issue6") + load("issue6_big")}
 if issue6:
     print("\n# Issue 6's target grid (median ms of the device time; paged / FlashInfer and paged / padded SDPA: "
           "targets 1 and 2; paged's K/V bytes over its time as a fraction of the card's copy bandwidth: target 3)\n")

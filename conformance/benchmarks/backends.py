@@ -91,6 +91,11 @@ class PoolConfig:
                          device=self.device)
 
     @property
+    def over_int32(self) -> bool:
+        """A pool tensor holds more elements than a 32-bit index reaches (only with --bench-pool-uncapped)."""
+        return self.num_pages * self.page * self.hkv * self.head_dim > 2**31 - 1
+
+    @property
     def bytes(self) -> int:
         """K + V bytes of one pool."""
         return 2 * self.num_pages * self.page * self.hkv * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
@@ -106,8 +111,10 @@ def pool_config(settings: BenchSettings, page: int, hq: int, hkv: int, head_dim:
     item = torch.empty((), dtype=dt).element_size()
     total = torch.cuda.get_device_properties(dev).total_memory
     pages = int(settings.pool_fraction * total) // (2 * page * hkv * head_dim * item)
-    # Keep each pool tensor under 2**31 elements: kernels may index it with 32-bit offsets.
+    # Keep each pool tensor under 2**31 elements: kernels may index it with 32-bit offsets (unless uncapped).
     limit = (2**31 - 1) // (page * hkv * head_dim)
+    if settings.pool_uncapped:
+        limit = max(limit, pages)
     capped = pages > limit
     pages = max(min(pages, limit), math.ceil(GPU_MAX_SEQ_LEN / page))
     return PoolConfig(page, hq, hkv, head_dim, dt, pages, GPU_MAX_SEQ_LEN, dev, capped)
@@ -198,6 +205,8 @@ class PagedRunner(Runner):
     decode_kernel = "auto"
 
     def __init__(self, case: Case, lens: list[int], pool: PoolConfig, settings: BenchSettings):
+        if pool.over_int32 and (self.decode_kernel == "flex" or case.kind != "decode" or not settings.cuda):
+            raise Unavailable("FlexAttention is not run over a pool of more than 2**31 elements")
         self.case, self.page = case, case.page
         # PAGED_BENCH_DECODE_FULL_BLOCKS=1 / 0 / auto overrides PagedKVCache's decode_full_blocks (see its docstring).
         layout = os.environ.get("PAGED_BENCH_DECODE_FULL_BLOCKS", "")
@@ -243,6 +252,8 @@ class TorchPARunner(Runner):
     name = "torchpa"
 
     def __init__(self, case: Case, lens: list[int], pool: PoolConfig, settings: BenchSettings):
+        if pool.over_int32:
+            raise Unavailable("FlexAttention is not run over a pool of more than 2**31 elements")
         try:
             from conformance.peers.torch_paged import TorchPagedAttentionBackend
         except Exception as exc:  # the peer adapter is written concurrently; skip it when it does not import
@@ -420,15 +431,19 @@ class Prepared:
         self.runners.clear()
 
 
-def estimate_bytes(case: Case, pool: PoolConfig) -> int:
-    """Device bytes a case needs with every backend built (pools, padded cache, masks, inputs)."""
+POOL_BACKENDS = ("paged", "pagedflex", "torchpa", "flashinfer")
+
+
+def estimate_bytes(case: Case, pool: PoolConfig, backends: set[str] = frozenset(BACKENDS)) -> int:
+    """Device bytes a case needs with `backends` built (pools, padded cache, masks, inputs)."""
     item = torch.empty((), dtype=pool.dtype).element_size()
     lens = case.lengths()
     max_len = max(lens) + case.q_len + 64
     sdpa = 2 * case.batch * case.hkv * max_len * case.head_dim * item
     rows = (case.hq // case.hkv) * case.q_len if case.q_len > 1 else 1
     mask = case.batch * rows * max_len * item
-    pools = pool.bytes * (4 if case.kind == "decode" else 2)   # paged, pagedflex, torchpa, flashinfer
+    kinds = POOL_BACKENDS if case.kind == "decode" else ("paged", "torchpa")
+    pools = pool.bytes * max(1, sum(b in backends for b in kinds))
     return pools + sdpa + mask + 2 * max(lens) * case.hkv * case.head_dim * 4 + 2**30
 
 
@@ -449,11 +464,11 @@ class CaseStore:
         if self.current is not None and self.current.case == case:
             return self.current
         self.release()
-        reason = self.fits(case)
+        wanted = self.selected.get(case.id, set(BACKENDS)) | {"sdpa"}
+        reason = self.fits(case, wanted)
         if reason:
             self.skipped[case.id] = reason
             pytest.skip(reason)
-        wanted = self.selected.get(case.id, set(BACKENDS)) | {"sdpa"}
         try:
             self.current = build(case, self.settings, tuple(b for b in BACKENDS if b in wanted))
         except torch.cuda.OutOfMemoryError as exc:
@@ -462,7 +477,7 @@ class CaseStore:
             pytest.skip(self.skipped[case.id])
         return self.current
 
-    def fits(self, case: Case) -> str | None:
+    def fits(self, case: Case, backends: set[str] = frozenset(BACKENDS)) -> str | None:
         pool = case_pool(self.settings, case)
         pages = sum(math.ceil((n + case.q_len) / case.page) for n in case.lengths())
         if pages > pool.num_pages:
@@ -471,7 +486,7 @@ class CaseStore:
             return f"{case.id} is longer than the pool's max_seq_len {pool.max_seq_len}"
         if self.settings.cuda:
             free, _ = torch.cuda.mem_get_info(self.settings.device)
-            need = estimate_bytes(case, pool)
+            need = estimate_bytes(case, pool, backends)
             if need > 0.9 * free:
                 return f"{case.id} needs about {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free"
         return None

@@ -6,6 +6,9 @@ Options (each also settable through an environment variable):
     --bench-warmup N              untimed warm-up calls (PAGED_BENCH_WARMUP; default 10 on GPU, 1 on CPU)
     --bench-pool-fraction F       share of the card's memory for the benchmarked layer's page pool
                                   (PAGED_BENCH_POOL_FRACTION; default 0.05, ~7 GB on an H200)
+    --bench-pool-uncapped         no cap of 2**31 elements per pool tensor (PAGED_BENCH_POOL_UNCAPPED=1): for
+                                  cases that need more (issue6's batch 128 x 4k-16k x 32 kv heads); over the
+                                  cap only paged's Triton decode kernel and FlashInfer run
     --bench-results DIR           where capacity/strategy/recompile/memory JSON goes (PAGED_BENCH_RESULTS;
                                   default .benchmarks/results)
     --bench-kernel-options JSON   FlexAttention kernel_options for paged and the torch peer
@@ -41,6 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-warmup", type=int, default=None, help="untimed warm-up calls per benchmark")
     group.addoption("--bench-pool-fraction", type=float, default=None,
                     help="share of the card's memory given to the benchmarked layer's page pool")
+    group.addoption("--bench-pool-uncapped", action="store_true", default=None,
+                    help="let a pool tensor exceed 2**31 elements (FlexAttention backends are then not run on it)")
     group.addoption("--bench-results", default=None, help="directory for capacity/strategy/memory JSON")
     group.addoption("--bench-kernel-options", default=None, help="JSON kernel_options for FlexAttention")
     group.addoption("--bench-backends", default=None,
@@ -75,6 +80,8 @@ def make_settings(config: pytest.Config) -> BenchSettings:
     backends = tuple(b.strip() for b in backends.split(",") if b.strip())
     return BenchSettings(device=dev, grid=grid, rounds=max(1, rounds), warmup=max(0, warmup),
                          backends=backends or None, pool_fraction=fraction, results_dir=Path(results),
+                         pool_uncapped=bool(_opt(config, "--bench-pool-uncapped")
+                                            or os.environ.get("PAGED_BENCH_POOL_UNCAPPED") == "1"),
                          kernel_options=json.loads(ko) if ko.strip() else None,
                          planted_slowdown=env_float(SLOWDOWN_ENV, 0.0), benchmark_disabled=disabled)
 

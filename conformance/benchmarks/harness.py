@@ -48,6 +48,7 @@ class BenchSettings:
     rounds: int = 100
     warmup: int = 10
     pool_fraction: float = 0.05
+    pool_uncapped: bool = False  # pools may exceed 2**31 elements (only the Triton decode kernel and FlashInfer run)
     results_dir: Path = Path(".benchmarks/results")
     kernel_options: dict | None = None
     planted_slowdown: float = 0.0
