@@ -227,6 +227,8 @@ class PagedKVCache:
         P = self.spec.page_size
         states = [self._seqs[s] for s in seq_ids]
 
+        buf = self._buffers_for(bucket(len(seq_ids)), padded_query_len(max(q_lens)))  # may allocate: before the commit
+
         # Pages to add, and shared partly filled last pages that must be copied before they are written.
         grow = [-(-(st.length + q) // P) - len(st.pages) for st, q in zip(states, q_lens)]
         cow = self._copies_needed(states)
@@ -254,12 +256,29 @@ class PagedKVCache:
             st.length += q
         self._host_table.write(assigned_rows, assigned_logical, assigned)
 
-        plan = self._build_plan(seq_ids, q_lens, start_lens, states, assigned, assigned_logical, mask_mod, score_mod)
-        # Device-side bookkeeping, stream-ordered after the plan's copy: the new pages' logical indices (sent with
-        # the plan), then (debug) their poison cleared, then copy-on-write copies into them, then freed pages.
+        rounds = buf.packed.rounds
+        try:
+            plan = self._build_plan(buf, seq_ids, q_lens, start_lens, states, assigned, assigned_logical, mask_mod,
+                                    score_mod)
+        finally:  # also when building the plan failed: the device must follow the committed host state
+            sent = buf.packed.rounds != rounds
+            self._update_device_pages(buf if sent else None, assigned, assigned_logical, copies, freed)
+        self._plan = plan
+        return plan
+
+    def _update_device_pages(self, sent: StepBuffers | None, assigned: list[int], assigned_logical: list[int],
+                             copies: list[tuple[int, int]], freed: list[int]) -> None:
+        """The device side of a step's page changes, stream-ordered after the step's copy: the new pages' logical
+        indices (from the step's packed buffers `sent`, or copied on their own when the step was never sent),
+        then (debug) their poison cleared, then copy-on-write copies into them, then the freed pages."""
+        P = self.spec.page_size
         if assigned:
-            idx = plan.buffers.new_pages[:len(assigned)]
-            self.page_logical.index_put_((idx,), plan.buffers.new_logical[:len(assigned)])
+            if sent is not None:
+                idx, logical = sent.new_pages[:len(assigned)], sent.new_logical[:len(assigned)]
+            else:
+                idx = to_device(torch.tensor(assigned), self.spec.device)
+                logical = to_device(torch.tensor(assigned_logical, dtype=torch.int32), self.spec.device)
+            self.page_logical.index_put_((idx,), logical)
             if self.poison:
                 self._fill_pages(idx, 0.0)
         for old, fresh in copies:
@@ -267,8 +286,6 @@ class PagedKVCache:
                 pool[:, :, fresh * P:(fresh + 1) * P] = pool[:, :, old * P:(old + 1) * P]
         if freed:
             self._mark_free(freed)
-        self._plan = plan
-        return plan
 
     def _length_of_live(self, seq_id: Hashable) -> int:
         return self._seqs[seq_id].length
@@ -327,11 +344,10 @@ class PagedKVCache:
             self._buffers[key] = buf
         return self._buffers[key]
 
-    def _build_plan(self, seq_ids, q_lens, start_lens, states, assigned, assigned_logical, mask_mod,
+    def _build_plan(self, buf, seq_ids, q_lens, start_lens, states, assigned, assigned_logical, mask_mod,
                     score_mod) -> StepPlan:
         spec, P = self.spec, self.spec.page_size
         B, max_q = len(seq_ids), max(q_lens)
-        buf = self._buffers_for(bucket(B), padded_query_len(max_q))
         Bp, host = buf.padded_batch, buf.host
 
         # Every tensor of the step goes into the bucket's pinned twin, then to the GPU in ONE copy that never

@@ -78,6 +78,7 @@ class PackedStaging:
         if self._cuda:
             self._dev_raw.copy_(self._host_raw)
         self._event: torch.cuda.Event | None = None
+        self.rounds = 0  # send() calls so far (on the CPU too): tells whether a round got as far as its copy
 
     def begin(self) -> None:
         """Wait until the previous round's copy has read the twin (it has, unless the host is far ahead)."""
@@ -86,6 +87,7 @@ class PackedStaging:
 
     def send(self, last: str | None = None) -> None:
         """Enqueue one copy of the twin's fields up to and including `last` (default: all); returns at once."""
+        self.rounds += 1
         if not self._cuda:
             return
         end = self._ends[last] if last is not None else self._host_raw.numel()

@@ -47,9 +47,6 @@ def check_step(
         raise InvalidRequestError("a step needs at least one sequence")
     if len(seq_ids) != len(q_lens):
         raise InvalidRequestError(f"{len(seq_ids)} sequence ids but {len(q_lens)} query lengths")
-    for name, mod in (("mask_mod", mask_mod), ("score_mod", score_mod)):
-        if mod is not None and not callable(mod):
-            raise InvalidRequestError(f"{name} must be callable or None, got {type(mod).__name__}")
     # A valid step (every step of a serving loop) passes these few whole-batch checks; anything else takes the
     # loops below, which name the first bad entry.
     try:
@@ -58,6 +55,7 @@ def check_step(
         valid = False
     if valid and all(type(q) is int for q in q_lens) and min(q_lens) >= 1 and all(
             lengths(s) + q <= max_seq_len for s, q in zip(seq_ids, q_lens)):
+        check_mods(mask_mod, score_mod)
         return seq_ids, q_lens
     seen = set()
     for s in seq_ids:
@@ -71,7 +69,22 @@ def check_step(
         if lengths(s) + q > max_seq_len:
             raise SequenceTooLongError(
                 f"sequence {s!r}: {lengths(s)} stored + {q} new tokens exceeds max_seq_len {max_seq_len}")
+    check_mods(mask_mod, score_mod)
     return seq_ids, q_lens
+
+
+def check_mods(mask_mod: object, score_mod: object) -> None:
+    """Each mod is None or a hashable callable (the cache keys the step's compiled wrappers on the pair)."""
+    for name, mod in (("mask_mod", mask_mod), ("score_mod", score_mod)):
+        if mod is None:
+            continue
+        if not callable(mod):
+            raise InvalidRequestError(f"{name} must be callable or None, got {type(mod).__name__}")
+        try:
+            hash(mod)
+        except TypeError:
+            raise InvalidRequestError(f"{name} must be hashable: a {type(mod).__name__} is not (define __hash__, "
+                                      f"or pass a function)") from None
 
 
 def check_run(

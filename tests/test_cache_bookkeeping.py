@@ -290,6 +290,37 @@ def test_finish_of_a_forked_parent_keeps_shared_pages(device):
     check_memory(cache)
 
 
+@pytest.mark.parametrize("fails_in", ["fill_block_lists", "physical_mods"])
+def test_a_plan_that_fails_after_its_commit_still_updates_the_device(device, fails_in, monkeypatch):
+    """plan() commits pages on the host before it builds the step's device tensors. If building them fails (out
+    of memory, an interrupt; injected here before the step's copy, in fill_block_lists, or after it, in
+    physical_mods) the device page -> logical table, the poison and the copy-on-write copy must still follow."""
+    import paged.cache
+
+    cache = PagedKVCache(make_spec(device), poison_free_pages=True)
+    cache.admit("a")
+    cache.plan(["a"], [20])                                 # 20 tokens: the second page holds 4
+    for pool in (cache.k_pool, cache.v_pool):               # stand-in K/V for them
+        for i in range(20):
+            page = cache.pages("a")[i // P]
+            pool[:, :, page * P + i % P] = 1.0 + i
+    cache.fork("a", "b")                                    # b shares both pages, the second partly filled
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(paged.cache, fails_in, boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        cache.plan(["a", "b"], [1, 5])                      # a copies the shared page first, b writes in place
+    monkeypatch.undo()
+    check_invariants(cache)
+    copied = cache.pages("a")[1]
+    assert copied not in cache.pages("b"), "a's write must have copied the shared page"
+    for pool in (cache.k_pool, cache.v_pool):
+        assert pool[:, :, copied * P:copied * P + 4].cpu().eq(
+            torch.arange(17.0, 21.0)[None, None, :, None]).all(), "the copied page lost a's tokens"
+
+
 def test_invariants_through_a_long_mixed_history(device):
     """plan / fork / finish / admit interleaved under every policy; invariants checked after each operation."""
     for policy in ("lowest", "lifo", "fifo", "random"):

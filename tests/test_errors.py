@@ -204,6 +204,31 @@ def test_non_callable_mod(world, kind, which):
             lambda c: c.plan(["a"], [1], **{which: 3}))
 
 
+class UnhashableCausal:
+    """A callable mask that defines __eq__ and so has no hash."""
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def __eq__(self, other):
+        return isinstance(other, UnhashableCausal)
+
+
+@both
+@pytest.mark.parametrize("which", ["mask_mod", "score_mod"])
+def test_unhashable_mod(world, kind, which):
+    """The cache keys its compiled wrappers on the mods: an unhashable one must be refused before the commit,
+    not fail half-way through it."""
+    rejects(world, kind, InvalidRequestError, rf"{which} must be hashable: a UnhashableCausal is not",
+            lambda c: c.plan(["a"], [1], **{which: UnhashableCausal()}))
+
+
+@both
+def test_several_faults_report_the_same_one_as_ever(world, kind):
+    """Validation order: ids and lengths before the mods (every backend shares it, so they agree)."""
+    rejects(world, kind, UnknownSequenceError, "nope", lambda c: c.plan(["nope"], [1], mask_mod=3))
+
+
 @both
 def test_a_rejected_plan_keeps_the_step_in_flight(world, kind):
     """Nothing about the current plan changes either: its pending layer still runs (and agrees)."""

@@ -205,8 +205,11 @@ class PagedRunner(Runner):
     decode_kernel = "auto"
 
     def __init__(self, case: Case, lens: list[int], pool: PoolConfig, settings: BenchSettings):
-        if pool.over_int32 and (self.decode_kernel == "flex" or case.kind != "decode" or not settings.cuda):
-            raise Unavailable("FlexAttention is not run over a pool of more than 2**31 elements")
+        if pool.over_int32:
+            from paged import triton_decode
+
+            if self.decode_kernel == "flex" or case.kind != "decode" or not triton_decode.available(settings.device):
+                raise Unavailable("FlexAttention is not run over a pool of more than 2**31 elements")
         self.case, self.page = case, case.page
         # PAGED_BENCH_DECODE_FULL_BLOCKS=1 / 0 / auto overrides PagedKVCache's decode_full_blocks (see its docstring).
         layout = os.environ.get("PAGED_BENCH_DECODE_FULL_BLOCKS", "")
@@ -443,6 +446,8 @@ def estimate_bytes(case: Case, pool: PoolConfig, backends: set[str] = frozenset(
     rows = (case.hq // case.hkv) * case.q_len if case.q_len > 1 else 1
     mask = case.batch * rows * max_len * item
     kinds = POOL_BACKENDS if case.kind == "decode" else ("paged", "torchpa")
+    if pool.over_int32:                                         # the FlexAttention runners refuse such a pool
+        kinds = tuple(k for k in kinds if k not in ("pagedflex", "torchpa"))
     pools = pool.bytes * max(1, sum(b in backends for b in kinds))
     return pools + sdpa + mask + 2 * max(lens) * case.hkv * case.head_dim * 4 + 2**30
 
