@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_fms_llama", "tiny_llama", "write_tiny_llama_checkpoint"]
+__all__ = ["IncompleteCheckpointError", "check_checkpoint_complete", "load_fms_llama", "tiny_llama",
+           "write_tiny_llama_checkpoint"]
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint whose tensors do not match its own config: missing, unexpected or misshapen names."""
 
 
 def write_tiny_llama_checkpoint(
@@ -103,13 +108,18 @@ def load_fms_llama(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
-    """Load a local HF-format Llama directory as an FMS model in eval mode."""
+    """Load a local HF-format Llama directory as an FMS model in eval mode.
+
+    Strict: the checkpoint's tensors must be exactly those its ``config.json`` implies (FMS itself would
+    leave uninitialised weights where a tensor is missing); otherwise IncompleteCheckpointError names them.
+    """
     from fms.models import get_model
 
     path = Path(path)
     if not (path / "config.json").is_file():
         # Without this check FMS treats a missing local path as a hub id and tries to download.
         raise FileNotFoundError(f"no HF checkpoint (config.json) in {path}")
+    check_checkpoint_complete(path)
     model = get_model(
         "hf_pretrained",
         model_path=str(path),
@@ -117,6 +127,58 @@ def load_fms_llama(
         data_type=dtype,
     )
     return model.eval()
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the directory's ``*.safetensors`` (or ``*.bin``) files, read lazily."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        return shapes
+    for f in sorted(path.glob("*.bin")):
+        state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+        shapes.update({name: tuple(t.shape) for name, t in state.items()})
+    if not shapes:
+        raise IncompleteCheckpointError(f"no weights (*.safetensors or *.bin) in {path}")
+    return shapes
+
+
+def _expected_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """(name -> shape the config implies, names that may be absent) for an HF checkpoint directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    return expected, optional
+
+
+def check_checkpoint_complete(path: str | os.PathLike[str]) -> None:
+    """Raise IncompleteCheckpointError unless the checkpoint holds exactly the tensors its config implies.
+
+    Names every missing, unexpected and misshapen tensor (first few of each, and the counts). Reads only
+    the files' headers, and builds the expected model on the meta device (no memory, no weights).
+    """
+    path = Path(path)
+    present = _checkpoint_shapes(path)
+    expected, optional = _expected_shapes(path)
+    missing = sorted(set(expected) - set(present) - optional)
+    unexpected = sorted(set(present) - set(expected))
+    misshapen = sorted(f"{n} {present[n]} (config implies {expected[n]})" for n in set(present) & set(expected)
+                       if present[n] != expected[n])
+    problems = [f"{len(items)} {what}: {', '.join(items[:6])}{', ...' if len(items) > 6 else ''}"
+                for what, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen))
+                if items]
+    if problems:
+        raise IncompleteCheckpointError(f"checkpoint {path} does not match its config.json: " + "; ".join(problems))
 
 
 def tiny_llama(
