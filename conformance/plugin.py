@@ -3,7 +3,7 @@
 Options:
     --backend NAME|module:factory   backend under test (default $PAGED_CONFORMANCE_BACKEND or "paged")
     --device cpu|cuda               where caches live (default $PAGED_DEVICE or cpu)
-    --profile ci|dev|gpu|thorough   Hypothesis profile (default $HYPOTHESIS_PROFILE, ci under CI, else dev)
+    --profile ci|dev|gpu|thorough|soak   Hypothesis profile (default $HYPOTHESIS_PROFILE, ci under CI, else dev)
 Tests marked `gpu` are skipped without a CUDA GPU, unless PAGED_REQUIRE_GPU=1 (tox -e gpu), which fails them.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import Phase, settings
 
-from conformance.profiles import default_profile, register_profiles
+from conformance.profiles import check_profile, default_profile, register_profiles
 from conformance.selection import BackendNotFound, resolve_backend
 
 
@@ -23,7 +23,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("paged-conformance")
     group.addoption("--backend", default=None, help="backend under test: NAME or module:factory")
     group.addoption("--device", default=None, choices=("cpu", "cuda"), help="device for caches (default cpu)")
-    group.addoption("--profile", default=None, help="Hypothesis profile: ci, dev, gpu, thorough")
+    group.addoption("--profile", default=None, help="Hypothesis profile: ci, dev, gpu, thorough, soak")
     group.addoption("--no-shrink", action="store_true",
                     help="stop at the first failing trace without shrinking it (for pass/fail-only runs)")
 
@@ -37,6 +37,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "check(name, needs=()): a conformance check and the capabilities it needs")
     register_profiles()
     profile = config.getoption("--profile") or default_profile()
+    try:
+        check_profile(profile)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     settings.load_profile(profile)
     if config.getoption("--no-shrink"):
         settings.register_profile(f"{profile}-noshrink", parent=settings.get_profile(profile),

@@ -54,6 +54,16 @@ def register_profiles() -> None:
                               phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink])
 
 
+def check_profile(name: str) -> None:
+    """ValueError naming the known profiles unless `name` is one (register_profiles() first)."""
+    register_profiles()
+    try:
+        settings.get_profile(name)
+    except Exception:  # noqa: BLE001 - hypothesis raises InvalidArgument
+        raise ValueError(f"unknown Hypothesis profile {name!r}; the suite's profiles are "
+                         f"{', '.join(TRACE_LIMITS)}.") from None
+
+
 def default_profile() -> str:
     """HYPOTHESIS_PROFILE if set, else `ci` under CI, else `dev`."""
     return os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")

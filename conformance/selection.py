@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from importlib.metadata import entry_points
 
@@ -24,20 +25,38 @@ def available_backends() -> list[str]:
     return sorted(names)
 
 
+def _takes_no_arguments(obj) -> bool:
+    """Whether `obj` can be called with no arguments (a factory), as opposed to a spec -> backend callable."""
+    try:
+        inspect.signature(obj).bind()
+    except TypeError:
+        return False
+    except ValueError:           # no signature to read (some builtins): only a call can tell
+        return True
+    return True
+
+
 def _as_factory(obj, name: str) -> BackendFactory:
+    """`obj` as a BackendFactory: itself, what a zero-argument factory returns, or a spec -> backend callable
+    wrapped with no optional capabilities. Anything else, or a factory that raises or exits, is BackendNotFound."""
     if isinstance(obj, BackendFactory):
         return obj
-    if callable(obj):
+    if not callable(obj):
+        raise BackendNotFound(f"backend {name!r} is a {type(obj).__name__}, neither a BackendFactory nor a callable "
+                              f"returning one")
+    if _takes_no_arguments(obj):
         try:
             made = obj()
-        except TypeError:
-            made = None  # a callable that needs a spec: the backend class or a spec -> backend function
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure of a user's factory is reported
+            raise BackendNotFound(f"backend factory {name!r} raised {type(exc).__name__}({exc}) when called with "
+                                  f"no arguments; it must return a conformance.contract.BackendFactory") from None
         if isinstance(made, BackendFactory):
             return made
-        return BackendFactory(name=name, make=lambda spec, **_: obj(spec),
-                              capabilities=frozenset({"fork", "chunked_prefill", "mixed_steps"}),
-                              description=f"{name} (spec -> backend callable, optional capabilities off)")
-    raise BackendNotFound(f"{name!r} is neither a BackendFactory nor a callable returning one")
+        raise BackendNotFound(f"backend factory {name!r} returned a {type(made).__name__}, not a "
+                              f"conformance.contract.BackendFactory")
+    return BackendFactory(name=name, make=lambda spec, **_: obj(spec),
+                          capabilities=frozenset({"fork", "chunked_prefill", "mixed_steps"}),
+                          description=f"{name} (spec -> backend callable, optional capabilities off)")
 
 
 def resolve_backend(spec: str | None = None) -> BackendFactory:
@@ -49,12 +68,13 @@ def resolve_backend(spec: str | None = None) -> BackendFactory:
         try:
             obj = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
-            raise BackendNotFound(f"cannot load backend {spec!r}: {exc}") from exc
+            raise BackendNotFound(f"cannot load backend {spec!r}: {type(exc).__name__}: {exc}. A module:factory "
+                                  f"backend must be importable from here (is its package on sys.path?).") from None
         return _as_factory(obj, spec)
     if spec in BUILTIN:
         return BUILTIN[spec]()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == spec:
             return _as_factory(ep.load(), spec)
-    raise BackendNotFound(f"unknown backend {spec!r}; available: {', '.join(available_backends())} "
-                          f"or module:factory")
+    raise BackendNotFound(f"unknown backend {spec!r}; available: {', '.join(available_backends())}, or "
+                          f"package.module:factory for your own (`python -m conformance --list` lists them).")

@@ -83,3 +83,44 @@ def test_plugin_is_registered_as_an_entry_point():
     except PackageNotFoundError:
         pytest.skip("the project is used from a source tree here, not installed")
     assert _plugin_installed(), "pyproject.toml must register conformance.plugin under the pytest11 entry point"
+
+
+# ------------------------------------------------------------------ python -m conformance: errors and a bare checkout
+def run_cli(tmp_path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m conformance ARGS` from `tmp_path` with the repo on PYTHONPATH, its report in tmp_path."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("PAGED_REQUIRE_GPU", "PAGED_CONFORMANCE_BACKEND")}
+    full_env.update(PYTHONPATH=os.pathsep.join(filter(None, (REPO, os.environ.get("PYTHONPATH")))), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "conformance", "--json", str(tmp_path / "report.json"), *args],
+                          capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=300)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("--backend", "no-such-backend"), "unknown backend 'no-such-backend'; available: oracle, paged"),
+    (("--profile", "nope"), "unknown Hypothesis profile 'nope'; the suite's profiles are ci, dev"),
+    (("--backend", "sys:exit"), "backend factory 'sys:exit' raised SystemExit"),
+    (("--backend", "os:sep"), "backend 'os:sep' is a str"),
+    (("--backend", "no_such_module:factory"), "cannot load backend 'no_such_module:factory': ModuleNotFoundError"),
+], ids=["unknown-backend", "unknown-profile", "factory-exits", "not-callable", "not-importable"])
+def test_cli_usage_errors_are_one_paragraph_and_nonzero(tmp_path, args, says):
+    """Issue 17: each used to end in a traceback, an INTERNALERROR with an empty report, or exit 0."""
+    done = run_cli(tmp_path, *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "report.json").exists(), "a run that did not happen must not write a report"
+
+
+def test_cli_works_without_the_plugin_entry_point(tmp_path):
+    """A source checkout without `pip install` (no pytest11 entry point; simulated by disabling plugin autoload)
+    used to fail every run with 'unrecognized arguments: --backend'; the CLI now loads the plugin itself."""
+    done = run_cli(tmp_path, "--backend", "oracle", "--profile", "ci", "--", "-k", "determinism",
+                   env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "determinism" in done.stdout and "PASSED" in done.stdout
+    assert (tmp_path / "report.json").is_file()
+
+
+def test_cli_pytest_failure_to_run_is_an_error_without_report(tmp_path):
+    done = run_cli(tmp_path, "--backend", "oracle", "--", "--no-such-pytest-option")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "pytest could not run the suite" in done.stderr and not (tmp_path / "report.json").exists()
