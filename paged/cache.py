@@ -151,6 +151,11 @@ class PagedKVCache:
     def seq_ids(self) -> list[Hashable]:
         return list(self._seqs)
 
+    @property
+    def current_plan(self) -> StepPlan | None:
+        """The plan made by the last plan(), or None once admit / fork / finish (or a failed plan()) invalidated it."""
+        return self._plan
+
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs
 
@@ -337,10 +342,12 @@ class PagedKVCache:
                               self._table_width, self.spec.page_size, self.spec.device)
             buf.kernel_options = self._kernel_options(buf)  # once per bucket, not once per layer
             if padded_q == 1 and self.decode_kernel == "triton":
-                from paged.triton_decode import decode_splits
+                from paged.triton_decode import decode_splits, launch_options
 
                 buf.decode_splits = decode_splits(padded_batch, self.spec.num_kv_heads, self.spec.max_seq_len,
                                                   self.spec.device)
+                buf.decode_launch = launch_options(self.spec.dtype, self.spec.head_dim, self.spec.device,
+                                                   padded_batch, self.spec.num_kv_heads)
             self._buffers[key] = buf
         return self._buffers[key]
 
@@ -425,13 +432,20 @@ class PagedKVCache:
         Args:
             layer: 0 <= layer < num_layers; each layer once per plan.
             q: (B, Lq, Hq, D) queries, row b's first q_lens[b] positions real (Lq >= max q_len; Hq % Hkv == 0).
+                On a plain decode step run by the Triton kernel (`plan.kernel == "triton"`) B may also be the
+                bucket's padded batch `plan.buffers.padded_batch`: rows >= plan.batch are padding, store nothing
+                and come back 0 (one CUDA graph per bucket then serves every batch of the bucket).
             k, v: (B, Lq, Hkv, D) the new tokens' keys and values, same row layout.
             scale: softmax scale, default 1/sqrt(D).
         Returns:
             (B, Lq, Hq, D) attention output; positions past a row's q_len are 0.
         """
         plan = self._plan
-        check_run(self.spec, plan is not None, plan.layers_run if plan else set(), plan.batch if plan else 0,
+        batch = plan.batch if plan else 0
+        if (plan is not None and plan.kernel == "triton" and isinstance(q, torch.Tensor) and q.dim() == 4
+                and q.shape[0] == plan.buffers.padded_batch):
+            batch = q.shape[0]  # the bucket's padded batch (k and v must match it too)
+        check_run(self.spec, plan is not None, plan.layers_run if plan else set(), batch,
                   plan.max_q_len if plan else 0, layer, q, k, v)
         spec, B, Lq = self.spec, plan.batch, plan.max_q_len
         H, D = spec.num_kv_heads, spec.head_dim
@@ -441,13 +455,15 @@ class PagedKVCache:
         if plan.kernel == "triton":                                                    # plain decode: Lq == 1
             from paged.triton_decode import paged_decode
 
-            # One launch (two with split-KV merging) stores the new K/V and attends over each row's pages.
+            # One launch (two with split-KV merging) stores the new K/V and attends over each row's pages. Padding
+            # rows of a padded batch have q_len 0 and q_start 0: they store nothing and their output is 0.
             q1, k1, v1 = (x[:, 0] if x.stride(-1) == 1 else x[:, 0].contiguous() for x in (q, k, v))
             out = paged_decode(q1, self.k_pool[layer], self.v_pool[layer], buf.page_table, buf.q_start, buf.q_len,
                                spec.page_size, D ** -0.5 if scale is None else scale, buf.decode_splits,
-                               k_new=k1, v_new=v1, split_keys=buf.split_keys)  # (B, Hq, D)
+                               k_new=k1, v_new=v1, split_keys=buf.split_keys,
+                               **buf.decode_launch)                             # (B or Bp, Hq, D)
             plan.layers_run.add(layer)
-            out = out[:, None]                                                 # (B, 1, Hq, D)
+            out = out[:, None]                                                 # (B or Bp, 1, Hq, D)
             return out if Lq_in == 1 else F.pad(out, (0, 0, 0, 0, 0, Lq_in - 1))
 
         # Every launch here repeats in every layer, so a step whose rows are all full (every decode step: T = B *

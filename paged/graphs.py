@@ -30,7 +30,7 @@ from paged.errors import PlanError
 def plan_signature(cache: PagedKVCache) -> tuple:
     """What a captured step depends on beyond the contents of the plan's buffers: the launch shapes (batch, max
     query length, tokens), the bucket's buffers, and the mask/score functions compiled into the kernels."""
-    plan = cache._plan
+    plan = cache.current_plan
     if plan is None:
         raise PlanError("no current plan: call cache.plan(...) for this step before capture() or replay()")
     if plan.layers_run:
@@ -64,7 +64,7 @@ class GraphedStep:
         Returns forward's outputs: tensors that every later replay() overwrites.
         """
         shape = plan_signature(self.cache)
-        plan = self.cache._plan
+        plan = self.cache.current_plan
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -87,5 +87,5 @@ class GraphedStep:
             raise PlanError(f"the current plan's {what} differ from the captured step's: capture a graph per "
                             "shape and mods")
         self.graph.replay()
-        self.cache._plan.layers_run.update(range(self.cache.spec.num_layers))  # a run() now would be a second one
+        self.cache.current_plan.layers_run.update(range(self.cache.spec.num_layers))  # a run() now would be a second one
         return self.outputs

@@ -78,6 +78,9 @@ class StepBuffers:
         self.wrapped: dict[tuple, tuple[Callable, Callable, Callable | None]] = {}
         self.kernel_options: dict | None = None  # this bucket's FlexAttention kernel options, set once by the cache
         self.decode_splits = 1  # the Triton decode kernel's split slots per (row, kv head), set once by the cache
+        # The Triton decode kernel's launch options (key tile, warps, stages) for this bucket's padded batch, set
+        # once by the cache: every batch of the bucket launches alike, so one CUDA graph per bucket is right.
+        self.decode_launch: dict | None = None
 
 
 def physical_mods(
@@ -171,6 +174,11 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(self.q_lens)
+
+    @property
+    def bucket(self) -> tuple[int, int, str]:
+        """(padded batch, padded query length, kernel): the shape a compiled or graphed step is specialised on."""
+        return self.buffers.padded_batch, self.buffers.padded_q_len, self.kernel
 
 
 def fill_block_lists(

@@ -106,8 +106,9 @@ SMALL_TILE_MAX_CTAS_PER_SM = 4
 @functools.lru_cache(maxsize=None)  # called once per layer: no device query on the hot path
 def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, batch: int | None = None,
                    kv_heads: int = 1) -> dict:
-    """Key tile, warps and pipeline stages of the split kernel for a launch over `batch` rows (the step's rows,
-    not the bucket's: a CUDA graph is captured per batch) of `kv_heads` kv heads.
+    """Key tile, warps and pipeline stages of the split kernel for a launch over `batch` rows of `kv_heads` kv heads.
+    The cache passes its bucket's padded batch, so every batch of a bucket launches alike (one CUDA graph per
+    bucket); `paged_decode` called without options uses its own row count.
 
     Hopper, measured on an H200 (bf16, 32/8 heads, D 128; scripts/triton_decode_sweep.py, results/h200-2026-11-29c):
     128-key tiles, 4 warps, 3 stages (the largest tile whose 3 stages of K and V fit in ~200 KB of shared memory)

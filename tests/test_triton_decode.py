@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from conformance.policy import compare
 from paged import CacheSpec, PagedKVCache, mods
-from paged.errors import UnsupportedConfigError
+from paged.errors import InvalidRequestError, UnsupportedConfigError
 from tests.test_eager_vs_compiled import Twins
 
 triton_decode = pytest.importorskip("paged.triton_decode")
@@ -276,3 +276,97 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
     spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=16, num_pages=4, max_seq_len=64)
     with pytest.raises(UnsupportedConfigError, match="TRITON_INTERPRET=1"):
         PagedKVCache(spec, decode_kernel="triton")
+
+
+def _padded_inputs(gen, rows: int, hq: int, hkv: int, d: int, dtype, device):
+    """Random q (rows, 1, Hq, D), k and v (rows, 1, Hkv, D): padding rows hold data too, so a store would show."""
+    q = torch.randn(rows, 1, hq, d, generator=gen).to(dtype).to(device)
+    k = torch.randn(rows, 1, hkv, d, generator=gen).to(dtype).to(device)
+    v = torch.randn(rows, 1, hkv, d, generator=gen).to(dtype).to(device)
+    return q, k, v
+
+
+def _grow(cache: PagedKVCache, ids: list, lens: list[int], gen, hq: int) -> None:
+    """Prefill each sequence to its length (FlexAttention steps), with random K/V."""
+    spec = cache.spec
+    cache.plan(ids, lens)
+    B, L = len(ids), max(lens)
+    for layer in range(spec.num_layers):
+        q = torch.randn(B, L, hq, spec.head_dim, generator=gen).to(spec.dtype).to(spec.device)
+        k = torch.randn(B, L, spec.num_kv_heads, spec.head_dim, generator=gen).to(spec.dtype).to(spec.device)
+        v = torch.randn(B, L, spec.num_kv_heads, spec.head_dim, generator=gen).to(spec.dtype).to(spec.device)
+        cache.run(layer, q, k, v)
+
+
+def _padded_caches(kernel_device, ids, lens):
+    spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, page_size=4, num_pages=96, max_seq_len=256,
+                     device=kernel_device)
+    caches = []
+    for _ in range(2):                                  # twins: one run unpadded, one padded
+        cache = PagedKVCache(spec, decode_kernel="triton", policy="random", seed=3)
+        for s in ids:
+            cache.admit(s)
+        _grow(cache, ids, lens, torch.Generator().manual_seed(5), hq=4)
+        caches.append(cache)
+    return caches
+
+
+def _check_padded_step(plain: PagedKVCache, padded: PagedKVCache, ids: list, gen) -> None:
+    """One decode step of `ids` on both twins: the padded run's real rows equal the unpadded run's, its padding
+    rows are 0, and the pools differ from before only in the real rows' new slots (the same in both twins)."""
+    spec, hq = plain.spec, 4
+    p1, p2 = plain.plan(ids, [1] * len(ids)), padded.plan(ids, [1] * len(ids))
+    assert p2.kernel == "triton" and padded.current_plan is p2
+    Bp = p2.buffers.padded_batch
+    assert p2.bucket == (Bp, 1, "triton") and p1.bucket == p2.bucket
+    before = padded.k_pool.clone(), padded.v_pool.clone()
+    for layer in range(spec.num_layers):
+        q, k, v = _padded_inputs(gen, Bp, hq, spec.num_kv_heads, spec.head_dim, spec.dtype, spec.device)
+        want = plain.run(layer, q[:len(ids)], k[:len(ids)], v[:len(ids)])            # (B, 1, Hq, D)
+        got = padded.run(layer, q, k, v)                                              # (Bp, 1, Hq, D)
+        assert got.shape == (Bp, 1, hq, spec.head_dim)
+        torch.testing.assert_close(got[:len(ids)], want, rtol=0, atol=0)
+        assert bool((got[len(ids):] == 0).all())
+    real = p2.slot_mapping.cpu()
+    for pool, old, twin in ((padded.k_pool, before[0], plain.k_pool), (padded.v_pool, before[1], plain.v_pool)):
+        torch.testing.assert_close(pool, twin, rtol=0, atol=0, equal_nan=True)        # same writes as unpadded
+        changed = ~((pool.cpu() == old.cpu()) | (pool.cpu().isnan() & old.cpu().isnan()))  # (L, Hkv, slots, D)
+        assert set(changed.any(-1).any(1).any(0).nonzero().flatten().tolist()) <= set(real.tolist())
+
+
+def test_padded_batch_run_matches_the_unpadded_run(kernel_device):
+    """A decode step run with the bucket's padded batch: real rows as unpadded, padding rows 0 and stored nowhere;
+    then the batch changes within the bucket (6 rows, one finishes, 5 rows) and padded runs stay right."""
+    ids = list("abcdef")
+    plain, padded = _padded_caches(kernel_device, ids, [5, 9, 3, 13, 7, 4])
+    gen = torch.Generator().manual_seed(8)
+    _check_padded_step(plain, padded, ids, gen)                       # 6 rows in bucket 8
+    _check_padded_step(plain, padded, ids, gen)
+    for cache in (plain, padded):
+        cache.finish("b")
+        assert cache.current_plan is None
+    _check_padded_step(plain, padded, ["a", "c", "d", "e", "f"], gen)  # 5 rows, same bucket and buffers
+    _check_padded_step(plain, padded, ["e", "a", "d"], gen)             # 3 rows in bucket 4: 2 splits, merged
+    assert padded.current_plan.buffers.decode_splits > 1
+
+
+def test_padded_batch_is_refused_on_flexattention_steps(kernel_device):
+    spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=4, num_pages=16, max_seq_len=32,
+                     device=kernel_device)
+    cache = PagedKVCache(spec, decode_kernel="triton")
+    for s in "abc":
+        cache.admit(s)
+    gen = torch.Generator().manual_seed(0)
+    plan = cache.plan(list("abc"), [2, 1, 1])                      # a prefill step: FlexAttention
+    assert plan.kernel == "flex"
+    q, k, v = _padded_inputs(gen, 4, 2, 1, 16, spec.dtype, kernel_device)
+    with pytest.raises(InvalidRequestError, match="expected \\(3,"):
+        cache.run(0, q.expand(4, 2, 2, 16), k.expand(4, 2, 1, 16), v.expand(4, 2, 1, 16))
+    cache.run(0, *(x[:3].expand(3, 2, -1, -1) for x in (q, k, v)))
+    plan = cache.plan(list("abc"), [1, 1, 1])
+    assert plan.kernel == "triton" and plan.buffers.padded_batch == 4
+    with pytest.raises(InvalidRequestError, match="expected \\(4,"):  # padded q, unpadded k
+        cache.run(0, q, k[:3], v[:3])
+    with pytest.raises(InvalidRequestError):
+        cache.run(0, q.to(torch.float64), k, v)
+    cache.run(0, q, k, v)
