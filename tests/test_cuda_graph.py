@@ -163,3 +163,44 @@ def test_decode_steps_never_wait_for_the_gpu(decode_kernel):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_one_graph_per_bucket_follows_the_batch_within_the_bucket():
+    """Triton decode with the bucket's padded batch: one graph captured at 5 rows of bucket 8 replays steps of 5,
+    6, 7 and 8 rows (rows join and leave; padding rows store nothing) exactly as eager unpadded runs do."""
+    pair = Pair(torch.bfloat16, "triton", "auto")
+    graphed, twin = pair.caches
+    ids = [f"s{i}" for i in range(8)]
+    for s in ids:
+        pair.do("admit", s)
+    pair.eager_step(ids, [40, 3, 17, 16, 9, 33, 1, 20])                 # prefill
+    static = [x.clone() for x in pair.inputs(8, 1)]                   # (LAYERS, 8, 1, H, D), the graph's inputs
+    for cache in (graphed, twin):                                     # warm-up outside the capture: padded / not
+        cache.plan(ids[:5], [1] * 5)
+        rows = 8 if cache is graphed else 5
+        for layer in range(LAYERS):
+            cache.run(layer, *(x[layer, :rows] for x in static))
+    graphed.plan(ids[:5], [1] * 5)
+    assert graphed.current_plan.bucket == (8, 1, "triton")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.stack([graphed.run(layer, static[0][layer], static[1][layer], static[2][layer])
+                           for layer in range(LAYERS)])               # (LAYERS, 8, 1, HQ, D)
+    graph.replay()
+    twin.plan(ids[:5], [1] * 5)
+    want = torch.stack([twin.run(layer, *(x[layer, :5] for x in static)) for layer in range(LAYERS)])
+    assert torch.equal(out[:, :5], want) and not out[:, 5:].any()
+    for rows in ([0, 1, 2, 3, 4, 5], [0, 2, 3, 4, 5, 6, 7], ids, [7, 1, 6, 3, 0]):
+        step = [ids[r] if isinstance(r, int) else r for r in rows]
+        new = pair.inputs(8, 1)
+        for x, y in zip(static, new):
+            x.copy_(y)
+        for cache in (graphed, twin):
+            cache.plan(step, [1] * len(step))
+        assert graphed.current_plan.bucket == (8, 1, "triton")
+        graphed.current_plan.layers_run.update(range(LAYERS))
+        graph.replay()
+        want = torch.stack([twin.run(layer, *(x[layer, :len(step)] for x in static)) for layer in range(LAYERS)])
+        assert torch.equal(out[:, :len(step)], want) and not out[:, len(step):].any()
+        assert torch.equal(graphed.k_pool, twin.k_pool) and torch.equal(graphed.v_pool, twin.v_pool)
