@@ -4,41 +4,32 @@
     gen = PagedGenerator(model, token_budget=8192)            # cache spec read from the model
     outs = gen.generate([[1, 57, 300], [1, 9]], max_new_tokens=32, eos_token_id=2, max_batch=8)
 
-Each forward pass is one cache step (see :mod:`paged.fms.op`): the driver plans the step once, the
-model's attention layers store and attend through ``cache.run``. Prompts are prefilled (optionally in
-chunks), then all running sequences decode together, one token each per step. A sequence that emits
-EOS or reaches ``max_new_tokens`` is finished at once, which frees its pages; with ``max_batch`` (or
-when the token budget is the limit) waiting prompts are admitted as running ones finish (continuous
-batching). A prompt is admitted only when the pool can hold it at its longest (prompt +
-max_new_tokens - 1 tokens), so no running sequence is ever preempted.
+Each forward pass is one cache step (see :mod:`paged.fms.op`): the driver plans the step once, the model's
+attention layers store and attend through ``cache.run``. Who runs when is the scheduler's choice
+(:mod:`paged.fms.scheduler`; by default continuous batching: prompts are prefilled, optionally in chunks, then
+every running sequence decodes one token per step; a sequence that emits EOS or reaches ``max_new_tokens`` is
+finished at once, freeing its pages, and waiting prompts join). On CUDA, decode steps run compiled and replayed as
+CUDA graphs, one per batch bucket (:mod:`paged.fms.decode`); prefill steps run eagerly.
 
-Also here:
-
-* :func:`forward_logits`: one forward step over live sequences, the logits of every new position
-  (for equivalence tests).
-* :func:`fms_generate`: FMS's own ``fms.utils.generation.generate`` running on the paged cache. It
-  works because FMS lets an op carry state in the attention kwargs: the first (prefill) step is
-  planned before the call and passed in ``extra_kwargs`` (left-padded, as FMS's ``pad_input_ids``
-  makes batches), and the op's ``update_attn_kwargs``, which ``generate`` calls before every later
-  step, plans each decode step. ``generate`` forces ``past_key_value_states=None`` and feeds back
-  whatever the op's store returns; the op never reads it (its state is the cache). What FMS's loop
-  cannot do: finish a sequence before every row is done (its rows keep decoding after EOS until all
-  have hit it, as on FMS's default path), admit new prompts while running, or chunk the prefill;
-  use :class:`PagedGenerator` for those.
+Also here: :func:`forward_logits`, one forward step over live sequences, the logits of every new position (for
+equivalence tests); :func:`fms_generate` (from :mod:`paged.fms.fms_loop`), FMS's own generation loop on the cache.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Hashable, Literal, Sequence
 
 import torch
 
 from paged.cache import PagedKVCache
 from paged.errors import InvalidRequestError, OutOfPagesError, SequenceTooLongError, UnsupportedConfigError
+from paged.fms.decode import CompiledDecoder
+from paged.fms.fms_loop import fms_generate, prepare_fms_generate
 from paged.fms.op import PagedStep, attention_layers, bind, plan_step
+from paged.fms.scheduler import ContinuousBatching, Request, Scheduler, Work
 from paged.spec import CacheSpec
 
 __all__ = ["PagedGenerator", "StepEvent", "cache_spec_for", "fms_generate", "forward_logits", "prepare_fms_generate"]
@@ -146,19 +137,6 @@ class StepEvent:
     cache: PagedKVCache
 
 
-@dataclass
-class _Request:
-    index: int
-    prompt: list[int]
-    seq_id: Hashable
-    reserve: int                         # pages the request can grow to
-    limit: int                           # max new tokens
-    fed: int = 0                         # prompt tokens stored
-    out: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
-    rng: torch.Generator | None = None
-
-
 class PagedGenerator:
     """Batched generation with an FMS model over a :class:`PagedKVCache`.
 
@@ -172,6 +150,11 @@ class PagedGenerator:
         sliding_window: attend to the last `sliding_window` positions only (None: full causal). FMS's
             Llama and Mistral attend causally without a window, so leave it None to match them.
         pad_token_id: id written into padding positions (never attended, any valid id works).
+        cuda_graphs: replay decode steps as CUDA graphs, one per batch bucket (:mod:`paged.fms.decode`);
+            None: on for a CUDA cache with attention="compiled". Prefill steps always run eagerly.
+        compile_decode: trace decode steps with torch.compile (the model's forward, the cache as a custom
+            op); None: as `cuda_graphs` resolved (on for CUDA, off on the CPU, where the first compile of a
+            model takes tens of seconds).
     """
 
     def __init__(
@@ -189,6 +172,8 @@ class PagedGenerator:
         kernel_options: dict | None = None,
         sliding_window: int | None = None,
         pad_token_id: int = 0,
+        cuda_graphs: bool | None = None,
+        compile_decode: bool | None = None,
     ) -> None:
         self.model = model
         nlayers = bind(model)
@@ -201,6 +186,22 @@ class PagedGenerator:
         self.cache = PagedKVCache(spec, policy=policy, attention=attention, kernel_options=kernel_options)
         self.sliding_window = sliding_window
         self.pad_token_id = pad_token_id
+        if cuda_graphs and (spec.device.type != "cuda" or attention != "compiled"):
+            raise UnsupportedConfigError("cuda_graphs=True needs a CUDA cache with attention='compiled'")
+        graphs_possible = spec.device.type == "cuda" and attention == "compiled" and sliding_window is None
+        self.cuda_graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs)
+        self.compile_decode = self.cuda_graphs if compile_decode is None else bool(compile_decode)
+        self._decoder: CompiledDecoder | None = None
+
+    @property
+    def decoder(self) -> CompiledDecoder | None:
+        """The compiled / graphed decode path of this generator's cache, or None when decode steps run eagerly."""
+        if not (self.cuda_graphs or self.compile_decode) or self.sliding_window is not None:
+            return None
+        if self._decoder is None or self._decoder.cache is not self.cache:
+            self._decoder = CompiledDecoder(self.model, self.cache, cuda_graphs=self.cuda_graphs,
+                                            compile=self.compile_decode)
+        return self._decoder
 
     def forward_logits(self, seq_ids: Sequence[Hashable], token_chunks: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """:func:`forward_logits` on this generator's model and cache."""
@@ -221,6 +222,7 @@ class PagedGenerator:
         progress: bool | None = None,
         callback: Callable[[StepEvent], None] | None = None,
         return_logits: bool = False,
+        scheduler: Scheduler | None = None,
     ) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
         """Generate up to `max_new_tokens` tokens after each prompt.
 
@@ -241,81 +243,36 @@ class PagedGenerator:
             callback: called with a :class:`StepEvent` after every step.
             return_logits: also return, per request, the (n_new, vocab) float32 logits each new token was
                 chosen from.
+            scheduler: the batching policy (:mod:`paged.fms.scheduler`); default
+                ``ContinuousBatching(max_batch, prefill_chunk)``.
         Returns:
             per prompt, the new tokens (not the prompt); with return_logits, (tokens, logits).
         """
         prompts = [[int(t) for t in p] for p in prompts]
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         self._check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch)
-        P, spec = self.spec.page_size, self.spec
-        call = next(_ids)
-        if do_sample and seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        requests = []
-        for i, (p, limit) in enumerate(zip(prompts, limits)):
-            longest = len(p) + limit - 1                   # the last new token is never fed back
-            if longest > spec.max_seq_len:
-                raise SequenceTooLongError(f"prompt {i}: {len(p)} tokens + {limit} new needs {longest} "
-                                           f"positions but max_seq_len is {spec.max_seq_len}")
-            r = _Request(i, p, ("pagetable-generate", call, i), math.ceil(longest / P), limit)
-            if r.reserve > spec.num_pages:
-                raise OutOfPagesError(r.reserve, spec.num_pages, f"prompt {i} at its longest")
-            if do_sample:
-                r.rng = torch.Generator(device=spec.device).manual_seed((seed * 1_000_003 + i) % 2**63)
-            requests.append(r)
-
+        if scheduler is not None and (prefill_chunk is not None or max_batch is not None):
+            raise InvalidRequestError("pass prefill_chunk and max_batch to your scheduler, not to generate()")
+        scheduler = scheduler or ContinuousBatching(max_batch, prefill_chunk)
+        requests = self._requests(prompts, limits, do_sample, seed)
+        sampling = _Sampling(do_sample, temperature, top_k, return_logits)
         total = sum(limits)
         from tqdm.auto import tqdm
         bar = tqdm(total=total, unit="tok", desc="generate", leave=False,
                    disable=(not progress) if progress is not None else (None if total >= 1024 else True))
-        pending = [r for r in reversed(requests) if r.limit > 0]    # pop() takes the next prompt in order
-        running: list[_Request] = []
-        step_no = 0
+        waiting = [r for r in requests if r.limit > 0]
+        running: list[Request] = []
         try:
-            while pending or running:
-                while pending and (max_batch is None or len(running) < max_batch) and self._fits(pending[-1], running):
-                    r = pending.pop()
-                    self.cache.admit(r.seq_id)
-                    running.append(r)
-                if not running:
-                    r = pending[-1]
-                    raise OutOfPagesError(r.reserve, self.cache.allocator.free_count, f"prompt {r.index} at its longest")
-                prefilling = [r for r in running if r.fed < len(r.prompt)]
-                if prefilling:
-                    kind, rows = "prefill", prefilling
-                    chunks = [r.prompt[r.fed:r.fed + (prefill_chunk or len(r.prompt))] for r in rows]
-                else:
-                    kind, rows = "decode", list(running)
-                    chunks = [[r.out[-1]] for r in rows]
-                step = plan_step(self.cache, [r.seq_id for r in rows], [len(c) for c in chunks],
-                                 sliding_window=self.sliding_window)
-                logits = _forward(self.model, step, chunks, self.pad_token_id)
-                # Rows whose prompt is now fully stored (or decoding) pick a token from their last real position.
-                picking = []
-                for b, (r, c) in enumerate(zip(rows, chunks)):
-                    if kind == "prefill":
-                        r.fed += len(c)
-                        if r.fed < len(r.prompt):
-                            continue
-                    picking.append((b, len(c) - 1, r))
-                new_tokens, finished = {}, []
-                if picking:
-                    last = logits[[b for b, _, _ in picking], [j for _, j, _ in picking]].float()   # (k, V)
-                    tokens = _choose(last, [r.rng for _, _, r in picking], do_sample, temperature, top_k)
-                    for (_, _, r), tok, row_logits in zip(picking, tokens, last):
-                        r.out.append(tok)
-                        if return_logits:
-                            r.logits.append(row_logits)
-                        new_tokens[r.index] = tok
-                        if tok == eos_token_id or len(r.out) == r.limit:
-                            self.cache.finish(r.seq_id)        # pages free now, before the next step
-                            running.remove(r)
-                            finished.append(r.index)
-                    bar.update(len(picking))
+            for step_no in itertools.count():
+                if not (waiting or running):
+                    break
+                self._admit(scheduler, waiting, running)
+                work = scheduler.next_step(running)
+                new_tokens, finished = self._step(work, sampling, eos_token_id, running)
+                bar.update(len(new_tokens))
                 if callback is not None:
-                    callback(StepEvent(step_no, kind, tuple(r.index for r in rows), new_tokens, tuple(finished),
-                                       self.cache))
-                step_no += 1
+                    callback(StepEvent(step_no, work.kind, tuple(r.index for r in work.rows), new_tokens,
+                                       tuple(finished), self.cache))
         finally:
             bar.close()
             for r in running:                                  # an error mid-run leaks nothing
@@ -326,10 +283,73 @@ class PagedGenerator:
             return outs, [torch.stack(r.logits) if r.logits else torch.empty(0) for r in requests]
         return outs
 
-    def _fits(self, r: _Request, running: list[_Request]) -> bool:
-        """Whether the pool can hold `r` at its longest next to what running requests may still claim."""
-        outstanding = sum(max(0, q.reserve - len(self.cache.pages(q.seq_id))) for q in running)
-        return self.cache.allocator.free_count - outstanding >= r.reserve
+    def _requests(self, prompts: list[list[int]], limits: list[int], do_sample: bool,
+                  seed: int | None) -> list[Request]:
+        spec, call = self.spec, next(_ids)
+        if do_sample and seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        requests = []
+        for i, (p, limit) in enumerate(zip(prompts, limits)):
+            longest = len(p) + limit - 1                   # the last new token is never fed back
+            if longest > spec.max_seq_len:
+                raise SequenceTooLongError(f"prompt {i}: {len(p)} tokens + {limit} new needs {longest} "
+                                           f"positions but max_seq_len is {spec.max_seq_len}")
+            r = Request.make(i, p, ("pagetable-generate", call, i), limit, spec.page_size)
+            if r.reserve > spec.num_pages:
+                raise OutOfPagesError(r.reserve, spec.num_pages, f"prompt {i} at its longest")
+            if do_sample:
+                r.rng = torch.Generator(device=spec.device).manual_seed((seed * 1_000_003 + i) % 2**63)
+            requests.append(r)
+        return requests
+
+    def _admit(self, scheduler: Scheduler, waiting: list[Request], running: list[Request]) -> None:
+        held = {r.seq_id: len(self.cache.pages(r.seq_id)) for r in running}
+        for r in scheduler.admit(waiting, running, self.cache.allocator.free_count, held):
+            waiting.remove(r)
+            self.cache.admit(r.seq_id)
+            running.append(r)
+        if not running:
+            r = waiting[0]
+            raise OutOfPagesError(r.reserve, self.cache.allocator.free_count, f"prompt {r.index} at its longest")
+
+    def _step(self, work: Work, sampling: _Sampling, eos_token_id: int | None,
+              running: list[Request]) -> tuple[dict[int, int], list[int]]:
+        """Run one step of `work`; record each picking row's token; finish the rows that stop (pages free now)."""
+        seq_ids = [r.seq_id for r in work.rows]
+        step = plan_step(self.cache, seq_ids, [len(c) for c in work.chunks], sliding_window=self.sliding_window)
+        decoder = self.decoder if work.kind == "decode" else None
+        if decoder is not None:
+            logits, picks = decoder(step, [c[0] for c in work.chunks])                     # (B, V), (B,)
+            picking = list(work.rows)
+            tokens = picks.tolist() if not sampling.do_sample else None
+        else:
+            out = _forward(self.model, step, work.chunks, self.pad_token_id)               # (B, L, V)
+            rows = [(b, len(c) - 1, r) for b, (r, c) in enumerate(zip(work.rows, work.chunks))]
+            if work.kind == "prefill":
+                for _, j, r in rows:
+                    r.fed += j + 1
+                rows = [x for x in rows if not x[2].prefilling]           # rows whose prompt is now stored
+            picking = [r for _, _, r in rows]
+            logits = out[[b for b, _, _ in rows], [j for _, j, _ in rows]] if rows else None  # (k, V)
+            tokens = None
+        if not picking:
+            return {}, []
+        if tokens is None or sampling.return_logits:
+            logits = logits.float()
+        if tokens is None:
+            tokens = _choose(logits, [r.rng for r in picking], sampling.do_sample, sampling.temperature,
+                             sampling.top_k)
+        new_tokens, finished = {}, []
+        for i, (r, tok) in enumerate(zip(picking, tokens)):
+            r.out.append(tok)
+            if sampling.return_logits:
+                r.logits.append(logits[i])
+            new_tokens[r.index] = tok
+            if tok == eos_token_id or len(r.out) == r.limit:
+                self.cache.finish(r.seq_id)
+                running.remove(r)
+                finished.append(r.index)
+        return new_tokens, finished
 
     @staticmethod
     def _check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch) -> None:
@@ -351,6 +371,14 @@ class PagedGenerator:
             raise InvalidRequestError(f"max_batch must be >= 1 or None, got {max_batch}")
 
 
+@dataclass(frozen=True)
+class _Sampling:
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    return_logits: bool
+
+
 def _choose(logits: torch.Tensor, rngs: list[torch.Generator | None], do_sample: bool, temperature: float,
             top_k: int | None) -> list[int]:
     """Next token per row of (k, V) float32 logits: argmax, or a sample from each row's own generator."""
@@ -363,79 +391,3 @@ def _choose(logits: torch.Tensor, rngs: list[torch.Generator | None], do_sample:
     probs = torch.softmax(logits, dim=-1)
     picks = [torch.multinomial(probs[i], 1, generator=rng) for i, rng in enumerate(rngs)]
     return torch.cat(picks).tolist()
-
-
-# ------------------------------------------------------------------------------------ FMS generate()
-def prepare_fms_generate(
-    model: torch.nn.Module,
-    cache: PagedKVCache,
-    prompts: Sequence[Sequence[int]],
-    *,
-    sliding_window: int | None = None,
-    pad_token_id: int = 0,
-) -> tuple[torch.Tensor, dict, list[Hashable]]:
-    """Admit `prompts` and plan their prefill for ``fms.utils.generation.generate``.
-
-    Returns ``(input_ids, extra_kwargs, seq_ids)``: call ``generate(model, input_ids, use_cache=True,
-    extra_kwargs=extra_kwargs, ...)``, then ``cache.finish`` every seq id (FMS's loop has no hook at its
-    end). ``input_ids`` is left-padded by FMS's ``pad_input_ids``; its mask is not passed (the op masks
-    from the plan) but its position_ids are.
-    """
-    from fms.utils.generation import pad_input_ids
-
-    bind(model)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise InvalidRequestError("fms generate needs at least one prompt, each with at least one token")
-    device = cache.spec.device
-    input_ids, padding = pad_input_ids([torch.as_tensor(list(p), dtype=torch.long, device=device) for p in prompts],
-                                       padding_side="left", pad_token_id=pad_token_id)
-    call = next(_ids)
-    seq_ids: list[Hashable] = [("pagetable-fms-generate", call, i) for i in range(len(prompts))]
-    for s in seq_ids:
-        cache.admit(s)
-    try:
-        step = plan_step(cache, seq_ids, [len(p) for p in prompts], sliding_window=sliding_window,
-                         padding_side="left")
-    except Exception:
-        for s in seq_ids:
-            cache.finish(s)
-        raise
-    return input_ids, {"position_ids": padding["position_ids"], **step.kwargs()}, seq_ids
-
-
-def fms_generate(
-    model: torch.nn.Module,
-    cache: PagedKVCache,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    do_sample: bool = False,
-    sliding_window: int | None = None,
-    pad_token_id: int = 0,
-    **generate_kwargs,
-) -> list[list[int]]:
-    """Run FMS's own ``generate()`` (use_cache=True) on the paged cache; return each prompt's new tokens.
-
-    `generate_kwargs` go to ``fms.utils.generation.generate`` (temperature, top_k, eos_token_id, hooks...).
-    FMS's loop semantics apply: every row decodes until all rows hit EOS (or max_new_tokens), and
-    sampling draws from torch's global RNG. The sequences are finished (pages freed) on return.
-    """
-    from fms.utils.generation import generate
-
-    if generate_kwargs.get("timing"):
-        raise InvalidRequestError("timing is not supported here; call fms generate() with prepare_fms_generate()")
-    if generate_kwargs.pop("use_cache", True) is not True:
-        raise InvalidRequestError("the paged op needs use_cache=True under fms generate()")
-    input_ids, extra, seq_ids = prepare_fms_generate(model, cache, prompts, sliding_window=sliding_window,
-                                                     pad_token_id=pad_token_id)
-    extra.update(generate_kwargs.pop("extra_kwargs", None) or {})
-    try:
-        with torch.no_grad():
-            out = generate(model, input_ids, max_seq_len=input_ids.shape[1] + max_new_tokens,
-                           max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True, extra_kwargs=extra,
-                           **generate_kwargs)
-    finally:
-        for s in seq_ids:
-            if s in cache:
-                cache.finish(s)
-    return [row[input_ids.shape[1]:].tolist() for row in out]

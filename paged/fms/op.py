@@ -60,6 +60,7 @@ from paged.cache import PagedKVCache
 from paged.errors import InvalidRequestError, PlanError, UnsupportedConfigError
 from paged.mods import MaskMod, sliding_window as _sliding_window_mod
 from paged.plan import StepPlan
+import paged.ops  # noqa: F401  (registers torch.ops.paged.attend)
 
 __all__ = ["OP_NAME", "PagedStep", "attention_layers", "bind", "is_bound", "plan_step", "register"]
 
@@ -70,6 +71,9 @@ OP_NAME = "pagetable_flex"
 STEP_KWARG = "paged_step"
 LAYER_KWARG = "paged_layer"
 WINDOW_KWARG = "paged_sliding_window"
+#: the traceable form of a step (`paged.fms.decode`): the cache's `paged.ops` handle instead of a PagedStep; the
+#: cache's current plan is the step.
+CACHE_KWARG = "paged_cache"
 
 PaddingSide = Literal["right", "left"]
 
@@ -231,6 +235,17 @@ def _step_of(attn_kwargs: dict) -> PagedStep:
     return step
 
 
+def _traced_cache(attn_kwargs: dict) -> int | None:
+    """The `paged.ops` handle of a traceable step (CACHE_KWARG), or None for an ordinary PagedStep."""
+    handle = attn_kwargs.get(CACHE_KWARG)
+    if handle is None:
+        return None
+    if STEP_KWARG in attn_kwargs or type(handle) is not int:
+        raise PlanError(f"pass either {STEP_KWARG}=<PagedStep> or {CACHE_KWARG}=<paged.ops handle>, not both; "
+                        f"got {CACHE_KWARG}={handle!r}")
+    return handle
+
+
 def _layer_of(attn_kwargs: dict) -> int:
     layer = attn_kwargs.get(LAYER_KWARG)
     if layer is None:
@@ -244,6 +259,9 @@ def _store_op(keys: torch.Tensor, values: torch.Tensor, key_cache, value_cache, 
 
     Writing happens in compute (``cache.run`` stores and attends), so use_cache=False works too.
     """
+    if _traced_cache(attn_kwargs) is not None:
+        raise InvalidRequestError(f"{OP_NAME}: a traced step ({CACHE_KWARG}=...) runs with use_cache=False; the cache "
+                                  f"is the paged pool, not FMS's past_key_value_states")
     step, layer = _step_of(attn_kwargs), _layer_of(attn_kwargs)
     cache = step.cache
     if not 0 <= layer < cache.spec.num_layers:
@@ -258,11 +276,18 @@ def _compute_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n
     query (b, L, nheads, d); keys/values (b, L, kvheads, d) exactly as FMS computed them (after RoPE).
     Returns (b, L, nheads, d); padding positions are 0.
     """
-    step, layer = _step_of(attn_kwargs), _layer_of(attn_kwargs)
+    layer = _layer_of(attn_kwargs)
     if attn_kwargs.get("sinks") is not None:
         raise UnsupportedConfigError(f"{OP_NAME}: attention sinks are not supported by the paged cache")
     if p_dropout:
         raise UnsupportedConfigError(f"{OP_NAME} is an inference op: attention dropout must be 0 (call model.eval())")
+    handle = _traced_cache(attn_kwargs)
+    if handle is not None:
+        # The traceable path (paged.fms.decode): right-padded rows, no window; the cache validates the rest.
+        if attn_kwargs.get(WINDOW_KWARG, attn_kwargs.get("sliding_window")):
+            raise UnsupportedConfigError(f"{OP_NAME}: a traced step attends without a sliding window")
+        return torch.ops.paged.attend(query, keys, values, layer, handle, scale_factor)
+    step = _step_of(attn_kwargs)
     # A window the layer asks for (MultiHeadAttention's argument, via bind's hook; sinks models pass it
     # directly) must be the one the step's mask was planned with: the mask cannot change per layer.
     if WINDOW_KWARG in attn_kwargs or "sliding_window" in attn_kwargs:
@@ -296,6 +321,9 @@ def _update_attn_kwargs(**attn_kwargs) -> dict:
 
     Plans the next decode step (one new token per sequence) and keeps every other kwarg.
     """
+    if _traced_cache(attn_kwargs) is not None:
+        raise InvalidRequestError(f"{OP_NAME}: a traced step ({CACHE_KWARG}=...) is driven by paged.fms.decode, not "
+                                  f"by fms generate()")
     step = _step_of(attn_kwargs)
     if attn_kwargs.get("use_cache") is False:
         raise InvalidRequestError(f"{OP_NAME} under fms generate() needs use_cache=True (without it generate "
@@ -306,10 +334,12 @@ def _update_attn_kwargs(**attn_kwargs) -> dict:
 
 def _validate_attn_kwargs(input_ids: torch.Tensor, position_ids: torch.Tensor | None, past_key_value_states=None,
                           **attn_kwargs) -> None:
-    step = _step_of(attn_kwargs)
     if position_ids is None:
         raise InvalidRequestError(f"{OP_NAME} needs explicit position_ids (FMS would otherwise take positions from the "
                                   f"cache's shape); use PagedStep.position_ids()")
+    if _traced_cache(attn_kwargs) is not None:
+        return  # the cache checks the step's rows against its current plan in every layer
+    step = _step_of(attn_kwargs)
     b, length = input_ids.shape[:2]
     if b != step.plan.batch or length < step.plan.max_q_len:
         raise InvalidRequestError(f"input of shape {tuple(input_ids.shape)} does not fit the step: {step.plan.batch} "

@@ -1,0 +1,143 @@
+"""Fast decode steps of an FMS model over a PagedKVCache: traced by torch.compile once, replayed as CUDA graphs.
+
+    decoder = CompiledDecoder(model, cache)            # CUDA graphs by default on a CUDA cache
+    step = plan_step(cache, seq_ids, [1] * B)          # host: pages and the step's tensors, one packed copy
+    logits, picks = decoder(step, last_tokens)         # (B, V) logits of the new position, (B,) their argmax
+
+How a step runs. The model's forward is compiled with the attention op in its traceable form (`paged.ops`:
+`cache.run` as a custom op named by the cache's handle), so inductor fuses everything around attention and the
+graph never depends on per-step Python objects. With CUDA graphs, each batch bucket (the plan's padded batch, a
+power of two) gets one graph over the padded batch, captured at the bucket's second step (its first step runs the
+compiled forward: it compiles) and replayed at every later step of the bucket: `plan()` rewrites the bucket's
+static tensors in place (page table, lengths, split sizes), the decoder copies the step's tokens into the bucket's
+static input, and the replay stores each layer's new K/V and attends, padding rows storing nothing. Rows join and
+leave freely: a step of 5 rows and one of 7 replay the same bucket-8 graph. Only plain decode steps on the
+Triton decode kernel are graphed (the kernel a CUDA cache uses for them); any other step runs the compiled
+forward on its real rows, without a graph.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from paged.cache import PagedKVCache
+from paged.errors import InvalidRequestError, PlanError, UnsupportedConfigError
+from paged.fms.op import CACHE_KWARG, OP_NAME, PagedStep, bind
+from paged.ops import register
+from paged.transfer import PackedStaging
+
+__all__ = ["CompiledDecoder"]
+
+
+class _Bucket:
+    """One padded batch's static decode input and, once captured, its CUDA graph and static outputs."""
+
+    def __init__(self, padded_batch: int, device: torch.device) -> None:
+        self.staging = PackedStaging([("ids", (padded_batch, 1), torch.long, 0)], device)
+        self.ids = self.staging.dev["ids"]                    # (Bp, 1) the graph's input tokens
+        self.steps = 0                                        # steps of this bucket so far
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None   # (Bp, V) logits, (Bp,) picks
+
+    def load(self, tokens: Sequence[int]) -> None:
+        """Enqueue the step's tokens into `ids` (padding rows 0), without waiting for the GPU."""
+        self.staging.begin()
+        host = self.staging.host["ids"]
+        host.zero_()
+        host[:len(tokens), 0] = torch.as_tensor(tokens, dtype=torch.long)
+        self.staging.send()
+
+
+class CompiledDecoder:
+    """Decode steps of an FMS model, compiled, and on CUDA replayed as one CUDA graph per batch bucket.
+
+    Args:
+        model: an FMS decoder in eval mode (bound to the op: `paged.fms.op.bind`, done here).
+        cache: the PagedKVCache its attention layers use.
+        cuda_graphs: capture and replay decode steps (CUDA only); None: on for a CUDA cache.
+        backend: torch.compile backend ("inductor"; "aot_eager" or "eager" trace without generating kernels).
+        compile: False runs the traceable forward eagerly (the same op path, no compiler).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, *, cuda_graphs: bool | None = None,
+                 backend: str = "inductor", compile: bool = True) -> None:
+        on_cuda = cache.spec.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and not on_cuda:
+            raise UnsupportedConfigError(f"CUDA graphs need a CUDA cache; this one is on {cache.spec.device}")
+        if self.cuda_graphs and cache.attention != "compiled":
+            raise UnsupportedConfigError("CUDA graphs replay compiled kernels: the cache needs attention='compiled'")
+        bind(model)
+        self.model, self.cache = model, cache
+        self.handle = register(cache)
+        self._forward = torch.compile(self._traced_forward, backend=backend) if compile else self._traced_forward
+        self._buckets: dict[int, _Bucket] = {}
+        self.captures = 0                                     # CUDA graphs captured so far (one per bucket)
+        self.replays = 0
+
+    def _traced_forward(self, ids: torch.Tensor, q_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, 1) int64, q_start (B,) int32 (each row's stored length = its new token's position) ->
+        logits (B, V) and their argmax (B,)."""
+        position_ids = q_start[:, None].long()                                  # (B, 1)
+        logits = self.model(ids, position_ids=position_ids, use_cache=False, attn_name=OP_NAME,
+                            **{CACHE_KWARG: self.handle})                       # (B, 1, V)
+        logits = logits[:, -1]                                                  # (B, V)
+        return logits, logits.argmax(-1)
+
+    def __call__(self, step: PagedStep, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one decode step: `tokens[i]` is the new token of row i of `step` (one per sequence).
+
+        Returns (logits (B, V), picks (B,)) on the cache's device. With CUDA graphs they are views of the bucket's
+        static outputs: read (or copy) them before the next step.
+        """
+        plan = self._check(step, tokens)
+        graphed = self.cuda_graphs and plan.kernel == "triton"
+        B = plan.batch
+        bucket = self._bucket(plan.buffers.padded_batch if graphed else B)
+        bucket.load(tokens)
+        if not graphed:
+            torch._dynamo.maybe_mark_dynamic(bucket.ids, 0)
+            return self._forward(bucket.ids, plan.buffers.q_start[:B])
+        logits, picks = self._graphed(bucket, plan)
+        return logits[:B], picks[:B]
+
+    def _graphed(self, bucket: _Bucket, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        bucket.steps += 1
+        q_start = plan.buffers.q_start                                          # (Bp,) the bucket's static lengths
+        if bucket.graph is None and bucket.steps == 1:        # warm-up: compiles, and is this step's real run
+            torch._dynamo.maybe_mark_dynamic(bucket.ids, 0)
+            torch._dynamo.maybe_mark_dynamic(q_start, 0)
+            return self._forward(bucket.ids, q_start)
+        if bucket.graph is None:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    outputs = self._forward(bucket.ids, q_start)
+            except BaseException:
+                plan.layers_run.clear()   # capture computed nothing: the step can still run
+                raise
+            bucket.graph, bucket.outputs = graph, outputs
+            self.captures += 1
+        bucket.graph.replay()
+        self.replays += 1
+        plan.layers_run.update(range(self.cache.spec.num_layers))   # a run() of this plan now would be a second one
+        return bucket.outputs
+
+    def _bucket(self, padded_batch: int) -> _Bucket:
+        if padded_batch not in self._buckets:
+            self._buckets[padded_batch] = _Bucket(padded_batch, self.cache.spec.device)
+        return self._buckets[padded_batch]
+
+    def _check(self, step: PagedStep, tokens: Sequence[int]):
+        if not isinstance(step, PagedStep) or step.cache is not self.cache:
+            raise PlanError("CompiledDecoder needs a PagedStep of its own cache (paged.fms.op.plan_step)")
+        plan = step.plan
+        if plan is not self.cache._plan or plan.layers_run:
+            raise PlanError("the step is not the cache's current, unrun plan: plan_step() this step first")
+        if plan.max_q_len != 1 or step.sliding_window is not None:
+            raise InvalidRequestError("CompiledDecoder runs plain decode steps: one new token per row, no window")
+        if len(tokens) != plan.batch:
+            raise InvalidRequestError(f"{len(tokens)} tokens for a step of {plan.batch} rows")
+        return plan
