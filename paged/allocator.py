@@ -11,7 +11,7 @@ import random
 from collections import deque
 from typing import Iterable, Protocol
 
-from paged.errors import InvalidRequestError, OutOfPagesError
+from paged.errors import InvalidRequestError, OutOfPagesError, UnsupportedConfigError
 
 
 class PlacementPolicy(Protocol):
@@ -113,11 +113,36 @@ class RandomPlacement:
 POLICIES = {cls.name: cls for cls in (LowestFirst, MostRecentlyFreed, LeastRecentlyFreed, RandomPlacement)}
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def make_policy(name: str, num_pages: int, seed: int = 0) -> PlacementPolicy:
     """Build a placement policy by name: one of `POLICIES` ("lowest", "lifo", "fifo", "random")."""
-    if name not in POLICIES:
-        raise InvalidRequestError(f"unknown placement policy {name!r}; expected one of {sorted(POLICIES)}")
+    if not isinstance(name, str) or name not in POLICIES:
+        raise UnsupportedConfigError(f"unknown placement policy {name!r}; expected one of {sorted(POLICIES)} or a "
+                                     f"PlacementPolicy object (take, give, free_pages)")
+    if not _is_int(seed):
+        raise UnsupportedConfigError(f"seed must be an int, got {seed!r}")
     return RandomPlacement(num_pages, seed) if name == "random" else POLICIES[name](num_pages)
+
+
+def resolve_policy(policy: object, num_pages: int, seed: int = 0) -> PlacementPolicy:
+    """A policy name (`make_policy`) or a PlacementPolicy object holding exactly the pages 0..num_pages-1 (a fresh
+    pool's free set); anything else is an UnsupportedConfigError naming the valid choices."""
+    if isinstance(policy, str):
+        return make_policy(policy, num_pages, seed)
+    if not _is_int(seed):
+        raise UnsupportedConfigError(f"seed must be an int, got {seed!r}")
+    if not all(callable(getattr(policy, m, None)) for m in ("take", "give", "free_pages")):
+        raise UnsupportedConfigError(f"policy must be one of {sorted(POLICIES)} or a PlacementPolicy object (take, "
+                                     f"give, free_pages), got {type(policy).__name__} {policy!r}")
+    free = policy.free_pages()
+    if sorted(free) != list(range(num_pages)):
+        raise UnsupportedConfigError(f"a PlacementPolicy object must start holding exactly the free pages "
+                                     f"0..{num_pages - 1} of a fresh pool (one object per allocator); it holds "
+                                     f"{len(free)} page(s)")
+    return policy
 
 
 class PageAllocator:
@@ -128,8 +153,10 @@ class PageAllocator:
     """
 
     def __init__(self, num_pages: int, policy: str | PlacementPolicy = "lowest", seed: int = 0) -> None:
+        if not _is_int(num_pages) or num_pages < 1:
+            raise UnsupportedConfigError(f"num_pages must be a positive int, got {num_pages!r}")
         self.num_pages = num_pages
-        self.policy = make_policy(policy, num_pages, seed) if isinstance(policy, str) else policy
+        self.policy = resolve_policy(policy, num_pages, seed)
         self._refcount = [0] * num_pages
         self._free = num_pages
         self._shared = 0  # pages with more than one owner
@@ -152,7 +179,7 @@ class PageAllocator:
 
     def allocate(self, n: int, what: str = "request") -> list[int]:
         """Hand out n pages, each with one owner, or raise OutOfPagesError and change nothing."""
-        if not isinstance(n, int) or n < 0:
+        if not _is_int(n) or n < 0:
             raise InvalidRequestError(f"page count must be a non-negative int, got {n!r}")
         if n > self._free:
             raise OutOfPagesError(n, self._free, what)
@@ -165,7 +192,7 @@ class PageAllocator:
 
     def _check_live(self, pages: list[int]) -> None:
         for p in pages:
-            if not 0 <= p < self.num_pages or self._refcount[p] == 0:
+            if not _is_int(p) or not 0 <= p < self.num_pages or self._refcount[p] == 0:
                 raise InvalidRequestError(f"page {p} is not allocated")
 
     def share(self, pages: Iterable[int]) -> None:

@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from paged.allocator import PageAllocator, PlacementPolicy
 from paged.attention import (AttentionMode, attend, decode_kernel_defaults, decode_splits_kv, own_call_is_compiled,
                              prefill_tiles)
-from paged.errors import UnsupportedConfigError
+from paged.errors import InvalidRequestError, UnsupportedConfigError
 from paged.host_table import HostPageTable
 from paged.mods import MaskMod, ScoreMod, causal
 from paged.plan import StepBuffers, StepPlan, bucket, fill_block_lists, padded_query_len, physical_mods
 from paged.spec import CacheSpec
 from paged.stats import MemoryStats
 from paged.transfer import to_device
-from paged.validation import check_new_id, check_run, check_step, lookup
+from paged.validation import check_complete, check_new_id, check_run, check_step, check_step_done, lookup
 from torch.nn.attention.flex_attention import BlockMask
 
 
@@ -40,6 +40,7 @@ class SequenceState:
     pages: list[int] = field(default_factory=list)
     length: int = 0
     row: int | None = None  # its row in the cache's HostPageTable (set by admit/fork)
+    missing_layers: tuple[int, ...] = ()  # layers its last step never ran (abandoned by finish()): finish it
 
 
 def _resolve_decode_kernel(choice: str, attention: str, device: torch.device) -> str:
@@ -71,8 +72,8 @@ class PagedKVCache:
         seed: seed of the "random" policy.
         attention: "compiled" (fused FlexAttention kernels) or "eager" (reads only the mask_mod; for checks).
         kernel_options: passed to compiled flex_attention (e.g. {"num_stages": 3, "num_warps": 4}).
-        poison_free_pages: debug aid: fill pages with NaN when they are freed, and zero them when handed out,
-            so any read of memory a sequence does not own turns its output into NaN.
+        poison_free_pages: debug aid: fill pages with NaN when they are freed, so any read of memory a sequence
+            does not own turns its output into NaN (handed-out pages are zeroed in any case, see below).
         decode_full_blocks: on plain causal decode steps, pass the fully filled pages as unmasked "full"
             blocks (the mask_mod then runs on the last page only): True, False, or "auto". FlexDecoding sizes
             its split-KV tiles from the K/V tensor's length when full blocks are present, i.e. from the whole
@@ -99,6 +100,17 @@ class PagedKVCache:
             imported): for tests only.
 
     Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
+    A freed page keeps what its last owner wrote (NaN/Inf included); every page plan() hands out is zeroed in all
+    layers of both pools (one stream-ordered index_fill per pool per step, over the step's already-copied page
+    indices: no host sync, nothing for steps that add no page), because a partly filled page's unwritten slots are
+    read with weight 0 and 0 x NaN = NaN. Cost: pages handed out x num_layers x 2 x Hkv*P*D*itemsize device bytes
+    per step, i.e. what one full page's K/V store costs: exact for decode (each new page is partly filled), at
+    most the step's K/V bytes again for a prefill.
+
+    Steps: admit() and fork() between the layers of a step (some but not all layers run) raise PlanError;
+    finish() there abandons the step, and its other sequences, which lack the last step's K/V in the layers not
+    run, are refused by plan() and fork() until finished. admit / fork / finish right after plan() (no layer run)
+    drop the plan as before, its tokens counting as stored with K/V in no layer: plan a step when its layers run.
     """
 
     def __init__(
@@ -116,11 +128,13 @@ class PagedKVCache:
     ) -> None:
         if attention not in ("compiled", "eager"):
             raise UnsupportedConfigError(f"attention must be 'compiled' or 'eager', got {attention!r}")
-        if decode_full_blocks not in (True, False, "auto"):
-            raise UnsupportedConfigError(
-                f"decode_full_blocks must be True, False or 'auto', got {decode_full_blocks!r}")
-        if check_ownership not in (True, False, "auto"):
-            raise UnsupportedConfigError(f"check_ownership must be True, False or 'auto', got {check_ownership!r}")
+        for name, value in (("decode_full_blocks", decode_full_blocks), ("check_ownership", check_ownership)):
+            if type(value) is not bool and not (isinstance(value, str) and value == "auto"):  # not 1, 0, None
+                raise UnsupportedConfigError(f"{name} must be True, False or 'auto', got {value!r}")
+        if type(poison_free_pages) is not bool:
+            raise UnsupportedConfigError(f"poison_free_pages must be True or False, got {poison_free_pages!r}")
+        if kernel_options is not None and not isinstance(kernel_options, dict):
+            raise UnsupportedConfigError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
         self.spec = spec
         self.decode_kernel = _resolve_decode_kernel(decode_kernel, attention, spec.device)
         self.allocator = PageAllocator(spec.num_pages, policy, seed)
@@ -173,6 +187,7 @@ class PagedKVCache:
     def admit(self, seq_id: Hashable) -> None:
         """Start an empty sequence. It takes no pages until tokens are appended."""
         check_new_id(self._seqs, seq_id)
+        check_step_done(self._plan, self.spec.num_layers, "admit")
         self._plan = None
         self._seqs[seq_id] = SequenceState(row=self._host_table.acquire())
 
@@ -180,14 +195,23 @@ class PagedKVCache:
         """Start `child_id` as a copy of `parent_id`'s history, sharing its pages (copy-on-write)."""
         parent = self._get(parent_id)
         check_new_id(self._seqs, child_id)
+        check_step_done(self._plan, self.spec.num_layers, "fork")
+        check_complete(parent_id, parent)
         self._plan = None
         self.allocator.share(parent.pages)
         self._seqs[child_id] = SequenceState(list(parent.pages), parent.length,
                                              self._host_table.acquire(copy_of=parent.row))
 
     def finish(self, seq_id: Hashable) -> None:
-        """End a sequence; pages no other sequence shares are free at once."""
+        """End a sequence; pages no other sequence shares are free at once. Between the layers of a step it abandons
+        the step: the step's other sequences lack the K/V of the layers not run and can then only be finished."""
         state = self._get(seq_id)
+        plan, L = self._plan, self.spec.num_layers
+        if plan is not None and 0 < len(plan.layers_run) < L:
+            missing = tuple(sorted(set(range(L)) - plan.layers_run))
+            for s in plan.seq_ids:
+                if s != seq_id and s in self._seqs:
+                    self._seqs[s].missing_layers = missing
         self._plan = None
         del self._seqs[seq_id]
         self._host_table.release(state.row)
@@ -275,7 +299,10 @@ class PagedKVCache:
                              copies: list[tuple[int, int]], freed: list[int]) -> None:
         """The device side of a step's page changes, stream-ordered after the step's copy: the new pages' logical
         indices (from the step's packed buffers `sent`, or copied on their own when the step was never sent),
-        then (debug) their poison cleared, then copy-on-write copies into them, then the freed pages."""
+        then their slots zeroed in every layer (a freed page keeps its last owner's values, NaN/Inf included, and a
+        partly filled page's unwritten slots are read with weight 0), then copy-on-write copies into them (a copy
+        overwrites the whole page: its zeroing is wasted, but fork steps are rare and one index list serves all),
+        then the freed pages."""
         P = self.spec.page_size
         if assigned:
             if sent is not None:
@@ -284,8 +311,7 @@ class PagedKVCache:
                 idx = to_device(torch.tensor(assigned), self.spec.device)
                 logical = to_device(torch.tensor(assigned_logical, dtype=torch.int32), self.spec.device)
             self.page_logical.index_put_((idx,), logical)
-            if self.poison:
-                self._fill_pages(idx, 0.0)
+            self._fill_pages(idx, 0.0)
         for old, fresh in copies:
             for pool in (self.k_pool, self.v_pool):
                 pool[:, :, fresh * P:(fresh + 1) * P] = pool[:, :, old * P:(old + 1) * P]
@@ -446,7 +472,7 @@ class PagedKVCache:
                 and q.shape[0] == plan.buffers.padded_batch):
             batch = q.shape[0]  # the bucket's padded batch (k and v must match it too)
         check_run(self.spec, plan is not None, plan.layers_run if plan else set(), batch,
-                  plan.max_q_len if plan else 0, layer, q, k, v)
+                  plan.max_q_len if plan else 0, layer, q, k, v, scale=scale)
         spec, B, Lq = self.spec, plan.batch, plan.max_q_len
         H, D = spec.num_kv_heads, spec.head_dim
         Lq_in = q.shape[1]
@@ -518,6 +544,8 @@ class PagedKVCache:
 
         A debug aid for isolation checks: a read of a page no live sequence owns then shows up as NaN.
         """
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise InvalidRequestError(f"value must be a float, got {type(value).__name__} {value!r}")
         self.poison = True  # from now on freed pages are poisoned and handed-out pages scrubbed
         free = self.allocator.policy.free_pages()
         if free:

@@ -10,6 +10,7 @@ import torch
 from paged.errors import UnsupportedConfigError
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_SLOTS = 2**31 - 1  # pool slots per layer and positions per sequence: int32 on the device
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,11 @@ class CacheSpec:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "device", torch.device(self.device))
+        try:
+            object.__setattr__(self, "device", torch.device(self.device))
+        except (RuntimeError, TypeError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnsupportedConfigError(f"device {self.device!r} is not a device here: {reason}") from None
         self.validate()
 
     @property
@@ -74,6 +79,15 @@ class CacheSpec:
             if self.head_dim < 16 or self.head_dim & (self.head_dim - 1):
                 raise UnsupportedConfigError(
                     f"head_dim must be a power of two >= 16 for FlexAttention on CUDA, got {self.head_dim}")
+        # Pool slots and positions are int32 on the device (FlexAttention's kv_idx, the logical positions computed
+        # from the int32 page -> logical table, the plan's q_start): past 2**31 - 1 they would wrap.
+        if self.num_pages * p > MAX_SLOTS:
+            raise UnsupportedConfigError(
+                f"num_pages * page_size = {self.num_pages * p} pool slots; at most {MAX_SLOTS} (2**31 - 1): slots are "
+                f"int32 on the device")
+        if self.max_seq_len > MAX_SLOTS:
+            raise UnsupportedConfigError(f"max_seq_len must be at most {MAX_SLOTS} (2**31 - 1): positions are int32 "
+                                         f"on the device, got {self.max_seq_len}")
         if self.max_pages_per_seq > self.num_pages:
             raise UnsupportedConfigError(
                 f"max_seq_len {self.max_seq_len} needs {self.max_pages_per_seq} pages but the pool has only "

@@ -5,6 +5,8 @@ Each check raises a specific PagedError subclass and never changes anything.
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
@@ -55,6 +57,8 @@ def check_step(
         valid = False
     if valid and all(type(q) is int for q in q_lens) and min(q_lens) >= 1 and all(
             lengths(s) + q <= max_seq_len for s, q in zip(seq_ids, q_lens)):
+        for s in seq_ids:
+            check_complete(s, live[s])
         check_mods(mask_mod, score_mod)
         return seq_ids, q_lens
     seen = set()
@@ -69,12 +73,23 @@ def check_step(
         if lengths(s) + q > max_seq_len:
             raise SequenceTooLongError(
                 f"sequence {s!r}: {lengths(s)} stored + {q} new tokens exceeds max_seq_len {max_seq_len}")
+    for s in seq_ids:
+        check_complete(s, live[s])
     check_mods(mask_mod, score_mod)
     return seq_ids, q_lens
 
 
+# Mods already probed (by identity and equality, as the cache keys its wrappers): a serving loop passes the same
+# pair every step, so the probe runs once per pair; bounded, so fresh mod objects each step hold no memory.
+_probed: "OrderedDict[tuple, None]" = OrderedDict()
+_PROBED_MAX = 16
+
+
 def check_mods(mask_mod: object, score_mod: object) -> None:
-    """Each mod is None or a hashable callable (the cache keys the step's compiled wrappers on the pair)."""
+    """Each mod is None or a hashable callable (the cache keys the step's compiled wrappers on the pair) that, called
+    once on scalar tensors (b = h = q_idx = kv_idx = 0, score 0.0), returns a tensor (bool for a mask_mod, floating
+    for a score_mod). A mod that raises or returns something else is refused here, before the step changes anything,
+    instead of failing inside the attention call of `run()` after the pool was written."""
     for name, mod in (("mask_mod", mask_mod), ("score_mod", score_mod)):
         if mod is None:
             continue
@@ -85,6 +100,66 @@ def check_mods(mask_mod: object, score_mod: object) -> None:
         except TypeError:
             raise InvalidRequestError(f"{name} must be hashable: a {type(mod).__name__} is not (define __hash__, "
                                       f"or pass a function)") from None
+    if mask_mod is None and score_mod is None:
+        return
+    key = (mask_mod, score_mod)
+    if key in _probed:
+        _probed.move_to_end(key)
+        return
+    zero = torch.zeros((), dtype=torch.int32)
+    for name, mod, args in (("mask_mod", mask_mod, (zero, zero, zero, zero)),
+                            ("score_mod", score_mod, (torch.zeros(()), zero, zero, zero, zero))):
+        if mod is None:
+            continue
+        try:
+            with torch.no_grad():
+                out = mod(*args)
+        except Exception as e:
+            raise InvalidRequestError(
+                f"{name} raised {type(e).__name__}: {e} (called as {name}(" + ("score, " if name == "score_mod"
+                else "") + "b, h, q_idx, kv_idx) on scalar int32 tensors 0)") from e
+        want = "a bool tensor" if name == "mask_mod" else "a floating-point tensor"
+        if not isinstance(out, torch.Tensor) or (out.dtype != torch.bool if name == "mask_mod"
+                                                 else not out.dtype.is_floating_point) or out.numel() != 1:
+            got = (f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+                   else f"a {type(out).__name__}")
+            raise InvalidRequestError(f"{name} must return {want} of the arguments' shape, got {got} for scalar "
+                                      f"arguments")
+    _probed[key] = None
+    if len(_probed) > _PROBED_MAX:
+        _probed.popitem(last=False)
+
+
+def check_complete(seq_id: Hashable, state: object) -> None:
+    """A sequence whose last step was abandoned part-way (finish() of another sequence of that step while some of
+    its layers had not run) lacks K/V in those layers for its last tokens: it can only be finished."""
+    missing = getattr(state, "missing_layers", None)
+    if missing:
+        raise PlanError(f"sequence {seq_id!r} lacks its last step's K/V in layers {list(missing)} (the step was "
+                        f"abandoned by finish() before those layers ran): finish it")
+
+
+def check_step_done(plan: object, num_layers: int, what: str) -> None:
+    """`what` (admit / fork) may not run between the layers of a step: a plan that has run some but not all layers
+    would be dropped while its tokens count as stored, without K/V in the layers not yet run. A plan with no layer
+    run yet is dropped as before (its tokens still count as stored, with K/V in no layer: plan a step only when its
+    layers will run). `plan` is the current plan or None; its `layers_run` is the set of layers already run."""
+    done = getattr(plan, "layers_run", None) if plan is not None else None
+    if done and len(done) < num_layers:
+        left = sorted(set(range(num_layers)) - set(done))
+        raise PlanError(f"{what}() between the layers of a step: layers {left} of the current step have not run; "
+                        f"run them first (or finish() the step's sequences to abandon it)")
+
+
+def check_scale(scale: object) -> None:
+    """None (1/sqrt(head_dim)) or a finite number > 0 (an int or a float, not a bool)."""
+    if scale is None:
+        return
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise InvalidRequestError(f"scale must be None or a finite number > 0, got {type(scale).__name__} "
+                                  f"{scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise InvalidRequestError(f"scale must be None or a finite number > 0, got {scale!r}")
 
 
 def check_run(
@@ -97,11 +172,13 @@ def check_run(
     q: object,
     k: object,
     v: object,
+    scale: object = None,
 ) -> None:
-    """Validate one layer's run() against the current plan: layer, shapes, dtypes, devices, GQA ratio."""
+    """Validate one layer's run() against the current plan: layer, shapes, dtypes, devices, GQA ratio, scale, and
+    that no input requires grad where autograd would record the pool writes (the pool would join the graph)."""
     if not has_plan:
         raise PlanError("run() needs a current plan: call plan() for this step first")
-    if not isinstance(layer, int) or not 0 <= layer < spec.num_layers:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < spec.num_layers:
         raise PlanError(f"layer must be an int in [0, {spec.num_layers}), got {layer!r}")
     if layer in layers_run:
         raise PlanError(f"layer {layer} already ran in this step; plan() the next step first")
@@ -121,6 +198,12 @@ def check_run(
             raise InvalidRequestError(f"{name} has {t.shape[2]} heads; the cache stores {heads} kv heads")
     if k.shape[1] != q.shape[1] or v.shape[1] != q.shape[1]:
         raise InvalidRequestError(f"q, k, v lengths differ: {q.shape[1]}, {k.shape[1]}, {v.shape[1]}")
-    if q.shape[2] % spec.num_kv_heads:
+    if q.shape[2] < 1 or q.shape[2] % spec.num_kv_heads:
         raise InvalidRequestError(
-            f"q has {q.shape[2]} heads, not a multiple of the cache's {spec.num_kv_heads} kv heads (GQA)")
+            f"q has {q.shape[2]} heads, not a positive multiple of the cache's {spec.num_kv_heads} kv heads (GQA)")
+    check_scale(scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        which = ", ".join(n for n, t in (("q", q), ("k", k), ("v", v)) if t.requires_grad)
+        raise InvalidRequestError(
+            f"{which} require(s) grad: paged is an inference cache (its pools would join the autograd graph); "
+            f"call under torch.no_grad() or torch.inference_mode(), or pass detached tensors")
