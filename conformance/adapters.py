@@ -7,11 +7,43 @@ spec -> backend, which is wrapped with no optional capabilities but the ones it 
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 from conformance.contract import CAPABILITIES, BackendFactory
-from oracle import ContiguousOracle
-from paged import PagedKVCache
+from oracle import ContiguousOracle, OracleError
+from paged import PagedKVCache, errors
+
+
+def _contract_error(exc: OracleError) -> errors.PagedError:
+    """The contract's (paged.errors) exception of the same kind and message as an oracle exception."""
+    cls = getattr(errors, type(exc).__name__, errors.PagedError)
+    made = cls.__new__(cls)
+    Exception.__init__(made, *exc.args)
+    made.__dict__.update(exc.__dict__)           # e.g. UnknownSequenceError.seq_id
+    return made
+
+
+def _in_contract_terms(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OracleError as exc:
+            raise _contract_error(exc) from exc
+    return wrapper
+
+
+class OracleBackend(ContiguousOracle):
+    """The oracle as a backend of the contract: its own exceptions (oracle.errors) re-raised as the contract's
+    paged.errors of the same name and message, so the suite's error checks apply to it unchanged."""
+
+    admit = _in_contract_terms(ContiguousOracle.admit)
+    fork = _in_contract_terms(ContiguousOracle.fork)
+    finish = _in_contract_terms(ContiguousOracle.finish)
+    plan = _in_contract_terms(ContiguousOracle.plan)
+    run = _in_contract_terms(ContiguousOracle.run)
+    length = _in_contract_terms(ContiguousOracle.length)
 
 
 def _make_paged(spec, *, attention="compiled", policy="random", seed=0, **options):
@@ -57,7 +89,7 @@ def paged_eager_backend() -> BackendFactory:
 def oracle_backend() -> BackendFactory:
     """The oracle itself: the suite must pass on it."""
     return BackendFactory(
-        name="oracle", make=lambda spec, **_: ContiguousOracle(spec),
+        name="oracle", make=lambda spec, **_: OracleBackend(spec),
         capabilities=CAPABILITIES - {"paging", "poison", "eager"},
         description="oracle.ContiguousOracle, float64 contiguous reference")
 

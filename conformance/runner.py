@@ -20,7 +20,8 @@ from conformance.contract import Backend, BackendFactory
 from conformance.model import PageModel
 from conformance.policy import compare
 from conformance.snapshots import first_difference
-from conformance.traces import Admit, Finish, Fork, Step, Trace, mods_for
+from conformance.mod_specs import backend_mods, oracle_mods
+from conformance.traces import Admit, Finish, Fork, Step, Trace
 from oracle import ContiguousOracle
 from paged.errors import OutOfPagesError
 
@@ -162,7 +163,8 @@ def _run_step(i, op: Step, trace, backend, gold, ref, model: PageModel, factory,
         stats.skipped_steps += 1
         return
     needed, free = model.pages_needed(op.seqs, op.q_lens), model.free_pages
-    mask_mod, score_mod = mods_for(op.mods, trace.config.num_q_heads)
+    mask_mod, score_mod = backend_mods(op.mods, trace.config.num_q_heads)
+    mask_rule, score_rule = oracle_mods(op.mods, trace.config.num_q_heads)  # the judge's own semantics
     if needed > free:
         stats.refused_steps += 1
         if not (paging and opts.check_rejections):
@@ -183,8 +185,8 @@ def _run_step(i, op: Step, trace, backend, gold, ref, model: PageModel, factory,
         raise ConformanceError(
             f"op {i} ({op!r}) needs {needed} pages with {free} free, yet plan() refused it: {exc} "
             f"(external fragmentation or a leak)") from exc
-    gold.plan(op.seqs, op.q_lens, mask_mod=mask_mod, score_mod=score_mod)
-    ref.plan(op.seqs, op.q_lens, mask_mod=mask_mod, score_mod=score_mod)
+    gold.plan(op.seqs, op.q_lens, mask_mod=mask_rule, score_mod=score_rule)
+    ref.plan(op.seqs, op.q_lens, mask_mod=mask_rule, score_mod=score_rule)
     model.step(op.seqs, op.q_lens)
     stats.steps += 1
     stats.tokens += sum(op.q_lens)

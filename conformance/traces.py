@@ -13,15 +13,15 @@ near and into exhaustion, and pages freed and reused.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable, Union
+from typing import Union
 
 import torch
 from hypothesis import strategies as st
 
+from conformance import mod_specs
+from conformance.mod_specs import ModSpec
 from conformance.model import PageModel
 from conformance.profiles import TraceLimits, limits
-from paged import mods
 from paged.spec import CacheSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,11 +57,12 @@ class Admit:
 
 @dataclass(frozen=True)
 class Step:
-    """One engine step: `q_lens[i]` new tokens for `seqs[i]` (1 = decode, more = a prefill chunk)."""
+    """One engine step: `q_lens[i]` new tokens for `seqs[i]` (1 = decode, more = a prefill chunk), and the
+    step's attention modification as data (`conformance.mod_specs`: e.g. ("sliding_window", 5)), or None."""
 
     seqs: tuple[int, ...]
     q_lens: tuple[int, ...]
-    mods: str | None = None
+    mods: ModSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -90,21 +91,8 @@ class Trace:
 
 
 # ---------------------------------------------------------------- attention modifications used by traces
-MOD_NAMES = ("sliding_window_5", "prefix_lm_6", "alibi", "soft_cap_2")
-
-
-@lru_cache(maxsize=None)
-def mods_for(name: str | None, num_q_heads: int) -> tuple[Callable | None, Callable | None]:
-    """(mask_mod, score_mod) for a trace's mod name. Cached: the same function objects every step."""
-    if name is None:
-        return None, None
-    table = {
-        "sliding_window_5": (mods.sliding_window(5), None),
-        "prefix_lm_6": (mods.prefix_lm(6), None),
-        "alibi": (None, mods.alibi(num_q_heads)),
-        "soft_cap_2": (None, mods.soft_cap(2.0)),
-    }
-    return table[name]
+#: Trace steps carry a declarative ModSpec; the backend and the oracle interpret it separately (mod_specs).
+MOD_NAMES = tuple(mod_specs.NAMED)
 
 
 # ---------------------------------------------------------------- configurations
@@ -197,7 +185,8 @@ def traces(draw, device: str = "cpu", *, fork_weight: int = 1, use_mods: bool = 
                 want = prompt_left.get(s, 0) or 1
                 chunk = min(want, room, draw(st.integers(1, lim.max_chunk)) if want > 1 else 1)
                 q_lens.append(chunk)
-            mod = draw(st.sampled_from((None,) * 6 + lim.mods)) if use_mods and lim.mods else None
+            name = draw(st.sampled_from((None,) * 6 + lim.mods)) if use_mods and lim.mods else None
+            mod = None if name is None else mod_specs.parse(name)
             if model.pages_needed(members, q_lens) <= model.free_pages:
                 model.step(members, q_lens)
                 for s, q in zip(members, q_lens):
