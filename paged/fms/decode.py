@@ -72,10 +72,24 @@ class CompiledDecoder:
         bind(model)
         self.model, self.cache = model, cache
         self.handle = register(cache)
-        self._forward = torch.compile(self._traced_forward, backend=backend) if compile else self._traced_forward
-        self._buckets: dict[int, _Bucket] = {}
+        self.compiles = 0                                     # graphs torch.compile made of the decode forward
         self.captures = 0                                     # CUDA graphs captured so far (one per bucket)
         self.replays = 0
+        self._forward = (torch.compile(self._traced_forward, backend=self._counting(backend)) if compile
+                         else self._traced_forward)
+        self._buckets: dict[int, _Bucket] = {}
+
+    def _counting(self, backend: str):
+        """`backend`, counting its compiles in `self.compiles` (a recompile after warm-up is a slow step)."""
+        from torch._dynamo.backends.registry import lookup_backend
+
+        inner = lookup_backend(backend)
+
+        def compile_and_count(graph_module, example_inputs):
+            self.compiles += 1
+            return inner(graph_module, example_inputs)
+
+        return compile_and_count
 
     def _traced_forward(self, ids: torch.Tensor, q_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, 1) int64, q_start (B,) int32 (each row's stored length = its new token's position) ->
@@ -92,8 +106,12 @@ class CompiledDecoder:
         Returns (logits (B, V), picks (B,)) on the cache's device. With CUDA graphs they are views of the bucket's
         static outputs: read (or copy) them before the next step.
         """
+        with torch.no_grad():
+            return self._step(step, tokens)
+
+    def _step(self, step: PagedStep, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self._check(step, tokens)
-        graphed = self.cuda_graphs and plan.kernel == "triton"
+        graphed = self.cuda_graphs and plan.bucket[2] == "triton"
         B = plan.batch
         bucket = self._bucket(plan.buffers.padded_batch if graphed else B)
         bucket.load(tokens)
@@ -134,7 +152,7 @@ class CompiledDecoder:
         if not isinstance(step, PagedStep) or step.cache is not self.cache:
             raise PlanError("CompiledDecoder needs a PagedStep of its own cache (paged.fms.op.plan_step)")
         plan = step.plan
-        if plan is not self.cache._plan or plan.layers_run:
+        if plan is not self.cache.current_plan or plan.layers_run:
             raise PlanError("the step is not the cache's current, unrun plan: plan_step() this step first")
         if plan.max_q_len != 1 or step.sliding_window is not None:
             raise InvalidRequestError("CompiledDecoder runs plain decode steps: one new token per row, no window")

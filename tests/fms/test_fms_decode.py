@@ -1,0 +1,164 @@
+"""Compiled and CUDA-graphed decode steps (paged.fms.decode) give the tokens of the eager paged path, FMS's default
+path and, in float32, HF transformers.
+
+CPU: the traced path (`paged.ops` custom op inside torch.compile of the whole FMS forward), with the cheap
+"aot_eager" backend for tracing properties and inductor once for the generated kernels. GPU: CUDA graphs per batch
+bucket, under continuous batching (rows joining and leaving), with zero recompiles and captures after warm-up.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from paged import PagedKVCache
+from paged.errors import InvalidRequestError, PlanError, UnsupportedConfigError
+from paged.fms.checkpoint import load_fms_llama, tiny_llama, write_tiny_llama_checkpoint
+from paged.fms.decode import CompiledDecoder
+from paged.fms.generate import PagedGenerator, cache_spec_for, forward_logits
+from paged.fms.op import plan_step
+
+VOCAB = 256
+BUDGET = 512
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def prompts_of(lengths, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def model(device):
+    return tiny_llama(emb_dim=64, nlayers=2, vocab_size=VOCAB, nheads=4, kvheads=2, device=device,
+                      dtype=dtype_for(device), seed=5)
+
+
+def fms_default_tokens(model, prompt, n, device) -> list[int]:
+    """Greedy tokens of FMS's default path (sdpa op, contiguous cache), one row."""
+    ids, pos = torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)[None]
+    past, tokens = None, []
+    with torch.no_grad():
+        for _ in range(n):
+            out, past = model(ids, position_ids=pos, past_key_value_states=past, use_cache=True)
+            tokens.append(int(out[0, -1].argmax()))
+            ids, pos = torch.tensor([[tokens[-1]]], device=device), pos[:, -1:] + 1
+    return tokens
+
+
+# Continuous batching that moves through batch buckets: 6 prompts, at most 5 running, different lengths and limits,
+# so rows leave at different steps and waiting prompts join (batches 5, 4, 3, 2, 1 and back up).
+PROMPT_LENS = [3, 9, 5, 12, 7, 4]
+LIMITS = [12, 5, 9, 3, 14, 8]
+
+
+def continuous_batching(gen: PagedGenerator) -> list[list[int]]:
+    return gen.generate(prompts_of(PROMPT_LENS, seed=2), LIMITS, max_batch=5)
+
+
+def test_traced_decode_has_no_graph_break_and_matches_eager(model, device):
+    counters.clear()
+    traced = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=True)
+    traced._decoder = CompiledDecoder(model, traced.cache, cuda_graphs=False, backend="aot_eager")
+    eager = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=False)
+    assert eager.decoder is None
+    assert continuous_batching(traced) == continuous_batching(eager)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert traced.cache.memory().pages_in_use == 0
+
+
+def test_compiled_decode_matches_eager_and_fms_default(model, device):
+    """Inductor's kernels around the custom op; a second run of other batches compiles nothing new."""
+    gen = PagedGenerator(model, token_budget=BUDGET, compile_decode=True)
+    prompts = prompts_of([6, 10], seed=4)
+    outs = gen.generate(prompts, 7)
+    assert outs == [fms_default_tokens(model, p, 7, device) for p in prompts]
+    again = gen.generate(prompts_of([6, 10, 3], seed=4), 7)
+    assert again[:2] == outs
+    compiles = gen.decoder.compiles
+    assert gen.generate(prompts_of([6, 10, 3], seed=4), 7) == again
+    assert gen.decoder.compiles == compiles
+
+
+def test_float32_tokens_equal_hf_transformers(tmp_path, device):
+    """A checkpoint written by transformers, loaded by FMS: compiled (on CUDA: graphed) paged decoding gives
+    transformers' own greedy tokens in float32."""
+    from transformers import LlamaForCausalLM
+
+    path = write_tiny_llama_checkpoint(tmp_path / "ckpt", vocab_size=VOCAB, hidden_size=64, num_layers=2,
+                                       num_heads=4, num_kv_heads=2, intermediate_size=128, seed=11)
+    fms_model = load_fms_llama(path, device=device, dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
+    prompts = prompts_of([8, 5, 11], seed=6)
+    gen = PagedGenerator(fms_model, token_budget=BUDGET, compile_decode=True)
+    ours = gen.generate(prompts, 10)
+    for p, o in zip(prompts, ours):
+        ids = torch.tensor([p], device=device)
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert o == out[0, len(p):].tolist()
+
+
+def test_decoder_refuses_what_it_cannot_run(model, device):
+    cache = PagedKVCache(cache_spec_for(model, token_budget=BUDGET))
+    dec = CompiledDecoder(model, cache, cuda_graphs=False, compile=False)
+    cache.admit("a")
+    forward_logits(model, cache, ["a"], [[5, 6, 7]])
+    with pytest.raises(PlanError):                                  # not a step
+        dec(None, [1])
+    stale = plan_step(cache, ["a"], [1])
+    cache.admit("b")                                                # drops the current plan
+    with pytest.raises(PlanError):
+        dec(stale, [1])
+    prefill = plan_step(cache, ["a"], [2])
+    with pytest.raises(InvalidRequestError):                        # not a decode step
+        dec(prefill, [1])
+    step = plan_step(cache, ["a"], [1])
+    with pytest.raises(InvalidRequestError):                        # one token per row
+        dec(step, [1, 2])
+    logits, picks = dec(step, [9])
+    assert logits.shape == (1, VOCAB) and picks.shape == (1,)
+    with pytest.raises(PlanError):                                  # a step runs once
+        dec(step, [9])
+    if device.type == "cpu":
+        with pytest.raises(UnsupportedConfigError):
+            CompiledDecoder(model, cache, cuda_graphs=True)
+
+
+@pytest.mark.gpu
+def test_graphed_decode_matches_eager_paged_and_fms_default(model, device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    graphed = PagedGenerator(model, token_budget=BUDGET)              # the CUDA default: compiled + graphs
+    assert graphed.cuda_graphs and graphed.compile_decode
+    eager = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=False)
+    ours = continuous_batching(graphed)
+    assert ours == continuous_batching(eager)
+    prompts = prompts_of(PROMPT_LENS, seed=2)
+    assert ours == [fms_default_tokens(model, p, n, device) for p, n in zip(prompts, LIMITS)]
+    assert graphed.decoder.captures >= 3 and graphed.decoder.replays > 0
+
+
+@pytest.mark.gpu
+def test_long_run_compiles_and_captures_nothing_after_warmup(model, device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    gen = PagedGenerator(model, token_budget=4096)
+    continuous_batching(gen)                                          # warm-up: every bucket 1..8 seen twice
+    continuous_batching(gen)
+    compiles, captures, replays = gen.decoder.compiles, gen.decoder.captures, gen.decoder.replays
+    assert compiles <= 2                                              # batch 1, and one dynamic batch
+    for seed in range(5):                                             # 5 more runs, other prompts and limits
+        g = torch.Generator().manual_seed(seed)
+        lens = torch.randint(2, 20, (8,), generator=g).tolist()
+        limits = torch.randint(1, 20, (8,), generator=g).tolist()
+        gen.generate(prompts_of(lens, seed=seed), limits, max_batch=6)
+    assert gen.decoder.compiles == compiles
+    assert gen.decoder.captures == captures
+    assert gen.decoder.replays > replays
+    assert gen.cache.memory().pages_in_use == 0
