@@ -152,14 +152,14 @@ def check_step_done(plan: object, num_layers: int, what: str) -> None:
 
 
 def check_scale(scale: object) -> None:
-    """None (1/sqrt(head_dim)) or a finite number > 0 (an int or a float, not a bool)."""
+    """None (1/sqrt(head_dim)) or a positive finite number (an int or a float, not a bool)."""
     if scale is None:
         return
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise InvalidRequestError(f"scale must be None or a finite number > 0, got {type(scale).__name__} "
+        raise InvalidRequestError(f"scale must be None or a positive finite number, got {type(scale).__name__} "
                                   f"{scale!r}")
     if not (math.isfinite(scale) and scale > 0):
-        raise InvalidRequestError(f"scale must be None or a finite number > 0, got {scale!r}")
+        raise InvalidRequestError(f"scale must be None or a positive finite number, got {scale!r}")
 
 
 def check_run(

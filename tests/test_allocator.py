@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize, invariant, multiple,
                                  rule)
 
-from paged import POLICIES, InvalidRequestError, OutOfPagesError, PageAllocator
+from paged import POLICIES, InvalidRequestError, OutOfPagesError, PageAllocator, UnsupportedConfigError
 
 N = 12
 
@@ -167,8 +167,47 @@ def test_share_free_page_rejected_unchanged(policy):
 
 
 def test_unknown_policy_rejected():
-    with pytest.raises(InvalidRequestError, match=r"unknown placement policy 'best'.*'fifo'"):
+    with pytest.raises(UnsupportedConfigError, match=r"unknown placement policy 'best'.*'fifo'"):
         PageAllocator(N, "best")
+
+
+@pytest.mark.parametrize("policy", [None, 5, 1.0, object()], ids=repr)
+def test_a_policy_that_is_neither_a_name_nor_a_policy_object_is_rejected(policy):
+    """Used to be accepted and fail at the first allocation with AttributeError."""
+    with pytest.raises(UnsupportedConfigError, match=r"policy must be one of \['fifo', 'lifo', 'lowest', 'random'\] "
+                                                     r"or a PlacementPolicy object"):
+        PageAllocator(N, policy)
+
+
+@pytest.mark.parametrize("num_pages", [0, -1, True, 4.0, None], ids=repr)
+def test_num_pages_must_be_a_positive_int(num_pages):
+    with pytest.raises(UnsupportedConfigError, match=rf"num_pages must be a positive int, got {num_pages!r}"):
+        PageAllocator(num_pages)
+
+
+@pytest.mark.parametrize("seed", [True, 1.5, "1", None], ids=repr)
+def test_seed_must_be_an_int(seed):
+    with pytest.raises(UnsupportedConfigError, match=rf"seed must be an int, got {seed!r}"):
+        PageAllocator(N, "random", seed=seed)
+
+
+@pytest.mark.parametrize("n", [True, False, 1.0], ids=repr)
+def test_allocate_refuses_bools_and_floats(n):
+    a = PageAllocator(N)
+    before = a.snapshot()
+    with pytest.raises(InvalidRequestError, match=rf"page count must be a non-negative int, got {n!r}"):
+        a.allocate(n)
+    assert a.snapshot() == before
+
+
+def test_share_and_release_refuse_bool_pages():
+    a = PageAllocator(N)
+    a.allocate(2)                                       # pages 0 and 1: True would have passed as page 1
+    before = a.snapshot()
+    for op in (a.share, a.release):
+        with pytest.raises(InvalidRequestError, match=r"page True is not allocated"):
+            op([0, True])
+    assert a.snapshot() == before
 
 
 # ----------------------------------------------------------------------------------- policy orders

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import oracle.errors
 from conformance.policy import compare
 from oracle import ContiguousOracle
 from paged import (CacheSpec, DuplicateSequenceError, InvalidRequestError, OutOfPagesError, PagedError,
@@ -113,14 +114,19 @@ def world(device) -> World:
 both = pytest.mark.parametrize("kind", ["paged", "oracle"])
 
 
+def error_class(kind: str, exc: type[Exception]) -> type[Exception]:
+    """The class `kind` raises for paged's `exc`: the oracle has its own (oracle.errors), named alike."""
+    return exc if kind == "paged" else getattr(oracle.errors, exc.__name__)
+
+
 def rejects(world: World, kind: str, exc: type[Exception], match: str, call):
-    """call(cache) must raise exc (a PagedError) matching `match`, leave snapshot() exactly equal; then the
-    trace carries on correctly."""
+    """call(cache) must raise exc (a PagedError; for the oracle, its oracle.errors namesake) matching `match`,
+    leave snapshot() exactly equal; then the trace carries on correctly."""
     cache = world.cache(kind)
     before = cache.snapshot()
-    with pytest.raises(exc, match=match) as info:
+    with pytest.raises(error_class(kind, exc), match=match) as info:
         call(cache)
-    assert isinstance(info.value, PagedError)
+    assert isinstance(info.value, PagedError if kind == "paged" else oracle.errors.OracleError)
     assert state_equal(cache.snapshot(), before), "a rejected request changed the state"
     world.carry_on()
     return info.value
@@ -194,7 +200,7 @@ def test_length_past_max_seq_len(world, kind):
     err = rejects(world, kind, SequenceTooLongError,
                   rf"sequence 'b': 18 stored \+ {room + 1} new tokens exceeds max_seq_len {world.spec.max_seq_len}",
                   lambda c: c.plan(["a", "b"], [1, room + 1]))
-    assert isinstance(err, InvalidRequestError)
+    assert isinstance(err, error_class(kind, InvalidRequestError))
 
 
 @both
@@ -233,11 +239,11 @@ def test_several_faults_report_the_same_one_as_ever(world, kind):
 def test_a_rejected_plan_keeps_the_step_in_flight(world, kind):
     """Nothing about the current plan changes either: its pending layer still runs (and agrees)."""
     cache = world.cache(kind)
-    with pytest.raises(UnknownSequenceError):
+    with pytest.raises(error_class(kind, UnknownSequenceError)):
         cache.plan(["nope"], [1])
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(error_class(kind, InvalidRequestError)):
         cache.plan(["a"], [0])
-    with pytest.raises(SequenceTooLongError):
+    with pytest.raises(error_class(kind, SequenceTooLongError)):
         cache.plan(["a"], [world.spec.max_seq_len])
     world.carry_on()
 
@@ -250,34 +256,38 @@ def test_run_without_plan(device, kind):
     cache.admit("a")
     q, k, v = rand_qkv(torch.Generator().manual_seed(1), spec, 1, 3)
     before = cache.snapshot()
-    with pytest.raises(PlanError, match=r"run\(\) needs a current plan: call plan\(\)"):
+    with pytest.raises(error_class(kind, PlanError), match=r"run\(\) needs a current plan: call plan\(\)"):
         cache.run(0, q, k, v)
     assert state_equal(cache.snapshot(), before)
     cache.plan(["a"], [3])
     cache.admit("b")                                   # any change of the sequence set ends the step
     before = cache.snapshot()
-    with pytest.raises(PlanError, match=r"needs a current plan"):
+    with pytest.raises(error_class(kind, PlanError), match=r"needs a current plan"):
         cache.run(0, q, k, v)
     assert state_equal(cache.snapshot(), before)
 
 
 @both
 def test_run_after_fork_or_finish_needs_a_new_plan(world, kind):
+    """A plan none of whose layers ran is dropped by fork / finish (between the layers of a step, fork is refused:
+    tests/test_reliability.py)."""
+    world.run_layers(world.pending)
     cache = world.cache(kind)
+    cache.plan(["a", "b"], [1, 1])
     cache.fork("a", "a2")
-    q, k, v = world.inputs(3, 2)
+    q, k, v = world.inputs(2, 1)
     before = cache.snapshot()
-    with pytest.raises(PlanError, match=r"needs a current plan"):
-        cache.run(1, q, k, v)
+    with pytest.raises(error_class(kind, PlanError), match=r"needs a current plan"):
+        cache.run(0, q, k, v)
     assert state_equal(cache.snapshot(), before)
     cache.finish("a2")
-    with pytest.raises(PlanError, match=r"needs a current plan"):
-        cache.run(1, q, k, v)
-    assert cache.length("a") == 14
+    with pytest.raises(error_class(kind, PlanError), match=r"needs a current plan"):
+        cache.run(0, q, k, v)
+    assert cache.length("a") == 15
 
 
 @both
-@pytest.mark.parametrize("layer", [-1, 2, 7, "1", 1.0, None], ids=repr)
+@pytest.mark.parametrize("layer", [-1, 2, 7, "1", 1.0, None, False, True], ids=repr)
 def test_layer_out_of_range(world, kind, layer):
     q, k, v = world.inputs(3, 2)
     rejects(world, kind, PlanError, rf"layer must be an int in \[0, 2\), got {layer!r}",
@@ -314,6 +324,8 @@ def _bad_inputs(world: World, what: str):
         return q[:, :, 0], k, v
     if what == "not a tensor":
         return q.tolist(), k, v
+    if what == "0 q heads":
+        return q[:, :, :0], k, v
     raise AssertionError(what)
 
 
@@ -322,12 +334,13 @@ BAD_INPUTS = {
     "kv dtype": r"v has dtype torch.bfloat16; the cache holds torch.float32",
     "head dim": r"q has shape \(3, 2, 4, 8\); expected \(3, >=2, heads, 16\)",
     "kv head count": r"k has 3 heads; the cache stores 2 kv heads",
-    "Hq not a multiple of Hkv": r"q has 3 heads, not a multiple of the cache's 2 kv heads",
+    "Hq not a multiple of Hkv": r"q has 3 heads, not a (positive )?multiple of the cache's 2 kv heads",
     "batch": r"q has shape \(2, 2, 4, 16\); expected \(3, >=2, heads, 16\)",
     "too short Lq": r"q has shape \(3, 1, 4, 16\); expected \(3, >=2, heads, 16\)",
     "q, k, v lengths differ": r"q, k, v lengths differ: 2, 3, 2",
     "3-d q": r"q has shape \(3, 2, 16\)",
     "not a tensor": r"q must be a tensor, got list",
+    "0 q heads": r"q has 0 heads, not a (positive )?multiple of the cache's 2 kv heads",
 }
 
 
@@ -336,6 +349,88 @@ BAD_INPUTS = {
 def test_bad_run_inputs(world, kind, what):
     q, k, v = _bad_inputs(world, what)
     rejects(world, kind, InvalidRequestError, BAD_INPUTS[what], lambda c: c.run(1, q, k, v))
+
+
+@both
+@pytest.mark.parametrize("scale", ["0.5", float("nan"), float("inf"), -0.25, 0.0, 0, True, torch.tensor(0.25), [1.0]],
+                         ids=repr)
+def test_bad_scale(world, kind, scale):
+    """Refused before the layer's K/V are stored (a bad scale used to fail inside the attention call, after)."""
+    q, k, v = world.inputs(3, 2)
+    rejects(world, kind, InvalidRequestError, r"scale must be None or a positive finite number, got",
+            lambda c: c.run(1, q, k, v, scale=scale))
+
+
+@pytest.mark.parametrize("kind", ["paged"])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_inputs_requiring_grad_are_refused(world, kind, which):
+    """paged is an inference cache: an input that requires grad (with grad mode on) would make the pool join the
+    autograd graph, and every later run() failed. Refused before anything changes; later runs work (carry_on)."""
+    q, k, v = world.inputs(3, 2)
+    inputs = {"q": q, "k": k, "v": v}
+    inputs[which] = inputs[which].requires_grad_()
+    rejects(world, kind, InvalidRequestError,
+            rf"{which} require\(s\) grad: paged is an inference cache .* torch.no_grad\(\) or torch.inference_mode",
+            lambda c: c.run(1, *inputs.values()))
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_inputs_requiring_grad_are_fine_without_grad_mode(world, context):
+    """Under no_grad / inference_mode nothing is recorded: the same inputs are accepted and the pool stays a plain
+    tensor."""
+    q, k, v = world.inputs(3, 2)
+    k.requires_grad_()
+    with getattr(torch, context)():
+        out = world.paged.run(1, q, k, v)
+        gold = world.gold.run(1, q, k, v)
+    assert not world.paged.k_pool.requires_grad and not out.requires_grad
+    for b, n in enumerate(world.lens):
+        assert compare(out[b, :n], gold[b, :n], gold[b, :n].to(out.dtype), world.spec.dtype).ok
+    world.pending = []
+    world.carry_on()
+
+
+def _raising_mask(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx.nonexistent
+
+
+def _raising_score(score, b, h, q_idx, kv_idx):
+    raise ZeroDivisionError("no score today")
+
+
+def _bool_mask(b, h, q_idx, kv_idx):
+    return True
+
+
+def _int_mask(b, h, q_idx, kv_idx):
+    return q_idx - kv_idx
+
+
+def _int_score(score, b, h, q_idx, kv_idx):
+    return q_idx
+
+
+def _three_args(b, h, q_idx):
+    return q_idx >= 0
+
+
+MOD_FAULTS = {
+    "mask raises": (dict(mask_mod=_raising_mask), r"mask_mod raised AttributeError: .*nonexistent"),
+    "score raises": (dict(score_mod=_raising_score), r"score_mod raised ZeroDivisionError: no score today"),
+    "wrong arity": (dict(mask_mod=_three_args), r"mask_mod raised TypeError: .*argument"),
+    "python bool": (dict(mask_mod=_bool_mask), r"mask_mod must return a bool tensor .* got a bool"),
+    "int mask": (dict(mask_mod=_int_mask), r"mask_mod must return a bool tensor .* got a torch.int32 tensor"),
+    "int score": (dict(score_mod=_int_score), r"score_mod must return a floating-point tensor .* got a torch.int32"),
+}
+
+
+@pytest.mark.parametrize("kind", ["paged"])
+@pytest.mark.parametrize("fault", list(MOD_FAULTS))
+def test_mod_that_fails_is_refused_by_plan(world, kind, fault):
+    """A mod that raises (or returns no tensor of the right kind) used to pass plan() and fail inside run()'s
+    attention call after the pool was written; check_mods calls each new mod once on scalars, before the commit."""
+    kwargs, match = MOD_FAULTS[fault]
+    rejects(world, kind, InvalidRequestError, match, lambda c: c.plan(["a", "c"], [1, 2], **kwargs))
 
 
 @both
@@ -422,8 +517,15 @@ def test_out_of_pages_keeps_the_step_in_flight(world):
     (dict(device="cuda", page_size=8), r"page_size must be >= 16 on CUDA .* got 8"),
     (dict(device="cuda", head_dim=24), r"head_dim must be a power of two >= 16 for FlexAttention on CUDA, got 24"),
     (dict(device="cuda", head_dim=8), r"head_dim must be a power of two >= 16 .* got 8"),
+    (dict(num_pages=2**27), r"num_pages \* page_size = 2147483648 pool slots; at most 2147483647"),
+    (dict(page_size=2**31, num_pages=1, max_seq_len=16), r"num_pages \* page_size = 2147483648 pool slots"),
+    (dict(max_seq_len=2**31), r"max_seq_len must be at most 2147483647 .* got 2147483648"),
+    (dict(num_layers=False), r"num_layers must be a positive int, got False"),
+    (dict(page_size=True), r"page_size must be a positive int, got True"),
+    (dict(device="nope"), r"device 'nope' is not a device here"),
 ], ids=["page12", "page0", "layers0", "kvheads-2", "headdim-bool", "pages-float", "maxlen-beyond-pool", "float64",
-        "int32", "cuda-page8", "cuda-headdim24", "cuda-headdim8"])
+        "int32", "cuda-page8", "cuda-headdim24", "cuda-headdim8", "pool-2**31-slots", "page-2**31",
+        "maxlen-2**31", "layers-bool", "page-bool", "device-unknown"])
 def test_bad_cache_spec(change, match):
     args = dict(num_layers=2, num_kv_heads=2, head_dim=16, page_size=16, num_pages=8, max_seq_len=128)
     CacheSpec(**args)                                       # the base is valid; each change alone breaks it
@@ -437,14 +539,70 @@ def test_cuda_spec_needs_no_gpu():
     assert spec.device == torch.device("cuda")
 
 
+def test_largest_pool_within_int32_is_accepted():
+    CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=16, num_pages=2**27 - 1, max_seq_len=2**31 - 16)
+
+
 def test_bad_cache_options(device):
     spec = make_spec(device)
     with pytest.raises(UnsupportedConfigError, match=r"attention must be 'compiled' or 'eager', got 'fused'"):
         PagedKVCache(spec, attention="fused")
-    with pytest.raises(InvalidRequestError, match=r"unknown placement policy 'best'"):
+    with pytest.raises(UnsupportedConfigError, match=r"unknown placement policy 'best'; expected one of "
+                                                     r"\['fifo', 'lifo', 'lowest', 'random'\]"):
         PagedKVCache(spec, policy="best")
     with pytest.raises(UnsupportedConfigError, match=r"check_ownership must be True, False or 'auto', got 'yes'"):
         PagedKVCache(spec, check_ownership="yes")
+
+
+class _NotAPolicy:
+    name = "half"
+
+    def take(self, n):
+        return []
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("policy", None, r"policy must be one of \['fifo', 'lifo', 'lowest', 'random'\] or a PlacementPolicy object"),
+    ("policy", 5, r"policy must be one of .* got int 5"),
+    ("policy", _NotAPolicy(), r"policy must be one of .* got _NotAPolicy"),
+    ("seed", True, r"seed must be an int, got True"),
+    ("seed", 1.5, r"seed must be an int, got 1.5"),
+    ("check_ownership", 1, r"check_ownership must be True, False or 'auto', got 1"),
+    ("check_ownership", 0, r"check_ownership must be True, False or 'auto', got 0"),
+    ("check_ownership", None, r"check_ownership must be True, False or 'auto', got None"),
+    ("decode_full_blocks", 1, r"decode_full_blocks must be True, False or 'auto', got 1"),
+    ("decode_full_blocks", "yes", r"decode_full_blocks must be True, False or 'auto', got 'yes'"),
+    ("poison_free_pages", 1, r"poison_free_pages must be True or False, got 1"),
+    ("poison_free_pages", "auto", r"poison_free_pages must be True or False, got 'auto'"),
+    ("kernel_options", [("num_warps", 4)], r"kernel_options must be a dict or None, got list"),
+], ids=["policy-None", "policy-5", "policy-object-without-give", "seed-True", "seed-1.5", "check_ownership-1",
+        "check_ownership-0", "check_ownership-None", "decode_full_blocks-1", "decode_full_blocks-yes", "poison-1",
+        "poison-auto", "kernel_options-list"])
+def test_options_of_the_wrong_type_are_refused(device, option, value, match):
+    """Each used to be accepted: policy None or 5 failed later with AttributeError, the others were ignored or
+    read as truthy."""
+    with pytest.raises(UnsupportedConfigError, match=match):
+        PagedKVCache(make_spec(device), **{option: value})
+
+
+def test_a_policy_object_must_hold_a_fresh_pools_pages(device):
+    from paged.allocator import LowestFirst
+
+    used = LowestFirst(24)
+    PagedKVCache(make_spec(device), policy=used)            # a fresh one is fine
+    with pytest.raises(UnsupportedConfigError, match=r"start holding exactly the free pages 0..23"):
+        PagedKVCache(make_spec(device), policy=LowestFirst(8))
+    used.take(1)
+    with pytest.raises(UnsupportedConfigError, match=r"one object per allocator\); it holds 23 page\(s\)"):
+        PagedKVCache(make_spec(device), policy=used)
+
+
+def test_poison_value_is_checked_before_anything_changes(device):
+    cache = PagedKVCache(make_spec(device))
+    before = cache.snapshot()
+    with pytest.raises(InvalidRequestError, match=r"value must be a float, got str 'nan'"):
+        cache.poison_free_pages("nan")
+    assert not cache.poison and state_equal(cache.snapshot(), before)
 
 
 def test_every_error_is_a_paged_error_with_the_builtin_base():
