@@ -31,6 +31,7 @@ from paged.fms.fms_loop import fms_generate, prepare_fms_generate
 from paged.fms.op import PagedStep, attention_layers, bind, plan_step
 from paged.fms.scheduler import ContinuousBatching, Request, Scheduler, Work
 from paged.spec import CacheSpec
+from paged.transfer import to_device
 
 __all__ = ["PagedGenerator", "StepEvent", "cache_spec_for", "fms_generate", "forward_logits", "prepare_fms_generate"]
 
@@ -82,16 +83,42 @@ def cache_spec_for(
                      page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len, dtype=dtype, device=device)
 
 
-def _forward(model: torch.nn.Module, step: PagedStep, token_chunks: Sequence[Sequence[int]],
-             pad_token_id: int = 0) -> torch.Tensor:
-    """One forward pass of `model` over the step's rows (right-padded). Returns logits (B, L, V)."""
+def _inputs(step: PagedStep, token_chunks: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
+    """(B, L) right-padded token ids of the step's rows, on the cache's device."""
     length = step.plan.max_q_len
     ids = torch.full((len(token_chunks), length), pad_token_id, dtype=torch.long)
     for b, chunk in enumerate(token_chunks):
         ids[b, :len(chunk)] = torch.as_tensor(chunk, dtype=torch.long)
-    ids = ids.to(step.cache.spec.device)
+    return to_device(ids, step.cache.spec.device)
+
+
+def _forward(model: torch.nn.Module, step: PagedStep, token_chunks: Sequence[Sequence[int]],
+             pad_token_id: int = 0) -> torch.Tensor:
+    """One forward pass of `model` over the step's rows (right-padded). Returns logits (B, L, V)."""
+    ids = _inputs(step, token_chunks, pad_token_id)
     with torch.no_grad():
-        return model(ids, position_ids=step.position_ids(length), use_cache=False, **step.kwargs())
+        return model(ids, position_ids=step.position_ids(ids.shape[1]), use_cache=False, **step.kwargs())
+
+
+def _picked_logits(model: torch.nn.Module, step: PagedStep, token_chunks: Sequence[Sequence[int]],
+                   picks: Sequence[tuple[int, int]], pad_token_id: int = 0) -> torch.Tensor:
+    """One forward pass whose LM head runs only at `picks` [(row, position)]: logits (len(picks), V).
+
+    A prefill step needs one position's logits per row that finishes its prompt; the head over every position
+    (B x L x V, 8 GB for 64 prompts of 512 tokens at vocab 128256 in bf16) would cost more than the whole model.
+    FMS decoders with a ``base_model`` and a ``head`` (Llama, Granite, Mistral, ...) take this path; others run
+    the whole forward and index it.
+    """
+    base, head = getattr(model, "base_model", None), getattr(model, "head", None)
+    if base is None or head is None:
+        logits = _forward(model, step, token_chunks, pad_token_id)
+        return logits[[b for b, _ in picks], [j for _, j in picks]]
+    ids = _inputs(step, token_chunks, pad_token_id)
+    with torch.no_grad():
+        hidden, _ = base(ids, step.position_ids(ids.shape[1]), None, False, **step.kwargs())   # (B, L, E)
+        if not picks:
+            return hidden.new_empty(0, 0)
+        return head(hidden[[b for b, _ in picks], [j for _, j in picks]])                      # (k, V)
 
 
 def forward_logits(
@@ -303,7 +330,10 @@ class PagedGenerator:
         return requests
 
     def _admit(self, scheduler: Scheduler, waiting: list[Request], running: list[Request]) -> None:
-        held = {r.seq_id: len(self.cache.pages(r.seq_id)) for r in running}
+        if not waiting:
+            return
+        P = self.spec.page_size
+        held = {r.seq_id: -(-self.cache.length(r.seq_id) // P) for r in running}     # pages each holds now
         for r in scheduler.admit(waiting, running, self.cache.allocator.free_count, held):
             waiting.remove(r)
             self.cache.admit(r.seq_id)
@@ -323,14 +353,14 @@ class PagedGenerator:
             picking = list(work.rows)
             tokens = picks.tolist() if not sampling.do_sample else None
         else:
-            out = _forward(self.model, step, work.chunks, self.pad_token_id)               # (B, L, V)
             rows = [(b, len(c) - 1, r) for b, (r, c) in enumerate(zip(work.rows, work.chunks))]
             if work.kind == "prefill":
                 for _, j, r in rows:
                     r.fed += j + 1
                 rows = [x for x in rows if not x[2].prefilling]           # rows whose prompt is now stored
             picking = [r for _, _, r in rows]
-            logits = out[[b for b, _, _ in rows], [j for _, j, _ in rows]] if rows else None  # (k, V)
+            logits = _picked_logits(self.model, step, work.chunks, [(b, j) for b, j, _ in rows],
+                                    self.pad_token_id)                   # (k, V)
             tokens = None
         if not picking:
             return {}, []
