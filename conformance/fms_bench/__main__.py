@@ -23,7 +23,7 @@ from conformance.benchmarks.harness import BenchSettings, copy_bandwidth, unique
 from conformance.fms_bench import report
 from conformance.fms_bench.models import SHAPES, build_pair
 from conformance.fms_bench.runners import MODES, fms_default_runner, hf_runner, paged_runner
-from conformance.fms_bench.timing import device_ms_per_step, time_generation
+from conformance.fms_bench.timing import device_profile, time_generation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -85,7 +85,7 @@ def run_config(runners: dict, gens: dict, args, batch: int, prompt: int, pair, d
             dec = getattr(gens.get(mode), "_decoder", None)
             r["captures"] = dec.captures - captures0 if dec else None
             if args.device_time and device.type == "cuda":
-                r["device_ms"] = device_ms_per_step(run, prompts, args.new_tokens)
+                r.update(device_profile(run, prompts, args.new_tokens))
             r["recompiles_timed"] = unique_graphs() - graphs1
             r["graphs_compiled_in_warmup"] = graphs1 - graphs0
         except Exception as e:  # noqa: BLE001  (recorded: one mode's failure must not hide the others' figures)

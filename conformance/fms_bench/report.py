@@ -67,4 +67,6 @@ def markdown(results: dict) -> str:
                 lines.append(f"- {c['batch']} x {c['prompt']} {m}: device {_cell(r.get('device_ms'))} ms/step, "
                              f"recompiles {r.get('recompiles_timed')}, captures {r.get('captures_timed', '-')}, "
                              f"agreement {r.get('agreement', '-')}")
+                for name, ms, n in r.get("kernels", [])[:8]:
+                    lines.append(f"    - {ms:.3f} ms, {n:g} launches/step: `{name}`")
     return "\n".join(lines) + "\n"

@@ -41,17 +41,22 @@ def time_generation(run: Runner, prompts: torch.Tensor, new_tokens: int, repeats
             "prefill_ms_all": [t * 1e3 for t in one], "tokens": tokens}
 
 
-def device_ms_per_step(run: Runner, prompts: torch.Tensor, new_tokens: int) -> float | None:
-    """Summed CUDA kernel time of one generate(N + 1) minus one generate(1), per decode step (torch.profiler)."""
+def _kernels(run: Runner, prompts: torch.Tensor, n: int) -> dict[str, tuple[float, int]]:
+    """Per CUDA kernel name: (total ms, calls) over one generate of `n` new tokens (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    def kernels_ms(n: int) -> float:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run(prompts, n)
-        return sum(e.device_time_total for e in prof.key_averages()
-                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(prompts, n)
+    return {e.key: (e.device_time_total / 1e3, e.count) for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA}
 
-    try:
-        return (kernels_ms(new_tokens + 1) - kernels_ms(1)) / new_tokens
-    except RuntimeError:
-        return None
+
+def device_profile(run: Runner, prompts: torch.Tensor, new_tokens: int, top: int = 12) -> dict:
+    """Device time per decode step (kernels of generate(N + 1) minus those of generate(1), over N) and the
+    `top` kernels by time per step: [(name, ms per step, launches per step)]."""
+    full, one = _kernels(run, prompts, new_tokens + 1), _kernels(run, prompts, 1)
+    per_step = {k: ((ms - one.get(k, (0.0, 0))[0]) / new_tokens, (n - one.get(k, (0.0, 0))[1]) / new_tokens)
+                for k, (ms, n) in full.items()}
+    table = sorted(per_step.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"device_ms": sum(ms for ms, _ in per_step.values()),
+            "kernels": [(name[:90], round(ms, 4), round(n, 2)) for name, (ms, n) in table]}
