@@ -23,7 +23,7 @@ from conformance.benchmarks.harness import BenchSettings, copy_bandwidth, unique
 from conformance.fms_bench import report
 from conformance.fms_bench.models import SHAPES, build_pair
 from conformance.fms_bench.runners import MODES, fms_default_runner, hf_runner, paged_runner
-from conformance.fms_bench.timing import device_profile, time_generation
+from conformance.fms_bench.timing import device_profile, host_profile, time_generation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -44,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--device-time", action="store_true", help="also sum kernel times per step (torch.profiler)")
+    p.add_argument("--host-profile", action="store_true", help="cProfile one generate per paged mode")
     p.add_argument("--time-budget", type=float, default=None, help="skip configurations starting after S seconds")
     p.add_argument("--out", type=Path, required=True)
     return p
@@ -86,6 +87,8 @@ def run_config(runners: dict, gens: dict, args, batch: int, prompt: int, pair, d
             r["captures"] = dec.captures - captures0 if dec else None
             if args.device_time and device.type == "cuda":
                 r.update(device_profile(run, prompts, args.new_tokens))
+            if args.host_profile and mode.startswith("paged"):
+                r["host_profile"] = host_profile(run, prompts, args.new_tokens)
             r["recompiles_timed"] = unique_graphs() - graphs1
             r["graphs_compiled_in_warmup"] = graphs1 - graphs0
         except Exception as e:  # noqa: BLE001  (recorded: one mode's failure must not hide the others' figures)

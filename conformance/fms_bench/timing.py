@@ -60,3 +60,16 @@ def device_profile(run: Runner, prompts: torch.Tensor, new_tokens: int, top: int
     table = sorted(per_step.items(), key=lambda kv: -kv[1][0])[:top]
     return {"device_ms": sum(ms for ms, _ in per_step.values()),
             "kernels": [(name[:90], round(ms, 4), round(n, 2)) for name, (ms, n) in table]}
+
+
+def host_profile(run: Runner, prompts: torch.Tensor, new_tokens: int, top: int = 25) -> list[str]:
+    """cProfile of one generate(N + 1): the `top` functions by cumulative time (where the host's time goes)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(run, prompts, new_tokens + 1)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
