@@ -62,6 +62,20 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True)
+class KnownDefect:
+    """A known defect a check must find: reported as a strict expected failure, and only while the check fails
+    with a conformance failure whose message matches `match` (a regex); a fix (the check passes) or a different
+    failure is reported as a failure, never hidden."""
+
+    reason: str
+    match: str = ""
+
+    @classmethod
+    def of(cls, entry: "str | KnownDefect") -> "KnownDefect":
+        return entry if isinstance(entry, KnownDefect) else cls(entry)
+
+
+@dataclass(frozen=True)
 class BackendFactory:
     """How the suite builds and judges one backend.
 
@@ -70,7 +84,8 @@ class BackendFactory:
         make: builds a fresh backend for a spec. May take keyword options (see `options`).
         capabilities: subset of CAPABILITIES the backend has.
         make_eager: builds the eager twin (capability "eager").
-        expected_failures: check name -> reason, for known defects of a peer (reported as xfail, never hidden).
+        expected_failures: check name -> KnownDefect (or just its reason), for known defects (reported as a strict
+            xfail that must be a conformance failure matching the defect, never hidden).
         devices: device types the backend runs on.
     """
 
@@ -78,7 +93,7 @@ class BackendFactory:
     make: Callable[..., Backend]
     capabilities: frozenset[str] = CAPABILITIES
     make_eager: Callable[..., Backend] | None = None
-    expected_failures: dict[str, str] = field(default_factory=dict)
+    expected_failures: dict[str, "str | KnownDefect"] = field(default_factory=dict)
     devices: frozenset[str] = frozenset({"cpu", "cuda"})
     description: str = ""
 

@@ -10,13 +10,18 @@ Tests marked `gpu` are skipped without a CUDA GPU, unless PAGED_REQUIRE_GPU=1 (t
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
 from hypothesis import Phase, settings
 
+from conformance.contract import KnownDefect
 from conformance.profiles import check_profile, default_profile, register_profiles
 from conformance.selection import BackendNotFound, resolve_backend
+
+
+_DEFECT = pytest.StashKey[KnownDefect]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -104,4 +109,24 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(f"backend {factory.name} does not run on {item.config._paged_device}")
     name = marker.args[0]
     if name in factory.expected_failures:
-        item.add_marker(pytest.mark.xfail(reason=factory.expected_failures[name], strict=False))
+        defect = KnownDefect.of(factory.expected_failures[name])
+        # strict: a check that passes is reported as a failure (the defect is gone: update expected_failures);
+        # raises=AssertionError: only a conformance failure (ConformanceError) counts, never a crash.
+        item.add_marker(pytest.mark.xfail(reason=defect.reason, strict=True, raises=AssertionError))
+        item.stash[_DEFECT] = defect
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """An expected failure whose message does not match its KnownDefect.match is a real failure."""
+    outcome = yield
+    report = outcome.get_result()
+    defect = item.stash.get(_DEFECT, None)
+    if defect is None or call.when != "call" or not hasattr(report, "wasxfail") or call.excinfo is None:
+        return
+    message = str(call.excinfo.value)
+    if defect.match and not re.search(defect.match, message):
+        del report.wasxfail
+        report.outcome = "failed"
+        report.longrepr = (f"expected failure ({defect.reason}) did not match {defect.match!r}; the check failed "
+                           f"differently:\n{message}")

@@ -41,6 +41,7 @@ class ReplayOptions:
     eager: bool = False             # build the backend's eager twin instead
     before_op: Any = None           # hook(i, op, backend, model) called before each operation
     before_run: Any = None          # hook(i, op, backend, layer, q, k, v) called before each layer's run
+    taint: frozenset = frozenset()  # sequences (and their forks) whose every new K/V value is NaN or +-Inf
 
 
 @dataclass
@@ -99,6 +100,7 @@ class SideBySide:
         self.paging = factory.has("paging")
         self.stats = ReplayStats()
         self.ops_done = 0
+        self.tainted = set(self.opts.taint)   # their outputs are not compared; everyone else's must stay right
 
     def apply(self, op: Any) -> None:
         i, opts, backend, model = self.ops_done, self.opts, self.backend, self.model
@@ -120,9 +122,11 @@ class SideBySide:
             for x in (backend, self.gold, self.ref):
                 x.fork(op.parent, op.child)
             model.fork(op.parent, op.child)
+            if op.parent in self.tainted:
+                self.tainted.add(op.child)
         elif isinstance(op, Step):
             _run_step(i, op, self.trace, backend, self.gold, self.ref, model, self.factory, self.paging, opts,
-                      self.stats, self.keep_outputs, self.device)
+                      self.stats, self.keep_outputs, self.device, frozenset(self.tainted))
         if opts.poison:
             backend.poison_free_pages(float("nan"))
         if opts.check_memory and self.paging:
@@ -154,8 +158,18 @@ def replay(trace: Trace, factory: BackendFactory, device: torch.device | str,
     return run.stats
 
 
+def taint_rows(k: torch.Tensor, v: torch.Tensor, seqs, q_lens, tainted) -> None:
+    """Overwrite every new K and V value of the tainted rows with NaN, +Inf and -Inf in turn (in place)."""
+    bad = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=k.dtype, device=k.device)
+    for b, (seq, n) in enumerate(zip(seqs, q_lens)):
+        if seq in tainted:
+            for t, shift in ((k, 0), (v, 1)):
+                count = t[b, :n].numel()
+                t[b, :n] = bad[(torch.arange(count, device=t.device) + shift) % 3].view_as(t[b, :n])
+
+
 def _run_step(i, op: Step, trace, backend, gold, ref, model: PageModel, factory, paging, opts, stats, keep_outputs,
-              device) -> None:
+              device, tainted: frozenset = frozenset()) -> None:
     if op.mods is not None and not factory.has("mods"):
         stats.skipped_steps += 1
         return
@@ -193,6 +207,8 @@ def _run_step(i, op: Step, trace, backend, gold, ref, model: PageModel, factory,
     batch, q_len = len(op.seqs), max(op.q_lens)
     for layer in range(trace.config.num_layers):
         q, k, v = step_inputs(trace, i, layer, batch, q_len, device)
+        if tainted:
+            taint_rows(k, v, op.seqs, op.q_lens, tainted)
         if opts.before_run:
             opts.before_run(i, op, backend, layer, q, k, v)
         out = backend.run(layer, q, k, v)
@@ -206,6 +222,8 @@ def _run_step(i, op: Step, trace, backend, gold, ref, model: PageModel, factory,
             raise ConformanceError(f"op {i} ({op!r}) layer {layer}: output shape {tuple(out.shape)}, "
                                    f"expected {tuple(q.shape)}")
         for b, (seq, n) in enumerate(zip(op.seqs, op.q_lens)):
+            if seq in tainted:
+                continue                  # its own K/V are non-finite: only the others' outputs are judged
             if n < q_len and bool(out[b, n:].ne(0).any()):
                 raise ConformanceError(f"op {i} ({op!r}) layer {layer}, sequence {seq}: output rows past its "
                                        f"{n} new token(s) are not 0 (padding must read as zeros)")

@@ -219,3 +219,49 @@ def traces(draw, device: str = "cpu", *, fork_weight: int = 1, use_mods: bool = 
                 ops.append(Step(tuple(live), (q,)))
     seed = draw(st.integers(0, 2**31 - 1))
     return Trace(config, tuple(ops), seed)
+
+
+def _model_after(trace: Trace) -> PageModel:
+    """The page model after every operation of `trace` (steps that do not fit are refused, as a backend must)."""
+    model = PageModel(trace.config.num_pages, trace.config.page_size)
+    for op in trace.ops:
+        if isinstance(op, Admit):
+            model.admit(op.seq)
+        elif isinstance(op, Finish):
+            model.finish(op.seq)
+        elif isinstance(op, Fork):
+            model.fork(op.parent, op.child)
+        elif model.pages_needed(op.seqs, op.q_lens) <= model.free_pages:
+            model.step(op.seqs, op.q_lens)
+    return model
+
+
+def recycled(trace: Trace, finish: frozenset, chunk: int = 3) -> Trace:
+    """`trace`, then: finish the live sequences in `finish`, and fill the whole pool with fresh sequences grown
+    `chunk` tokens per step (so their last pages are partly filled). Every page the finished sequences held is
+    then handed to a new owner: what they left in it must not reach the new owners' outputs."""
+    cfg, model, ops = trace.config, _model_after(trace), list(trace.ops)
+    for seq in sorted(s for s in model.seqs if s in finish):
+        model.finish(seq)
+        ops.append(Finish(seq))
+    next_id = 1 + max((op.seq if isinstance(op, Admit) else op.child for op in ops if isinstance(op, (Admit, Fork))),
+                      default=-1)
+    fresh: list[int] = []
+    for _ in range(4 * cfg.num_pages):
+        growable = [s for s in fresh if model.length(s) < cfg.max_seq_len][:4]
+        if not growable:
+            if model.free_pages == 0:
+                break
+            model.admit(next_id)
+            ops.append(Admit(next_id))
+            fresh.append(next_id)
+            next_id += 1
+            continue
+        q_lens = [min(chunk, cfg.max_seq_len - model.length(s)) for s in growable]
+        if model.pages_needed(growable, q_lens) > model.free_pages:
+            growable, q_lens = growable[:1], [1]
+            if model.pages_needed(growable, q_lens) > model.free_pages:
+                break
+        model.step(growable, q_lens)
+        ops.append(Step(tuple(growable), tuple(q_lens)))
+    return Trace(cfg, tuple(ops), trace.seed)

@@ -30,8 +30,8 @@ from paged import CacheSpec, mods
 from paged.errors import (DuplicateSequenceError, InvalidRequestError, OutOfPagesError, PlanError,
                           SequenceTooLongError, UnknownSequenceError, UnsupportedConfigError)
 
-CHECKS = {"outputs_match_oracle", "fragmentation", "isolation_poison", "isolation_fork", "eager_matches_compiled",
-          "errors_leave_state_unchanged", "determinism", "stateful"}
+CHECKS = {"outputs_match_oracle", "fragmentation", "isolation_poison", "isolation_nonfinite", "isolation_fork",
+          "eager_matches_compiled", "errors_leave_state_unchanged", "determinism", "stateful"}
 HQ = 4  # query heads (GQA over 2 kv heads)
 
 

@@ -14,7 +14,7 @@ from conformance.policy import CEILING
 from conformance.records import record
 from conformance.runner import ConformanceError, ReplayOptions, replay
 from conformance.snapshots import first_difference
-from conformance.traces import Step, traces
+from conformance.traces import Admit, Step, recycled, traces
 from paged.errors import OutOfPagesError
 
 
@@ -47,6 +47,20 @@ def test_isolation_poison(backend_factory, device, trace):
     """Free pages are NaN-poisoned after every operation; no output is ever NaN or wrong."""
     t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory), use_mods=False), label="trace")
     record("isolation_poison", replay(t, backend_factory, device, ReplayOptions(poison=True)))
+
+
+@pytest.mark.check("isolation_nonfinite")
+@given(trace=st.data())
+def test_isolation_nonfinite(backend_factory, device, trace):
+    """The real configuration (no debug zeroing or poisoning): some sequences store only NaN/+-Inf K/V (as a
+    broken fp16 request would). While they live, and after they finish and their pages hold those values for
+    the next owner, every other sequence's output is finite and matches the oracle."""
+    t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory)), label="trace")
+    admitted = sorted(op.seq for op in t.ops if isinstance(op, Admit))
+    taint = trace.draw(st.sets(st.sampled_from(admitted), min_size=1, max_size=max(1, len(admitted) // 2)),
+                       label="sequences with non-finite K/V")
+    t = recycled(t, frozenset(taint))   # then every page they held goes to a new owner
+    record("isolation_nonfinite", replay(t, backend_factory, device, ReplayOptions(taint=frozenset(taint))))
 
 
 @pytest.mark.check("isolation_fork", needs=("fork",))
