@@ -62,11 +62,14 @@ def build_pair(size: str, device: torch.device, dtype: torch.dtype, max_len: int
         max_expected_seq_len=max_len, rope_theta=ROPE_THETA, norm_eps=1e-5, tie_heads=shape["tie_word_embeddings"])
     with torch.device("meta"):
         fms = LLaMA(fms_config)
-    fms = fms.to_empty(device=device)
+    fms = fms.to_empty(device=device).to(dtype)       # load_state_dict_into_model copies into the params' dtype
     serialization.load_state_dict_into_model(fms, dict(hf.state_dict()), architecture="llama", source="hf",
                                              dtype=dtype, initial_device=device)
     fms.post_init()
     fms.eval()
+    wrong = {str(p.dtype) for p in fms.parameters()} - {str(dtype)}
+    if wrong:
+        raise RuntimeError(f"FMS model has parameters of dtype {wrong}, expected {dtype}")
     params = {p.data_ptr(): p for p in hf.parameters()}
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
     kv = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * dtype.itemsize
