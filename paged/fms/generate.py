@@ -289,13 +289,20 @@ class PagedGenerator:
                    disable=(not progress) if progress is not None else (None if total >= 1024 else True))
         waiting = [r for r in requests if r.limit > 0]
         running: list[Request] = []
+        ahead: _Ahead | None = None        # the next decode step, planned while this one ran on the GPU
         try:
             for step_no in itertools.count():
                 if not (waiting or running):
                     break
-                self._admit(scheduler, waiting, running)
-                work = scheduler.next_step(running)
-                new_tokens, finished = self._step(work, sampling, eos_token_id, running)
+                if ahead is None:
+                    self._admit(scheduler, waiting, running)
+                    work = scheduler.next_step(running)
+                    step = plan_step(self.cache, [r.seq_id for r in work.rows], [len(c) for c in work.chunks],
+                                     sliding_window=self.sliding_window)
+                else:
+                    work, step = ahead.work(), ahead.step
+                new_tokens, finished, ahead = self._step(work, step, sampling, eos_token_id, running,
+                                                         lambda rows: self._plan_ahead(scheduler, rows, waiting))
                 bar.update(len(new_tokens))
                 if callback is not None:
                     callback(StepEvent(step_no, work.kind, tuple(r.index for r in work.rows), new_tokens,
@@ -342,14 +349,19 @@ class PagedGenerator:
             r = waiting[0]
             raise OutOfPagesError(r.reserve, self.cache.allocator.free_count, f"prompt {r.index} at its longest")
 
-    def _step(self, work: Work, sampling: _Sampling, eos_token_id: int | None,
-              running: list[Request]) -> tuple[dict[int, int], list[int]]:
-        """Run one step of `work`; record each picking row's token; finish the rows that stop (pages free now)."""
-        seq_ids = [r.seq_id for r in work.rows]
-        step = plan_step(self.cache, seq_ids, [len(c) for c in work.chunks], sliding_window=self.sliding_window)
+    def _step(self, work: Work, step: PagedStep, sampling: _Sampling, eos_token_id: int | None,
+              running: list[Request], plan_ahead) -> tuple[dict[int, int], list[int], _Ahead | None]:
+        """Run one planned step of `work`; record each picking row's token; finish the rows that stop (pages free
+        now). On the compiled decode path the next decode step is planned while this one runs (`plan_ahead`).
+
+        A row planned into the next step that stops at EOS here rides that step along (its extra token is
+        dropped) and is finished after it: a plan cannot lose rows once made.
+        """
         decoder = self.decoder if work.kind == "decode" else None
+        ahead = None
         if decoder is not None:
-            logits, picks = decoder(step, [c[0] for c in work.chunks])                     # (B, V), (B,)
+            logits, picks = decoder(step, [c[0] for c in work.chunks])                     # (B, V), (B,) enqueued
+            ahead = plan_ahead(work.rows)                                # host work while the GPU runs the step
             picking = list(work.rows)
             tokens = picks.tolist() if not sampling.do_sample else None
         else:
@@ -363,23 +375,39 @@ class PagedGenerator:
                                     self.pad_token_id)                   # (k, V)
             tokens = None
         if not picking:
-            return {}, []
+            return {}, [], ahead
         if tokens is None or sampling.return_logits:
             logits = logits.float()
         if tokens is None:
             tokens = _choose(logits, [r.rng for r in picking], sampling.do_sample, sampling.temperature,
                              sampling.top_k)
+        carried = set(ahead.rows) if ahead is not None else ()
         new_tokens, finished = {}, []
         for i, (r, tok) in enumerate(zip(picking, tokens)):
-            r.out.append(tok)
-            if sampling.return_logits:
-                r.logits.append(logits[i])
-            new_tokens[r.index] = tok
-            if tok == eos_token_id or len(r.out) == r.limit:
+            if not r.done:
+                r.out.append(tok)
+                if sampling.return_logits:
+                    r.logits.append(logits[i])
+                new_tokens[r.index] = tok
+                r.done = tok == eos_token_id or len(r.out) == r.limit
+            if r.done and r not in carried:
                 self.cache.finish(r.seq_id)
                 running.remove(r)
                 finished.append(r.index)
-        return new_tokens, finished
+        return new_tokens, finished, ahead
+
+    def _plan_ahead(self, scheduler: Scheduler, rows: Sequence[Request], waiting: list[Request]) -> _Ahead | None:
+        """Plan the decode step after the one of `rows` before its tokens are known, or None when the scheduler
+        must see this step's outcome first (it picks a prefill next, or rows leave while requests wait to join)."""
+        staying = [r for r in rows if not r.done and len(r.out) + 1 < r.limit]
+        if not staying or (waiting and len(staying) < len(rows)):
+            return None
+        nxt = scheduler.next_step(staying)
+        if nxt.kind != "decode" or not set(nxt.rows) <= set(staying):
+            return None
+        step = plan_step(self.cache, [r.seq_id for r in nxt.rows], [1] * len(nxt.rows),
+                         sliding_window=self.sliding_window)
+        return _Ahead(nxt.rows, step)
 
     @staticmethod
     def _check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch) -> None:
@@ -399,6 +427,17 @@ class PagedGenerator:
             raise InvalidRequestError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         if max_batch is not None and max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1 or None, got {max_batch}")
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """A decode step planned before its tokens were known: its rows, and the plan."""
+
+    rows: tuple[Request, ...]
+    step: PagedStep
+
+    def work(self) -> Work:
+        return Work("decode", self.rows, tuple((r.out[-1],) for r in self.rows))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 __all__ = ["ContinuousBatching", "Request", "Scheduler", "Work"]
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """One prompt's generation.
 
@@ -29,6 +29,7 @@ class Request:
         limit: most new tokens. reserve: pages it needs at its longest (prompt + limit - 1 tokens: the last new
             token is never fed back). fed: prompt tokens stored so far. out: tokens generated so far.
         logits: per new token, the (V,) float32 logits it was chosen from (when asked for). rng: its sampler.
+        done: it has stopped (EOS or its limit); the generator finishes it once no planned step holds it.
     """
 
     index: int
@@ -40,6 +41,7 @@ class Request:
     out: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     rng: torch.Generator | None = None
+    done: bool = False
 
     @classmethod
     def make(cls, index: int, prompt: list[int], seq_id: Hashable, limit: int, page_size: int) -> Request:

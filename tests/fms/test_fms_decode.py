@@ -71,6 +71,23 @@ def test_traced_decode_has_no_graph_break_and_matches_eager(model, device):
     assert traced.cache.memory().pages_in_use == 0
 
 
+def test_eos_inside_a_step_planned_ahead(model, device):
+    """A row that stops at EOS after the next step was already planned rides that step along; outputs, events
+    and pages are those of the eager path, where every step is planned after its tokens are known."""
+    eager = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=False)
+    prompts = prompts_of([5, 7, 4], seed=9)
+    free = eager.generate(prompts, 12)
+    eos = free[1][4]                                     # row 1 stops at its 5th token (others may stop earlier)
+    traced = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=True)
+    traced._decoder = CompiledDecoder(model, traced.cache, cuda_graphs=False, backend="aot_eager")
+    got, want = [], []
+    outs = traced.generate(prompts, 12, eos_token_id=eos, callback=lambda e: got.append(e.new_tokens))
+    ref = eager.generate(prompts, 12, eos_token_id=eos, callback=lambda e: want.append(e.new_tokens))
+    assert outs == ref and outs[1][-1] == eos and len(outs[1]) <= 5
+    assert [t for t in got if t] == [t for t in want if t]
+    assert traced.cache.memory().pages_in_use == 0 and not traced.cache.seq_ids
+
+
 def test_compiled_decode_matches_eager_and_fms_default(model, device):
     """Inductor's kernels around the custom op; a second run of other batches compiles nothing new."""
     gen = PagedGenerator(model, token_budget=BUDGET, compile_decode=True)
