@@ -381,7 +381,7 @@ class PagedGenerator:
         if tokens is None:
             tokens = _choose(logits, [r.rng for r in picking], sampling.do_sample, sampling.temperature,
                              sampling.top_k)
-        carried = set(ahead.rows) if ahead is not None else ()
+        carried, released = (set(ahead.rows), set(ahead.released)) if ahead is not None else ((), ())
         new_tokens, finished = {}, []
         for i, (r, tok) in enumerate(zip(picking, tokens)):
             if not r.done:
@@ -391,7 +391,8 @@ class PagedGenerator:
                 new_tokens[r.index] = tok
                 r.done = tok == eos_token_id or len(r.out) == r.limit
             if r.done and r not in carried:
-                self.cache.finish(r.seq_id)
+                if r not in released:
+                    self.cache.finish(r.seq_id)
                 running.remove(r)
                 finished.append(r.index)
         return new_tokens, finished, ahead
@@ -405,9 +406,15 @@ class PagedGenerator:
         nxt = scheduler.next_step(staying)
         if nxt.kind != "decode" or not set(nxt.rows) <= set(staying):
             return None
+        # Rows that stop with this step (their limit, or EOS last step) leave first: finish() drops the cache's
+        # current plan. Their pages may go to the next step at once: every device op is stream-ordered after
+        # this step's kernels, which are the last to touch them.
+        leaving = tuple(r for r in rows if r not in set(staying))
+        for r in leaving:
+            self.cache.finish(r.seq_id)
         step = plan_step(self.cache, [r.seq_id for r in nxt.rows], [1] * len(nxt.rows),
                          sliding_window=self.sliding_window)
-        return _Ahead(nxt.rows, step)
+        return _Ahead(nxt.rows, step, leaving)
 
     @staticmethod
     def _check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch) -> None:
@@ -431,10 +438,12 @@ class PagedGenerator:
 
 @dataclass(frozen=True)
 class _Ahead:
-    """A decode step planned before its tokens were known: its rows, and the plan."""
+    """A decode step planned before its tokens were known: its rows, the plan, and the rows of the step before it
+    that were finished to make it (their pages already free)."""
 
     rows: tuple[Request, ...]
     step: PagedStep
+    released: tuple[Request, ...]
 
     def work(self) -> Work:
         return Work("decode", self.rows, tuple((r.out[-1],) for r in self.rows))
