@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--attention", choices=("compiled", "eager"), default="compiled",
+                   help="the paged cache's FlexAttention (eager: no compile, for CPU smoke runs)")
     p.add_argument("--device-time", action="store_true", help="also sum kernel times per step (torch.profiler)")
     p.add_argument("--host-profile", action="store_true", help="cProfile one generate per paged mode")
     p.add_argument("--time-budget", type=float, default=None, help="skip configurations starting after S seconds")
@@ -122,13 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if mode == "paged-graphs" and device.type != "cuda":
                 continue
             runners[mode], gens[mode] = paged_runner(pair, device, mode == "paged-graphs", budget, max_len,
-                                                     args.page_size)
+                                                     args.page_size, args.attention)
         else:
             raise SystemExit(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
     results = {"size": args.size, "dtype": args.dtype, "new_tokens": args.new_tokens, "modes": list(runners),
                "command": "python -m conformance.fms_bench " + " ".join(map(shlex.quote, argv or sys.argv[1:])),
                "environment": environment(device, copy_gbps), "weight_bytes": pair.weight_bytes,
-               "kv_bytes_per_token": pair.kv_bytes_per_token, "configs": [], "skipped": []}
+               "kv_bytes_per_token": pair.kv_bytes_per_token, "configs": [], "skipped": [],
+               "paged_pool_bytes": {m: g.cache.k_pool.nbytes * 2 for m, g in gens.items()}}
     for prompt in args.prompts:
         for batch in args.batches:
             if args.time_budget is not None and time.time() - t0 > args.time_budget:
@@ -138,8 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.write(results, args.out)
             gc.collect()
     report.write(results, args.out)
+    if results["configs"]:
+        report.plot(results, args.out)
     print(report.markdown(results))
-    return 0
+    failed = [(c["batch"], c["prompt"], m) for c in results["configs"] for m, r in c["modes"].items() if "error" in r]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

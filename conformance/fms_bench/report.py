@@ -32,6 +32,34 @@ def write(results: dict, out: Path) -> None:
     (out / "results.md").write_text(markdown(results))
 
 
+def plot(results: dict, out: Path) -> Path:
+    """ms per decode step against batch, one panel per prompt length, one line per mode (log scales)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = sorted({c["prompt"] for c in results["configs"]})
+    fig, axes = plt.subplots(1, len(prompts), figsize=(5.5 * len(prompts), 4.2), squeeze=False)
+    for ax, prompt in zip(axes[0], prompts):
+        configs = [c for c in results["configs"] if c["prompt"] == prompt]
+        for mode in results["modes"] + ["floor"]:
+            pts = [(c["batch"], c["floor_ms"] if mode == "floor" else c["modes"].get(mode, {}).get("step_ms"))
+                   for c in configs]
+            pts = [(b, y) for b, y in pts if y]
+            if pts:
+                ax.plot(*zip(*pts), "k--" if mode == "floor" else "o-", label=LABELS.get(mode, "memory floor"))
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per decode step",
+               title=f"{results['size']}, prompt {prompt}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "step_vs_batch.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _cell(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -64,8 +92,10 @@ def markdown(results: dict) -> str:
             if r.get("error"):
                 lines.append(f"- {c['batch']} x {c['prompt']} {m}: ERROR {r['error']}")
             elif "device_ms" in r or "recompiles_timed" in r:
+                peak = r.get("peak_extra_bytes")
                 lines.append(f"- {c['batch']} x {c['prompt']} {m}: device {_cell(r.get('device_ms'))} ms/step, "
-                             f"recompiles {r.get('recompiles_timed')}, captures {r.get('captures_timed', '-')}, "
+                             f"recompiles {r.get('recompiles_timed')}, graph captures {r.get('captures', '-')}, "
+                             f"peak memory above the model {_cell(peak / 2**30 if peak else None)} GiB, "
                              f"agreement {r.get('agreement', '-')}")
                 for name, ms, n in r.get("kernels", [])[:8]:
                     lines.append(f"    - {ms:.3f} ms, {n:g} launches/step: `{name}`")

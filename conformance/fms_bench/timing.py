@@ -32,11 +32,17 @@ def time_generation(run: Runner, prompts: torch.Tensor, new_tokens: int, repeats
         tokens = out if tokens is None else tokens
         wall(run, prompts, 1, device)
     full, one = [], []
-    for _ in range(repeats):
+    peak = None
+    for i in range(repeats):
+        if i == 0 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
         full.append(wall(run, prompts, new_tokens + 1, device)[0])
+        if i == 0 and device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - base
         one.append(wall(run, prompts, 1, device)[0])
     step = (statistics.median(full) - statistics.median(one)) / new_tokens
-    return {"step_ms": step * 1e3, "prefill_ms": statistics.median(one) * 1e3,
+    return {"step_ms": step * 1e3, "prefill_ms": statistics.median(one) * 1e3, "peak_extra_bytes": peak,
             "generate_ms": statistics.median(full) * 1e3, "generate_ms_all": [t * 1e3 for t in full],
             "prefill_ms_all": [t * 1e3 for t in one], "tokens": tokens}
 
