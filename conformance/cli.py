@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
+from conformance.profiles import SOAK_MIN_STEPS
 from conformance.records import reset
 from conformance.report import ReportPlugin, format_report, write_json
 from conformance.selection import BackendNotFound, available_backends, resolve_backend
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(report, args.json)
         print(f"report written to {args.json}")
+    if profile == "soak" and report["total_steps"] < SOAK_MIN_STEPS and "PAGED_SOAK_EXAMPLES" not in os.environ:
+        print(f"soak: only {report['total_steps']} trace steps, fewer than the {SOAK_MIN_STEPS} a soak run must reach")
+        return 1
     return 0 if report["passed"] and code == pytest.ExitCode.OK else 1
 
 

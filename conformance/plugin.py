@@ -17,6 +17,7 @@ import torch
 from hypothesis import Phase, settings
 
 from conformance.contract import KnownDefect
+from conformance.report import SELF_TEST_NOTE
 from conformance.profiles import check_profile, default_profile, register_profiles
 from conformance.selection import BackendNotFound, resolve_backend
 
@@ -67,10 +68,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def _self_test(config: pytest.Config) -> bool:
+    return getattr(config, "_paged_factory", None) is not None and config._paged_factory.name == "oracle"
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return [f"paged: device={config._paged_device} profile={settings._current_profile} torch={torch.__version__} "
-            f"gpu={gpu}"]
+    lines = [f"paged: backend={_factory(config).name} device={config._paged_device} "
+             f"profile={settings._current_profile} torch={torch.__version__} gpu={gpu}"]
+    return lines + ([SELF_TEST_NOTE] if _self_test(config) else [])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Repeat, under the results, that a run against the oracle is a harness self-test."""
+    if _self_test(config):
+        terminalreporter.write_line(SELF_TEST_NOTE, yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,14 @@
 """Hypothesis profiles for the suite, registered in code and chosen by --profile or HYPOTHESIS_PROFILE.
 
     ci        bounded and derandomized: the whole CPU suite in a few minutes on 2 cores (loaded under CI=true)
+    ci-lite   the ci traces with a third of the examples: CI's run of backends whose CPU path another CI run
+              already covers or that are slow on the CPU (paged-flex, paged-eager)
     dev       a few more examples, random, for local work
     gpu       more and larger traces (bigger pools, batches, prompts), for the GPU
     thorough  nightly-sized
+    soak      long traces (up to 400 operations) for one long run: >= 10^4 trace steps over the checks on the
+              GPU (`python -m conformance --device cuda --profile soak`); PAGED_SOAK_EXAMPLES=N sets the
+              examples per check (e.g. 1 for a brief CPU run), default 60
 Trace sizes per profile live in `TRACE_LIMITS` and are read by `conformance.traces`.
 """
 
@@ -37,14 +42,22 @@ TRACE_LIMITS = {
     "gpu": TraceLimits(max_ops=30, max_batch=8, max_chunk=32, max_seq_len=512, small_configs=True,
                        mods=("sliding_window_5", "alibi")),
     "thorough": TraceLimits(max_ops=80, max_batch=32, max_chunk=128, max_seq_len=2048, small_configs=False),
+    "soak": TraceLimits(max_ops=400, max_batch=8, max_chunk=32, max_seq_len=512, small_configs=True),
 }
+TRACE_LIMITS["ci-lite"] = TRACE_LIMITS["ci"]
 
-EXAMPLES = {"ci": 12, "dev": 30, "gpu": 20, "thorough": 500}
+EXAMPLES = {"ci": 12, "ci-lite": 4, "dev": 30, "gpu": 20, "thorough": 500,
+            "soak": int(os.environ.get("PAGED_SOAK_EXAMPLES", "60"))}
+#: What one soak run must reach (summed over the checks) to count as a soak.
+SOAK_MIN_STEPS = 10_000
 
 
 def register_profiles() -> None:
     settings.register_profile("ci", max_examples=EXAMPLES["ci"], derandomize=True, deadline=None,
                               suppress_health_check=_SLOW_OK, print_blob=True, database=None)
+    settings.register_profile("ci-lite", parent=settings.get_profile("ci"), max_examples=EXAMPLES["ci-lite"])
+    settings.register_profile("soak", max_examples=EXAMPLES["soak"], deadline=None, suppress_health_check=_SLOW_OK,
+                              print_blob=True, database=None, stateful_step_count=200)
     settings.register_profile("dev", max_examples=EXAMPLES["dev"], deadline=None, suppress_health_check=_SLOW_OK,
                               print_blob=True)
     settings.register_profile("gpu", max_examples=EXAMPLES["gpu"], deadline=None, suppress_health_check=_SLOW_OK,

@@ -13,6 +13,11 @@ import torch
 from conformance.records import RECORDS, TRACES
 
 
+#: Said wherever the suite runs against the oracle itself.
+SELF_TEST_NOTE = ("HARNESS SELF-TEST, not conformance evidence: backend 'oracle' is the oracle checked against itself "
+                  "(errors are exactly 0 by construction); it shows the harness runs, not that any backend conforms.")
+
+
 def environment() -> dict:
     """Device and versions the run used, so results from different machines are never confused."""
     env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
@@ -69,7 +74,9 @@ class ReportPlugin:
                 }
             checks.append({"check": name, "outcome": result.outcome, "detail": result.detail,
                            **result.figures})
-        return {"backend": backend, "device": device, "profile": profile,
+        total_steps = sum(c.get("steps", 0) for c in checks)
+        return {"backend": backend, "device": device, "profile": profile, "total_steps": total_steps,
+                "self_test": backend == "oracle",
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "environment": environment(), "checks": checks,
                 "passed": all(c["outcome"] in ("passed", "skipped", "xfailed") for c in checks) and bool(checks)}
@@ -88,6 +95,9 @@ def format_report(report: dict) -> str:
                      f"{c.get('peak_pages', ''):>7} {_pct(c.get('max_waste_fraction')):>9}")
         if c["outcome"] not in ("passed",) and c["detail"]:
             lines.append(f"    {c['detail'].splitlines()[0][:150]}")
+    lines += ["", f"trace steps over all checks: {report.get('total_steps', 0)}"]
+    if report.get("self_test"):
+        lines += [SELF_TEST_NOTE]
     lines += ["", "PASSED" if report["passed"] else "FAILED"]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from conformance.bad_requests import request_errors, run_errors
 from conformance.policy import CEILING
+from conformance.profiles import active_profile
 from conformance.records import record
 from conformance.runner import ConformanceError, ReplayOptions, replay
 from conformance.snapshots import first_difference
@@ -139,4 +140,6 @@ def test_stateful(backend_factory, device):
 
     from conformance.stateful import machine_for
 
-    run_state_machine_as_test(machine_for(backend_factory, device), settings=settings(settings.default, stateful_step_count=12))
+    steps = 200 if active_profile() == "soak" else 12
+    run_state_machine_as_test(machine_for(backend_factory, device),
+                              settings=settings(settings.default, stateful_step_count=steps))
