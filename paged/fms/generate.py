@@ -277,7 +277,7 @@ class PagedGenerator:
         """
         prompts = [[int(t) for t in p] for p in prompts]
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        self._check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch)
+        self._check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch, seed)
         if scheduler is not None and (prefill_chunk is not None or max_batch is not None):
             raise InvalidRequestError("pass prefill_chunk and max_batch to your scheduler, not to generate()")
         scheduler = scheduler or ContinuousBatching(max_batch, prefill_chunk)
@@ -417,7 +417,7 @@ class PagedGenerator:
         return _Ahead(nxt.rows, step, leaving)
 
     @staticmethod
-    def _check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch) -> None:
+    def _check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch, seed) -> None:
         if len(limits) != len(prompts):
             raise InvalidRequestError(f"{len(prompts)} prompts but {len(limits)} max_new_tokens")
         for n in limits:
@@ -426,14 +426,14 @@ class PagedGenerator:
         for i, p in enumerate(prompts):
             if not p:
                 raise InvalidRequestError(f"prompt {i} is empty; a prompt needs at least one token")
-        if do_sample and not temperature > 0:
-            raise InvalidRequestError(f"temperature must be > 0 when sampling, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise InvalidRequestError(f"top_k must be >= 1 or None, got {top_k}")
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise InvalidRequestError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
-        if max_batch is not None and max_batch < 1:
-            raise InvalidRequestError(f"max_batch must be >= 1 or None, got {max_batch}")
+        if do_sample and not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                              and math.isfinite(temperature) and temperature > 0):
+            raise InvalidRequestError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+        for name, value in (("top_k", top_k), ("prefill_chunk", prefill_chunk), ("max_batch", max_batch),
+                            ("seed", seed)):
+            if value is not None and (type(value) is not int or (value < 1 and name != "seed")):
+                raise InvalidRequestError(f"{name} must be {'an int' if name == 'seed' else 'an int >= 1'} or None, "
+                                          f"got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,11 @@ def test_bad_requests_leave_the_cache_empty(gqa):
         gen.generate([[5] * 10, [6] * 250], 10)
     with pytest.raises(InvalidRequestError):
         gen.generate([[5]], [1, 2])
+    for bad in (dict(top_k=True), dict(prefill_chunk=True), dict(max_batch=True), dict(max_batch=0),
+                dict(seed=True, do_sample=True), dict(seed=1.5), dict(do_sample=True, temperature=float("nan")),
+                dict(do_sample=True, temperature=True)):
+        with pytest.raises(InvalidRequestError):
+            gen.generate([[5, 6]], 2, **bad)
     assert gen.generate([[5, 6]], 0) == [[]]
     assert gen.cache.memory().live_sequences == 0 and gen.cache.memory().pages_in_use == 0
 
