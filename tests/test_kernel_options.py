@@ -39,11 +39,30 @@ def _decode_layout(device, batch: int, kv_heads: int, **options) -> bool:
     return cache.plan(list(range(batch)), [1] * batch).block_mask.full_kv_num_blocks is not None
 
 
+def _block_counts(device, batch: int, **options) -> tuple[list[int], list[int]]:
+    """(full, masked) block counts per row (the mask has one head) of a decode step of `batch` rows holding 21 tokens (page 16)."""
+    spec = CacheSpec(num_layers=1, num_kv_heads=2, head_dim=16, page_size=16, num_pages=4 * batch,
+                     max_seq_len=64, dtype=torch.float32, device=device)
+    cache = PagedKVCache(spec, decode_kernel="flex", **options)
+    for i in range(batch):
+        cache.admit(i)
+    cache.plan(list(range(batch)), [20] * batch)
+    mask = cache.plan(list(range(batch)), [1] * batch).block_mask
+    full = mask.full_kv_num_blocks
+    return ([] if full is None else full[:batch].flatten().tolist()), mask.kv_num_blocks[:batch].flatten().tolist()
+
+
 def test_decode_full_blocks_auto_follows_flexdecoding_splits(device):
     """"auto" passes full blocks exactly where FlexDecoding gives each (sequence, kv head) one split:
     padded batch x kv heads > SMs on CUDA; always off CUDA (no split there)."""
     if device.type != "cuda":
-        assert _decode_layout(device, 2, 2, decode_full_blocks="auto")
+        # Off CUDA "auto" always means full blocks: each row's full page listed as full (1) and only its partial
+        # last page as masked (1), at small and large batches alike; False lists both pages as masked (0 full).
+        for batch in (1, 2, 64):
+            auto, forced = _block_counts(device, batch, decode_full_blocks="auto"), _block_counts(
+                device, batch, decode_full_blocks=True)
+            assert auto == forced == ([1] * batch, [1] * batch), (batch, auto, forced)
+        assert _block_counts(device, 2, decode_full_blocks=False) == ([0] * 2, [2] * 2)
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         small = 1 << ((sms // 2).bit_length() - 1)           # largest power of two <= sms / 2: x 2 heads <= sms
