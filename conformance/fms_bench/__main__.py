@@ -22,7 +22,7 @@ import torch
 from conformance.benchmarks.harness import BenchSettings, copy_bandwidth, unique_graphs
 from conformance.fms_bench import report
 from conformance.fms_bench.models import SHAPES, build_pair
-from conformance.fms_bench.runners import MODES, fms_default_runner, hf_runner, paged_runner
+from conformance.fms_bench.runners import MODES, Clock, fms_default_runner, hf_runner, paged_runner
 from conformance.fms_bench.timing import device_profile, host_profile, time_generation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,7 +68,8 @@ def environment(device: torch.device, copy_gbps: float) -> dict:
     return env
 
 
-def run_config(runners: dict, gens: dict, args, batch: int, prompt: int, pair, device, copy_gbps: float) -> dict:
+def run_config(runners: dict, gens: dict, clock, args, batch: int, prompt: int, pair, device,
+               copy_gbps: float) -> dict:
     g = torch.Generator().manual_seed(batch * 1009 + prompt)
     prompts = torch.randint(1, pair.vocab, (batch, prompt), generator=g)
     kv_read = batch * (prompt + args.new_tokens / 2) * pair.kv_bytes_per_token     # mean context of the steps
@@ -81,7 +82,7 @@ def run_config(runners: dict, gens: dict, args, batch: int, prompt: int, pair, d
             graphs0 = unique_graphs()
             dec = getattr(gens.get(mode), "_decoder", None)
             captures0 = dec.captures if dec else 0
-            r = time_generation(run, prompts, args.new_tokens, args.repeats, warmup, device)
+            r = time_generation(run, prompts, args.new_tokens, args.repeats, warmup, device, clock)
             graphs1 = unique_graphs()
             r["recompiles_timed"] = None      # filled below: graphs compiled during the timed repeats only
             tokens[mode] = r.pop("tokens").tolist()
@@ -114,17 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     pair = build_pair(args.size, device, dtype, max_len)
     copy_gbps = copy_bandwidth(BenchSettings(device=device))
     budget = max(args.batches) * -(-max_len // args.page_size) * args.page_size
-    runners, gens = {}, {}
+    runners, gens, clock = {}, {}, Clock(device)
     for mode in args.modes:
         if mode in ("hf-eager", "hf-static"):
-            runners[mode] = hf_runner(pair, device, static=mode == "hf-static")
+            runners[mode] = hf_runner(pair, device, mode == "hf-static", clock)
         elif mode == "fms-default":
-            runners[mode] = fms_default_runner(pair, device)
+            runners[mode] = fms_default_runner(pair, device, clock)
         elif mode in ("paged-eager", "paged-graphs"):
             if mode == "paged-graphs" and device.type != "cuda":
                 continue
             runners[mode], gens[mode] = paged_runner(pair, device, mode == "paged-graphs", budget, max_len,
-                                                     args.page_size, args.attention)
+                                                     args.page_size, clock, args.attention)
         else:
             raise SystemExit(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
     results = {"size": args.size, "dtype": args.dtype, "new_tokens": args.new_tokens, "modes": list(runners),
@@ -137,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.time_budget is not None and time.time() - t0 > args.time_budget:
                 results["skipped"].append({"batch": batch, "prompt": prompt})
                 continue
-            results["configs"].append(run_config(runners, gens, args, batch, prompt, pair, device, copy_gbps))
+            results["configs"].append(run_config(runners, gens, clock, args, batch, prompt, pair, device,
+                                                 copy_gbps))
             report.write(results, args.out)
             gc.collect()
     report.write(results, args.out)

@@ -69,8 +69,8 @@ def markdown(results: dict) -> str:
     lines = [f"# FMS end to end, {results['size']} shape ({env.get('card')}, torch {env.get('torch')}, "
              f"CUDA {env.get('cuda')}, transformers {env.get('transformers')}, {env.get('date')})", "",
              f"`{results['command']}`", "",
-             "ms per decode step (median, wall clock after a synchronize: host time included), "
-             "prefill = generate(1 new token).", "",
+             "ms per decode step: the median interval between consecutive tokens of generate(N + 1) (host clock, "
+             "a synchronize at every token: host time included); prefill = generate(1 new token).", "",
              "| batch | prompt | " + " | ".join(LABELS[m] for m in results["modes"]) +
              " | floor | paged-graphs / hf-static | paged-graphs / floor |",
              "|---|---|" + "---|" * (len(results["modes"]) + 3)]

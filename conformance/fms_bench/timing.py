@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from conformance.fms_bench.runners import Runner
+from conformance.fms_bench.runners import Clock, Runner
 
 
 def wall(run: Runner, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -20,29 +20,36 @@ def wall(run: Runner, prompts: torch.Tensor, new_tokens: int, device: torch.devi
 
 
 def time_generation(run: Runner, prompts: torch.Tensor, new_tokens: int, repeats: int, warmup: int,
-                    device: torch.device) -> dict:
-    """ms per decode step = (median generate(N + 1) - median generate(1)) / N; prefill = median generate(1).
+                    device: torch.device, clock: Clock) -> dict:
+    """Decode step and prefill of one mode at one configuration.
 
-    Warm-up: `warmup` untimed generates of each length (compiles, captures). Returns the figures and the first
-    warm-up's tokens (for the agreement check).
+    step_ms: the median interval between consecutive per-token stamps of the timed generate(N + 1) calls (steady
+    state, host time included). step_ms_by_difference: (median generate(N + 1) - median generate(1)) / N, the
+    figure FACTS.md's anchors were taken with (noisy when the prefill dwarfs N steps). prefill_ms: median
+    generate(1). Warm-up: `warmup` untimed generates of each length (compiles, captures). Returns the figures and
+    the first warm-up's tokens (for the agreement check).
     """
     tokens = None
     for _ in range(warmup):
         _, out = wall(run, prompts, new_tokens + 1, device)
         tokens = out if tokens is None else tokens
         wall(run, prompts, 1, device)
-    full, one = [], []
+    full, one, intervals = [], [], []
     peak = None
     for i in range(repeats):
         if i == 0 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
+        clock.stamps = []
         full.append(wall(run, prompts, new_tokens + 1, device)[0])
+        intervals += [b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:])]   # stamp 0 ends the prefill
         if i == 0 and device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - base
         one.append(wall(run, prompts, 1, device)[0])
     step = (statistics.median(full) - statistics.median(one)) / new_tokens
-    return {"step_ms": step * 1e3, "prefill_ms": statistics.median(one) * 1e3, "peak_extra_bytes": peak,
+    return {"step_ms": statistics.median(intervals) * 1e3 if intervals else None,
+            "step_ms_by_difference": step * 1e3, "step_intervals": len(intervals),
+            "prefill_ms": statistics.median(one) * 1e3, "peak_extra_bytes": peak,
             "generate_ms": statistics.median(full) * 1e3, "generate_ms_all": [t * 1e3 for t in full],
             "prefill_ms_all": [t * 1e3 for t in one], "tokens": tokens}
 

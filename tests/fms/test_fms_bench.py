@@ -42,6 +42,7 @@ def test_every_mode_ran_and_agreed(results):
         for mode, r in c["modes"].items():
             assert "error" not in r, r
             assert r["prefill_ms"] > 0 and len(r["generate_ms_all"]) == 1
+            assert r["step_ms"] > 0 and r["step_intervals"] == 2     # 4 tokens: the last two of 3 decode steps
             if mode != "fms-default":        # fp32, same weights: the same greedy tokens as FMS's default path
                 assert r["agreement"]["rows_equal"] == c["batch"], (mode, r["agreement"])
         assert c["floor_ms"] > 0
