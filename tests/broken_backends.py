@@ -27,14 +27,19 @@ class OffByOneOffset(PagedKVCache):
 
 
 class NoOwnershipCheck(PagedKVCache):
-    """The mask_mod forgets page ownership: right when compiled (block lists), a leak on the eager path."""
+    """The mask_mod forgets page ownership: right when compiled (block lists), a leak on the eager path.
+
+    Injected after plan() through the StepPlan's block masks only (not the cache's private helpers), so it
+    survives refactors of how plans are built."""
 
     def __init__(self, spec, **kw):
         super().__init__(spec, **{**kw, "decode_kernel": "flex"})  # a FlexAttention mask bug: keep flex decode
 
-    def _build_plan(self, seq_ids, q_lens, start_lens, states, mask_mod, score_mod):
-        plan = super()._build_plan(seq_ids, q_lens, start_lens, states, mask_mod, score_mod)
-        buf, P, logical_mask = plan.buffers, self.spec.page_size, mask_mod or causal
+    def plan(self, seq_ids, q_lens, **kw):
+        plan = super().plan(seq_ids, q_lens, **kw)
+        if self.attention != "eager" or plan.block_mask is None:
+            return plan
+        buf, P, logical_mask = plan.buffers, self.spec.page_size, kw.get("mask_mod") or causal
 
         def leaky_mask(b, h, q_idx, kv_idx):
             logical_page = self.page_logical[kv_idx // P]
@@ -43,10 +48,8 @@ class NoOwnershipCheck(PagedKVCache):
             return ((logical_page >= 0) & (kv_pos < buf.q_start[b] + buf.q_len[b]) & (q_idx < buf.q_len[b])
                     & logical_mask(b, h, q_pos, kv_pos))
 
-        plan.block_mask = type(plan.block_mask).from_kv_blocks(
-            buf.kv_num_blocks, buf.kv_indices, buf.full_kv_num_blocks, buf.full_kv_indices,
-            BLOCK_SIZE=(buf.q_block, P), mask_mod=leaky_mask,
-            seq_lengths=(buf.padded_q_len, self.spec.num_pages * P), compute_q_blocks=False)
+        for mask in {id(m): m for m in (plan.block_mask, getattr(plan, "checked_block_mask", None)) if m}.values():
+            mask.mask_mod = leaky_mask
         return plan
 
 
@@ -164,7 +167,8 @@ class PaddingRowsNotZero(PagedKVCache):
 
 
 class TritonDecodeReadsOneKeyTooMany(PagedKVCache):
-    """The Triton decode kernel is told each row holds one key more than it does (decode steps on Triton)."""
+    """The Triton decode kernel is told each row holds one key more than it does (decode steps on Triton): it
+    stores the new token one slot late and attends over the slot before it, which holds no token."""
 
     def __init__(self, spec, **kw):
         if kw.get("attention", "compiled") == "compiled":
@@ -175,12 +179,12 @@ class TritonDecodeReadsOneKeyTooMany(PagedKVCache):
         plan = self._plan
         if plan is None or plan.kernel != "triton":
             return super().run(layer, q, k, v, scale=scale)
-        q_len = plan.buffers.q_len
-        q_len[:plan.batch] += 1
+        q_start = plan.buffers.q_start
+        q_start[:plan.batch] += 1
         try:
             return super().run(layer, q, k, v, scale=scale)
         finally:
-            q_len[:plan.batch] -= 1
+            q_start[:plan.batch] -= 1
 
 
 BROKEN = {

@@ -1,46 +1,72 @@
-"""Proof that the conformance suite has teeth: it FAILS on every deliberately broken backend (ci profile).
+"""Proof that the conformance suite has teeth: each deliberately broken backend is caught by the check named for
+it, with a conformance failure (ConformanceError, a failed assertion or pytest.raises), never a crash (ci profile).
 
-Each broken backend runs the whole suite in-process (compiled kernels are shared with the rest of the
-session) until the first failing check (-x, no shrinking: only pass/fail matters here). The test also
-records WHICH check caught it, and asserts the failure is a conformance failure, not a crash of the harness.
+Each broken backend runs only its named check in-process (compiled kernels are shared with the rest of the
+session), without shrinking: only which check fails, and how, matters here.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
 import pytest
 
+from conformance.cli import plugin_args
 from tests.broken_backends import BROKEN
 
-#: An uninstalled checkout (the offline GPU machine runs the tree as is) loads the plugin by name.
-_PLUGIN = [] if any(e.name == "paged_conformance" for e in entry_points(group="pytest11")) else ["-p", "conformance.plugin"]
+#: broken backend -> the check that must catch it.
+CAUGHT_BY = {
+    "off_by_one_offset": "outputs_match_oracle",
+    "no_ownership_check": "eager_matches_compiled",
+    "page_handed_out_twice": "fragmentation",
+    "freed_page_still_referenced": "isolation_fork",
+    "fork_writes_shared_page": "isolation_fork",
+    "gqa_heads_mapped_wrongly": "outputs_match_oracle",
+    "softmax_scale_wrong": "outputs_match_oracle",
+    "last_chunk_token_dropped": "outputs_match_oracle",
+    "pages_leak_on_finish": "fragmentation",
+    "partial_allocation_on_failure": "fragmentation",
+    "memory_counts_shared_twice": "fragmentation",
+    "padding_rows_not_zero": "outputs_match_oracle",
+    "triton_decode_reads_past_length": "outputs_match_oracle",
+}
 
 
 class _Outcomes:
+    """Which tests failed, and whether each failure was a conformance failure (not a crash of anything)."""
+
     def __init__(self) -> None:
-        self.failed: list[tuple[str, str]] = []
-        self.passed: list[str] = []
+        self.failed: dict[str, tuple[bool, str]] = {}
 
-    def pytest_runtest_logreport(self, report) -> None:
-        if report.when == "call" and report.failed:
-            self.failed.append((report.nodeid.split("::")[-1], str(report.longrepr)[-3000:]))
-        elif report.when == "call" and report.passed:
-            self.passed.append(report.nodeid.split("::")[-1])
-
-
-#: Harness problems (not the backend's fault) that must never be what "catches" a broken backend.
-HARNESS_ERRORS = ("ImportError", "AttributeError: module", "fixture", "NameError", "SyntaxError")
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        outcome = yield
+        report = outcome.get_result()
+        if call.when == "call" and report.failed and call.excinfo is not None:
+            conformance = call.excinfo.errisinstance((AssertionError, pytest.fail.Exception))
+            self.failed[item.name] = (conformance, f"{call.excinfo.typename}: {str(call.excinfo.value)[:2000]}")
 
 
-@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_every_broken_backend_names_its_check():
+    assert set(CAUGHT_BY) == set(BROKEN)
+
+
+#: Holes found by naming the check: each is a strict expected failure (fixing the hole makes this test say so).
+NOT_CAUGHT_YET = {
+    "triton_decode_reads_past_length": "outputs_match_oracle passes under the ci profile (12 traces) although the "
+                                       "injected bug changes a decode output by 0.25 when run directly: its traces "
+                                       "reach no Triton decode step that shows it; found 2026-12-02, open",
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=NOT_CAUGHT_YET[n], strict=True))
+                                  if n in NOT_CAUGHT_YET else n for n in sorted(BROKEN)])
 def test_suite_fails_on_broken_backend(name, device, capsys):
+    check = CAUGHT_BY[name]
     outcomes = _Outcomes()
-    code = pytest.main([*_PLUGIN, "--pyargs", "conformance.suite", "--backend", f"tests.broken_backends:{name}",
-                        "--device", device.type, "--profile", "ci", "--no-shrink", "-x", "-q",
-                        "-p", "no:cacheprovider"], plugins=[outcomes])
+    code = pytest.main([*plugin_args(), "--pyargs", "conformance.suite", "--backend",
+                        f"tests.broken_backends:{name}", "--device", device.type, "--profile", "ci", "--no-shrink",
+                        "-q", "-p", "no:cacheprovider", "-k", f"test_{check}"], plugins=[outcomes])
     capsys.readouterr()
-    assert code == pytest.ExitCode.TESTS_FAILED, f"suite did not fail on broken backend {name!r} (exit {code})"
-    check, detail = outcomes.failed[0]
-    assert not any(marker in detail for marker in HARNESS_ERRORS), f"{name}: failed for a harness reason:\n{detail}"
-    print(f"{name}: caught by {check}")
+    assert code == pytest.ExitCode.TESTS_FAILED, f"check {check} did not fail on broken backend {name!r} (exit {code})"
+    assert f"test_{check}" in outcomes.failed, f"{name}: {check} did not fail; failures: {list(outcomes.failed)}"
+    conformance, detail = outcomes.failed[f"test_{check}"]
+    assert conformance, f"{name}: {check} failed with a crash, not a conformance failure:\n{detail}"
