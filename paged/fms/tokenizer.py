@@ -30,8 +30,10 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "PAD_ID",
+    "HFTokenizer",
     "Tokenizer",
     "cache_dir",
+    "load_tokenizer",
     "default_corpus_path",
     "default_tokenizer_path",
     "train_tokenizer",
@@ -200,6 +202,75 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(model_path={str(self.model_path)!r}, vocab_size={self.vocab_size})"
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (what HF checkpoints ship) through transformers, with the same interface
+    as :class:`Tokenizer`. Special ids come from the ``tokenizer_config.json`` beside it when there is one."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from transformers import PreTrainedTokenizerFast
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"HF tokenizer not found: {file}")
+        self.model_path = file
+        special = {}
+        config = file.parent / "tokenizer_config.json"
+        if config.is_file():
+            raw = json.loads(config.read_text())
+            special = {k: raw[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                       if isinstance(raw.get(k), str)}
+        self._tok = PreTrainedTokenizerFast(tokenizer_file=str(file), **special)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return len(self._tok)
+
+    def _id(self, value: int | None) -> int:
+        return -1 if value is None else int(value)
+
+    @property
+    def bos_id(self) -> int:
+        return self._id(self._tok.bos_token_id)
+
+    @property
+    def eos_id(self) -> int:
+        return self._id(self._tok.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        return self._id(self._tok.pad_token_id)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of ``text`` (no template), with BOS prepended (and EOS appended) when asked and defined."""
+        ids: list[int] = self._tok.encode(text, add_special_tokens=False)
+        if bos and self.bos_id >= 0:
+            ids = [self.bos_id, *ids]
+        if eos and self.eos_id >= 0:
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``, special tokens skipped."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(model_path={str(self.model_path)!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer | HFTokenizer:
+    """A sentencepiece ``.model`` file, or a HF ``tokenizer.json`` (the file, or a directory holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.model").is_file():
+            return Tokenizer(path / "tokenizer.model")
+        return HFTokenizer(path)
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    return Tokenizer(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
