@@ -3,9 +3,10 @@
 The text is original: sentence templates written for this project, filled from word lists
 with a fixed seed, grouped into paragraphs by topic. It only has to read like ordinary
 prose with a varied vocabulary so that a sentencepiece model of about 512 pieces learns
-useful subwords. Run ``python paged/fms/data/make_corpus.py`` to rewrite the file; the
+useful subwords. Run ``python scripts/make_corpus.py`` to rewrite the file; the
 output is byte-for-byte reproducible. Editing the corpus changes the tokenizer cache key,
-so the default tokenizer retrains on next use.
+so the default tokenizer retrains on next use. A maintainer's tool: it lives outside the package, which ships
+only the corpus it wrote (``paged/fms/data/corpus.txt``).
 """
 
 from __future__ import annotations
@@ -299,6 +300,6 @@ def make_corpus(seed: int = SEED, target_bytes: int = TARGET_BYTES) -> str:
 
 
 if __name__ == "__main__":
-    out = Path(__file__).with_name("corpus.txt")
+    out = Path(__file__).resolve().parents[1] / "paged" / "fms" / "data" / "corpus.txt"
     out.write_text(make_corpus(), encoding="utf-8")
     print(f"wrote {out} ({out.stat().st_size} bytes)")
