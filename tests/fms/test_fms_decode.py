@@ -4,9 +4,16 @@ path and, in float32, HF transformers.
 CPU: the traced path (`paged.ops` custom op inside torch.compile of the whole FMS forward), with the cheap
 "aot_eager" backend for tracing properties and inductor once for the generated kernels. GPU: CUDA graphs per batch
 bucket, under continuous batching (rows joining and leaving), with zero recompiles and captures after warm-up.
+
+Compiles are shared (each whole-model compile costs tens of seconds on a CPU): one traced ("aot_eager") generator
+serves the traced tests, one inductor-compiled float32 generator (the transformers checkpoint's model) serves the
+compiled tests on the CPU, and the pool is the 256-token pool of tests/fms/test_fms_generate.py (same FlexAttention
+shapes).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,7 +27,7 @@ from paged.fms.generate import PagedGenerator, cache_spec_for, forward_logits
 from paged.fms.op import plan_step
 
 VOCAB = 256
-BUDGET = 512
+BUDGET = 256          # the pool of tests/fms/test_fms_generate.py: 16 pages of 16, no new FlexAttention shape
 
 
 def dtype_for(device: torch.device) -> torch.dtype:
@@ -60,26 +67,68 @@ def continuous_batching(gen: PagedGenerator) -> list[list[int]]:
     return gen.generate(prompts_of(PROMPT_LENS, seed=2), LIMITS, max_batch=5)
 
 
-def test_traced_decode_has_no_graph_break_and_matches_eager(model, device):
+@dataclass
+class Traced:
+    """The module's traced decode path and the eager paged path, after the continuous-batching run that traced it."""
+
+    gen: PagedGenerator                         # decode steps traced with "aot_eager"
+    eager: PagedGenerator                       # decode steps run eagerly (no decoder)
+    traced_outs: list[list[int]]
+    eager_outs: list[list[int]]
+    graph_breaks: dict                          # torch._dynamo's graph-break counter while it was traced
+
+
+@pytest.fixture(scope="module")
+def traced(model, device) -> Traced:
+    """One traced generator for the module: its first run (continuous batching over batches 5..1) traces every
+    shape the traced tests use (batch 1 and one dynamic batch), so later tests trace nothing new."""
     counters.clear()
-    traced = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=True)
-    traced._decoder = CompiledDecoder(model, traced.cache, cuda_graphs=False, backend="aot_eager")
+    gen = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=True)
+    gen._decoder = CompiledDecoder(model, gen.cache, cuda_graphs=False, backend="aot_eager")
     eager = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=False)
-    assert eager.decoder is None
-    assert continuous_batching(traced) == continuous_batching(eager)
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    assert traced.cache.memory().pages_in_use == 0
+    traced_outs = continuous_batching(gen)
+    return Traced(gen, eager, traced_outs, continuous_batching(eager), dict(counters["graph_break"]))
 
 
-def test_eos_inside_a_step_planned_ahead(model, device):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama written by transformers (float32)."""
+    return write_tiny_llama_checkpoint(tmp_path_factory.mktemp("decode") / "ckpt", vocab_size=VOCAB, hidden_size=64,
+                                       num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=11)
+
+
+@pytest.fixture(scope="module")
+def fp32_compiled(checkpoint, device) -> PagedGenerator:
+    """The checkpoint's model loaded by FMS in float32, with compiled (on CUDA: graphed) decode steps."""
+    return PagedGenerator(load_fms_llama(checkpoint, device=device, dtype=torch.float32), token_budget=BUDGET,
+                          compile_decode=True)
+
+
+@pytest.fixture(scope="module")
+def compiled(model, device, fp32_compiled) -> PagedGenerator:
+    """Compiled decode steps in the device's test dtype. On the CPU (float32) this is `fp32_compiled`: the module's
+    one inductor compile of a whole model (a minute of a 2-core CPU); on CUDA the bf16 `model`'s own."""
+    if dtype_for(device) == torch.float32:
+        return fp32_compiled
+    return PagedGenerator(model, token_budget=BUDGET, compile_decode=True)
+
+
+def test_traced_decode_has_no_graph_break_and_matches_eager(traced):
+    assert traced.eager.decoder is None and traced.gen.decoder is not None
+    assert traced.traced_outs == traced.eager_outs
+    assert [len(o) for o in traced.traced_outs] == LIMITS
+    assert not traced.graph_breaks, traced.graph_breaks
+    assert traced.gen.decoder.compiles >= 1
+    assert traced.gen.cache.memory().pages_in_use == 0
+
+
+def test_eos_inside_a_step_planned_ahead(traced):
     """A row that stops at EOS after the next step was already planned rides that step along; outputs, events
     and pages are those of the eager path, where every step is planned after its tokens are known."""
-    eager = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=False)
+    eager, traced = traced.eager, traced.gen
     prompts = prompts_of([5, 7, 4], seed=9)
     free = eager.generate(prompts, 12)
     eos = free[1][4]                                     # row 1 stops at its 5th token (others may stop earlier)
-    traced = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=True)
-    traced._decoder = CompiledDecoder(model, traced.cache, cuda_graphs=False, backend="aot_eager")
     got, want = [], []
     outs = traced.generate(prompts, 12, eos_token_id=eos, callback=lambda e: got.append(e.new_tokens))
     ref = eager.generate(prompts, 12, eos_token_id=eos, callback=lambda e: want.append(e.new_tokens))
@@ -88,12 +137,13 @@ def test_eos_inside_a_step_planned_ahead(model, device):
     assert traced.cache.memory().pages_in_use == 0 and not traced.cache.seq_ids
 
 
-def test_compiled_decode_matches_eager_and_fms_default(model, device):
+def test_compiled_decode_matches_eager_and_fms_default(compiled, device):
     """Inductor's kernels around the custom op; a second run of other batches compiles nothing new."""
-    gen = PagedGenerator(model, token_budget=BUDGET, compile_decode=True)
+    gen = compiled
+    assert gen.decoder is not None and gen.compile_decode
     prompts = prompts_of([6, 10], seed=4)
     outs = gen.generate(prompts, 7)
-    assert outs == [fms_default_tokens(model, p, 7, device) for p in prompts]
+    assert outs == [fms_default_tokens(gen.model, p, 7, device) for p in prompts]
     again = gen.generate(prompts_of([6, 10, 3], seed=4), 7)
     assert again[:2] == outs
     compiles = gen.decoder.compiles
@@ -101,17 +151,15 @@ def test_compiled_decode_matches_eager_and_fms_default(model, device):
     assert gen.decoder.compiles == compiles
 
 
-def test_float32_tokens_equal_hf_transformers(tmp_path, device):
+def test_float32_tokens_equal_hf_transformers(checkpoint, fp32_compiled, device):
     """A checkpoint written by transformers, loaded by FMS: compiled (on CUDA: graphed) paged decoding gives
     transformers' own greedy tokens in float32."""
     from transformers import LlamaForCausalLM
 
-    path = write_tiny_llama_checkpoint(tmp_path / "ckpt", vocab_size=VOCAB, hidden_size=64, num_layers=2,
-                                       num_heads=4, num_kv_heads=2, intermediate_size=128, seed=11)
-    fms_model = load_fms_llama(path, device=device, dtype=torch.float32)
-    hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
+    hf = LlamaForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).to(device).eval()
     prompts = prompts_of([8, 5, 11], seed=6)
-    gen = PagedGenerator(fms_model, token_budget=BUDGET, compile_decode=True)
+    gen = fp32_compiled
+    assert gen.decoder is not None and gen.model.training is False
     ours = gen.generate(prompts, 10)
     for p, o in zip(prompts, ours):
         ids = torch.tensor([p], device=device)
