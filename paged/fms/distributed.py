@@ -62,7 +62,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -306,22 +306,40 @@ def _cluster_error(table: torch.Tensor, infos: list, world_size: int) -> Distrib
 # ---------------------------------------------------------------------------------------------- cache
 
 
-class _VotingAllocator(PageAllocator):
-    """A PageAllocator whose next allocate() first holds the pre-commit vote (armed by the cache's plan)."""
+class VotingAllocator(PageAllocator):
+    """A PageAllocator for a tensor-parallel group: the named extension point through which a plan's page
+    allocation is agreed by every rank before any rank takes pages.
 
-    _vote: Callable[[int, BaseException | None], None] | None = None
+    Inside ``with allocator.voting(callback):`` every ``allocate(n)`` first decides locally whether it can
+    succeed, WITHOUT taking pages, and calls ``callback(n, error_or_None)`` (which votes across ranks and raises
+    on every rank if any rank failed); only then are pages taken. It votes on every allocation of the block, not
+    on "the" allocation: ranks share one history, so they allocate equally often and their votes pair up.
+    ``votes`` counts the votes of the current block (0: the block failed before allocating).
+    """
+
+    def __init__(self, num_pages: int, policy: str = "lowest", seed: int = 0) -> None:
+        super().__init__(num_pages, policy, seed)
+        self._callback: Callable[[int, BaseException | None], None] | None = None
+        self.votes = 0
+
+    @contextlib.contextmanager
+    def voting(self, callback: Callable[[int, BaseException | None], None]) -> Iterator["VotingAllocator"]:
+        """Vote through `callback` before every allocation made inside the block."""
+        self._callback, self.votes = callback, 0
+        try:
+            yield self
+        finally:
+            self._callback = None
 
     def allocate(self, n: int, what: str = "request") -> list[int]:
-        vote, self._vote = self._vote, None
-        if vote is not None:
-            # Decide locally whether the allocation can succeed, WITHOUT taking pages, then vote: either
-            # every rank takes its pages or none does.
+        if self._callback is not None:
             err: BaseException | None = None
             if not isinstance(n, int) or n < 0:
                 err = InvalidRequestError(f"page count must be a non-negative int, got {n!r}")
             elif n > self.free_count:
                 err = OutOfPagesError(n, self.free_count, what)
-            vote(n, err)
+            self.votes += 1
+            self._callback(n, err)
         return super().allocate(n, what)
 
 
@@ -347,7 +365,7 @@ class DistributedPagedKVCache(PagedKVCache):
             raise UnsupportedConfigError("a distributed cache takes a policy by name, so every rank builds the same "
                                          "one")
         super().__init__(spec, policy=policy, seed=seed, **kwargs)
-        self.allocator = _VotingAllocator(spec.num_pages, policy, seed)
+        self.allocator = VotingAllocator(spec.num_pages, policy, seed)
         self.ctx = ctx
         self.control = _Control(ctx)
         self.check_pages = check_pages
@@ -371,19 +389,15 @@ class DistributedPagedKVCache(PagedKVCache):
 
     def plan(self, seq_ids: Sequence[Hashable], q_lens: Sequence[int], **kwargs: Any) -> StepPlan:
         self._request = (tuple(seq_ids), tuple(q_lens))
-        self.allocator._vote = self._pre_commit
-        try:
-            plan = super().plan(seq_ids, q_lens, **kwargs)
-        except DistributedStepError:
-            raise
-        except Exception as e:
-            # Validation failed before allocate (vote still armed): vote "plan"; otherwise building failed.
-            phase = "plan" if self.allocator._vote is not None else "commit"
-            self.allocator._vote = None
-            self.control.vote(phase, e)
-            raise                                                           # pragma: no cover (vote raised)
-        finally:
-            self.allocator._vote = None
+        with self.allocator.voting(self._pre_commit) as allocator:
+            try:
+                plan = super().plan(seq_ids, q_lens, **kwargs)
+            except DistributedStepError:
+                raise
+            except Exception as e:
+                # Failed before allocating (validation): vote "plan"; after (building the step): "commit".
+                self.control.vote("plan" if allocator.votes == 0 else "commit", e)
+                raise                                                       # pragma: no cover (vote raised)
         digest = _digest(self.page_tables()) if self.check_pages else 0
         self.control.vote("commit", None, digest, self._state)
         return plan

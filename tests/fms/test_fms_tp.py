@@ -347,7 +347,10 @@ def test_generator_out_of_pages_on_one_rank_then_recovers(world2):
     assert all(f["recovered_free"] == 4 for f in fails)
 
 
-def test_launcher_prints_on_rank_zero_only(world2):
+def test_launcher_prints_on_rank_zero_only(world2, ckpts):
+    from paged.fms.checkpoint import load_fms_llama
+    from paged.fms.tokenizer import Tokenizer
+
     rank0, rank1 = (r["launcher"] for r in world2)
     assert rank0["rc"] == rank1["rc"] == 0
     lines = rank0["stdout"].splitlines()
@@ -355,6 +358,9 @@ def test_launcher_prints_on_rank_zero_only(world2):
     assert rank1["stdout"] == ""
     written = json.loads(Path(rank0["tokens_out"]).read_text())      # --tokens-out: what scripts/gpu_tp.sh compares
     assert written["world_size"] == 2 and [len(t) for t in written["tokens"]] == [4, 4]
+    # The generated tokens themselves, not only the echoed prompt: FMS's default path in one process agrees.
+    model, tok = load_fms_llama(ckpts["gqa"]), Tokenizer()
+    assert written["tokens"] == [default_greedy(model, tok.encode(p), 4)[0] for p in ("The cache", "Pages")]
 
 
 # --------------------------------------------------------------------------------------------- 4 ranks
