@@ -32,6 +32,7 @@ class TraceLimits:
     max_seq_len: int      # longest sequence
     small_configs: bool   # draw configurations from a short fixed list (few compiled shapes on CPU)
     mods: tuple[str, ...] = ("sliding_window_5", "prefix_lm_6", "alibi", "soft_cap_2")  # attention mods drawn
+    min_ops: int = 3      # fewest operations per trace (a soak wants every trace long, its first one included)
 
 
 TRACE_LIMITS = {
@@ -42,7 +43,7 @@ TRACE_LIMITS = {
     "gpu": TraceLimits(max_ops=30, max_batch=8, max_chunk=32, max_seq_len=512, small_configs=True,
                        mods=("sliding_window_5", "alibi")),
     "thorough": TraceLimits(max_ops=80, max_batch=32, max_chunk=128, max_seq_len=2048, small_configs=False),
-    "soak": TraceLimits(max_ops=400, max_batch=8, max_chunk=32, max_seq_len=512, small_configs=True),
+    "soak": TraceLimits(max_ops=400, max_batch=8, max_chunk=32, max_seq_len=512, small_configs=True, min_ops=200),
 }
 TRACE_LIMITS["ci-lite"] = TRACE_LIMITS["ci"]
 

@@ -151,7 +151,7 @@ def traces(draw, device: str = "cpu", *, fork_weight: int = 1, use_mods: bool = 
     prompt_left: dict[int, int] = {}
     next_id = 0
     ops: list[Op] = []
-    n_ops = draw(st.integers(3, lim.max_ops))
+    n_ops = draw(st.integers(lim.min_ops, lim.max_ops))
     for _ in range(n_ops):
         live = sorted(model.seqs)
         growable = [s for s in live if model.length(s) < max_len]
