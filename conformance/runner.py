@@ -216,25 +216,31 @@ def _run_step(i, op: Step, trace, backend, gold, ref, model: PageModel, factory,
             stats.outputs.append(out.detach().cpu().clone())
         if not opts.compare_outputs:
             continue
-        want = gold.run(layer, q, k, v)
-        plain = ref.run(layer, q, k, v)
-        if tuple(out.shape) != tuple(q.shape):
-            raise ConformanceError(f"op {i} ({op!r}) layer {layer}: output shape {tuple(out.shape)}, "
-                                   f"expected {tuple(q.shape)}")
-        for b, (seq, n) in enumerate(zip(op.seqs, op.q_lens)):
-            if seq in tainted:
-                continue                  # its own K/V are non-finite: only the others' outputs are judged
-            if n < q_len and bool(out[b, n:].ne(0).any()):
-                raise ConformanceError(f"op {i} ({op!r}) layer {layer}, sequence {seq}: output rows past its "
-                                       f"{n} new token(s) are not 0 (padding must read as zeros)")
-            c = compare(out[b, :n], want[b, :n], plain[b, :n], trace.config.torch_dtype)
-            stats.comparisons += 1
-            stats.worst_error = max(stats.worst_error, c.error)
-            stats.worst_ratio = max(stats.worst_ratio, c.error / c.bound if c.bound else 0.0)
-            if not c.ok:
-                raise ConformanceError(
-                    f"op {i} ({op!r}) layer {layer}, sequence {seq} (row {b}, {n} new token(s) at positions "
-                    f"{model.length(seq) - n}..{model.length(seq) - 1}): {c.describe()}")
+        _compare_layer(i, op, layer, out, gold.run(layer, q, k, v), ref.run(layer, q, k, v), q, model, trace,
+                       stats, tainted)
+
+
+def _compare_layer(i, op: Step, layer: int, out, want, plain, q, model: PageModel, trace, stats, tainted) -> None:
+    """One layer's output against the float64 oracle (`want`) and the same-dtype oracle (`plain`), row by row;
+    rows of tainted sequences are not judged."""
+    q_len = max(op.q_lens)
+    if tuple(out.shape) != tuple(q.shape):
+        raise ConformanceError(f"op {i} ({op!r}) layer {layer}: output shape {tuple(out.shape)}, "
+                               f"expected {tuple(q.shape)}")
+    for b, (seq, n) in enumerate(zip(op.seqs, op.q_lens)):
+        if seq in tainted:
+            continue                  # its own K/V are non-finite: only the others' outputs are judged
+        if n < q_len and bool(out[b, n:].ne(0).any()):
+            raise ConformanceError(f"op {i} ({op!r}) layer {layer}, sequence {seq}: output rows past its "
+                                   f"{n} new token(s) are not 0 (padding must read as zeros)")
+        c = compare(out[b, :n], want[b, :n], plain[b, :n], trace.config.torch_dtype)
+        stats.comparisons += 1
+        stats.worst_error = max(stats.worst_error, c.error)
+        stats.worst_ratio = max(stats.worst_ratio, c.error / c.bound if c.bound else 0.0)
+        if not c.ok:
+            raise ConformanceError(
+                f"op {i} ({op!r}) layer {layer}, sequence {seq} (row {b}, {n} new token(s) at positions "
+                f"{model.length(seq) - n}..{model.length(seq) - 1}): {c.describe()}")
 
 
 def _check_memory(where: str, backend, model: PageModel) -> None:
