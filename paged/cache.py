@@ -12,25 +12,23 @@ Every request is validated before anything changes; a rejected request leaves th
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Hashable, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from paged.allocator import PageAllocator, PlacementPolicy
-from paged.attention import (AttentionMode, attend, decode_kernel_defaults, decode_splits_kv, own_call_is_compiled,
-                             prefill_tiles)
+from paged.attention import AttentionMode
 from paged.errors import InvalidRequestError, UnsupportedConfigError
 from paged.host_table import HostPageTable
-from paged.mods import MaskMod, ScoreMod, causal
-from paged.plan import StepBuffers, StepPlan, bucket, fill_block_lists, padded_query_len, physical_mods
+from paged.kernels import KernelSettings, Pools, StepLayout, choose
+from paged.kernels import decode_kernel as decode_kernel_for
+from paged.mods import MaskMod, ScoreMod
+from paged.plan import StepBuffers, StepPlan, bucket, commit_pages, copies_needed, fill_step, padded_query_len
 from paged.spec import CacheSpec
 from paged.stats import MemoryStats
 from paged.transfer import to_device
 from paged.validation import check_complete, check_new_id, check_run, check_step, check_step_done, lookup
-from torch.nn.attention.flex_attention import BlockMask
 
 
 @dataclass
@@ -41,26 +39,6 @@ class SequenceState:
     length: int = 0
     row: int | None = None  # its row in the cache's HostPageTable (set by admit/fork)
     missing_layers: tuple[int, ...] = ()  # layers its last step never ran (abandoned by finish()): finish it
-
-
-def _resolve_decode_kernel(choice: str, attention: str, device: torch.device) -> str:
-    """"flex" or "triton" for plain decode steps; UnsupportedConfigError for a choice that cannot run here."""
-    if choice not in ("auto", "flex", "triton"):
-        raise UnsupportedConfigError(f"decode_kernel must be 'auto', 'flex' or 'triton', got {choice!r}")
-    if choice == "flex" or (choice == "auto" and (attention != "compiled" or device.type != "cuda")):
-        return "flex"
-    from paged import triton_decode  # imports Triton: only where it may run
-
-    if choice == "auto":
-        return "triton" if triton_decode.available(device) else "flex"
-    if attention != "compiled":
-        raise UnsupportedConfigError("decode_kernel='triton' needs attention='compiled' (eager is FlexAttention's "
-                                     "mask_mod-only reference path)")
-    if not triton_decode.available(device):
-        hint = ("Triton is not installed" if triton_decode.triton is None else
-                "on the CPU it runs only under Triton's interpreter: set TRITON_INTERPRET=1 before Python starts")
-        raise UnsupportedConfigError(f"decode_kernel='triton' cannot run on {device}: {hint}")
-    return "triton"
 
 
 class PagedKVCache:
@@ -136,7 +114,8 @@ class PagedKVCache:
         if kernel_options is not None and not isinstance(kernel_options, dict):
             raise UnsupportedConfigError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
         self.spec = spec
-        self.decode_kernel = _resolve_decode_kernel(decode_kernel, attention, spec.device)
+        self._decode = decode_kernel_for(decode_kernel, attention, spec.device)  # the kernel module of plain decode steps
+        self.decode_kernel = self._decode.NAME
         self.allocator = PageAllocator(spec.num_pages, policy, seed)
         self.attention = attention
         self.kernel_options = kernel_options
@@ -154,11 +133,16 @@ class PagedKVCache:
         # page has the same logical index in every owner: one global table serves all sequences.
         self.page_logical = torch.full((N,), -1, dtype=torch.int32, device=spec.device)
         self._seqs: dict[Hashable, SequenceState] = {}
-        # CPU codegen needs the block lists to span the whole pool; on GPU a sequence's pages suffice.
-        self._table_width = N if spec.device.type == "cpu" else spec.max_pages_per_seq
+        # Page tables are as wide as a longest sequence's pages; CPU codegen needs the block lists to span the whole
+        # pool, on GPU a sequence's pages suffice.
+        self._table_width = spec.max_pages_per_seq
+        self._block_width = N if spec.device.type == "cpu" else spec.max_pages_per_seq
         self._host_table = HostPageTable(self._table_width)
         self._buffers: dict[tuple[int, int], StepBuffers] = {}
         self._plan: StepPlan | None = None
+        self._settings = KernelSettings(spec, attention, kernel_options, decode_full_blocks, check_ownership)
+        self._pools = Pools.of(self.k_pool, self.v_pool, self.page_logical)
+        self._expect = (L, spec.dtype, self.k_pool.device, H, D)  # what run() checks its inputs against (StepPlan.fits)
 
     # ------------------------------------------------------------------ sequences
     @property
@@ -260,29 +244,14 @@ class PagedKVCache:
 
         # Pages to add, and shared partly filled last pages that must be copied before they are written.
         grow = [-(-(st.length + q) // P) - len(st.pages) for st, q in zip(states, q_lens)]
-        cow = self._copies_needed(states)
+        cow = copies_needed(states, self.allocator, P)
         new_pages = self.allocator.allocate(sum(grow) + sum(cow), what=f"step of {len(seq_ids)} sequence(s)")
 
         # ---- from here on nothing can fail on bad input: commit
         self._plan = None
         start_lens = tuple(st.length for st in states)
-        it = iter(new_pages)
-        assigned, assigned_logical, assigned_rows, copies, freed = [], [], [], [], []
-        for st, q, g, c in zip(states, q_lens, grow, cow):
-            if c:
-                old, fresh = st.pages[-1], next(it)
-                copies.append((old, fresh))
-                freed += self.allocator.release([old])
-                st.pages[-1] = fresh
-                assigned.append(fresh)
-                assigned_logical.append(len(st.pages) - 1)
-                assigned_rows.append(st.row)
-            for _ in range(g):
-                assigned.append(next(it))
-                assigned_logical.append(len(st.pages))
-                assigned_rows.append(st.row)
-                st.pages.append(assigned[-1])
-            st.length += q
+        assigned, assigned_logical, assigned_rows, copies, freed = commit_pages(states, q_lens, grow, cow, new_pages,
+                                                                              self.allocator)
         self._host_table.write(assigned_rows, assigned_logical, assigned)
 
         rounds = buf.packed.rounds
@@ -321,135 +290,26 @@ class PagedKVCache:
     def _length_of_live(self, seq_id: Hashable) -> int:
         return self._seqs[seq_id].length
 
-    def _kernel_options(self, buf: StepBuffers) -> dict | None:
-        """GPU kernel options: tiles the non-decode kernel can take, faster decode stages/warps; user options win."""
-        if self.spec.device.type != "cuda":
-            return self.kernel_options
-        if buf.padded_q_len == 1:
-            tiles = decode_kernel_defaults(self.spec.device)
-        else:
-            tiles = prefill_tiles(buf.padded_q_len, self.spec.page_size)
-        return {**tiles, **(self.kernel_options or {})}
-
-    def _decode_full_blocks(self, padded_batch: int) -> bool:
-        if self.decode_full_blocks != "auto":
-            return self.decode_full_blocks
-        split_kv = (self.kernel_options or {}).get("SPLIT_KV")
-        if split_kv is not None:
-            return split_kv <= 1
-        return not decode_splits_kv(padded_batch, self.spec.num_kv_heads, self.spec.device)
-
-    def _copies_needed(self, states: list[SequenceState]) -> list[bool]:
-        """Which sequences must copy their shared, partly filled last page before writing into it.
-
-        Writers are taken in step order; one whose page no longer has another owner (every other owner
-        already copied it in this step) writes in place, so a page is never copied by all its owners.
-        """
-        if not self.allocator.shared_count:                 # no forks alive: nothing is shared
-            return [False] * len(states)
-        owners: dict[int, int] = {}
-        cow = []
-        for st in states:
-            page = st.pages[-1] if st.length % self.spec.page_size else None
-            if page is None:
-                cow.append(False)
-                continue
-            left = owners.setdefault(page, self.allocator.refcount(page))
-            cow.append(left > 1)
-            owners[page] = left - 1 if left > 1 else left
-        return cow
-
     def _buffers_for(self, padded_batch: int, padded_q: int) -> StepBuffers:
         key = (padded_batch, padded_q)
         if key not in self._buffers:
             # The query block must be a multiple of the GPU kernels' row tile: FlexDecoding's is
             # max(16, next_pow2(GQA group)) even for one query row, so decode steps get a 128-row block too.
             buf = StepBuffers(padded_batch, padded_q, 128 if padded_q == 1 else min(padded_q, 128),
-                              self._table_width, self.spec.page_size, self.spec.device)
-            buf.kernel_options = self._kernel_options(buf)  # once per bucket, not once per layer
-            if padded_q == 1 and self.decode_kernel == "triton":
-                from paged.triton_decode import decode_splits, launch_options
-
-                buf.decode_splits = decode_splits(padded_batch, self.spec.num_kv_heads, self.spec.max_seq_len,
-                                                  self.spec.device)
-                buf.decode_launch = launch_options(self.spec.dtype, self.spec.head_dim, self.spec.device,
-                                                   padded_batch, self.spec.num_kv_heads)
+                              self._table_width, self.spec.page_size, self.spec.device, self._block_width)
             self._buffers[key] = buf
         return self._buffers[key]
 
     def _build_plan(self, buf, seq_ids, q_lens, start_lens, states, assigned, assigned_logical, mask_mod,
                     score_mod) -> StepPlan:
-        spec, P = self.spec, self.spec.page_size
-        B, max_q = len(seq_ids), max(q_lens)
-        Bp, host = buf.padded_batch, buf.host
-
-        # Every tensor of the step goes into the bucket's pinned twin, then to the GPU in ONE copy that never
-        # waits for it (transfer.PackedStaging); begin() waits only if the host is a whole round ahead.
-        buf.packed.begin()
-        pad = (0,) * (Bp - B)
-        host["q_start"].copy_(torch.tensor(start_lens + pad, dtype=torch.int32))                   # (Bp,)
-        host["q_len"].copy_(torch.tensor(q_lens + pad, dtype=torch.int32))                         # (Bp,)
-        table = self._host_table.gather([st.row for st in states], Bp, out=host["page_table"])    # (Bp, W)
-        if assigned:
-            host["new_pages"][:len(assigned)] = torch.tensor(assigned)
-            host["new_logical"][:len(assigned)] = torch.tensor(assigned_logical, dtype=torch.int32)
-
-        # Slot of every new token, and its row in the caller's flattened (B * max_q) inputs.
-        if max_q == 1:                      # decode: T = B, token_rows is the bucket's arange; one slot per row
-            T = B
-            host["slots"][:T] = torch.tensor([st.pages[n // P] * P + n % P for st, n in zip(states, start_lens)])
-        else:
-            lens = host["q_len"][:B].long()                                                       # (B,)
-            owner = torch.repeat_interleave(torch.arange(B), lens)                                # (T,)
-            offset = torch.arange(owner.numel()) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-            pos = host["q_start"][owner].long() + offset                                          # (T,)
-            T = owner.numel()
-            host["slots"][:T] = table[owner, torch.div(pos, P, rounding_mode="floor")].long() * P + pos % P
-            host["token_rows"][:T] = owner * max_q + offset
-
-        # The Triton decode kernel reads only the page table, lengths and split length: no block lists, no mask.
-        triton_step = self.decode_kernel == "triton" and max_q == 1 and mask_mod is None and score_mod is None
-        if triton_step:
-            from paged.triton_decode import split_keys
-
-            host["split_keys"][0] = split_keys([n + 1 for n in start_lens], spec.num_kv_heads, buf.decode_splits,
-                                               spec.device)
-            buf.packed.send(last="new_logical")
-        else:
-            num_pages = torch.tensor([len(st.pages) for st in states] + list(pad))
-            decode_full = max_q == 1 and self._decode_full_blocks(Bp)
-            full_blocks = mask_mod is None and (max_q > 1 or decode_full)
-            lists = fill_block_lists(buf, table, num_pages, host["q_start"].long(), host["q_len"].long(), P,
-                                     causal_default=full_blocks)
-            for name, values in lists.items():
-                host[name].copy_(values)
-            buf.packed.send()
-
-        if triton_step:
-            return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, buf.slots[:T], buf.token_rows[:T], None, None,
-                            set(), kernel="triton")
-        key = (mask_mod, score_mod)
-        if key not in buf.wrapped:
-            buf.wrapped[key] = physical_mods(buf, self.page_logical, P, mask_mod or causal, score_mod)
-        checked_mask, listed_mask, paged_score = buf.wrapped[key]
-        compiled = self.attention == "compiled"
-        own_mask = listed_mask if compiled and self.check_ownership is not True else checked_mask
-        caller_mask = listed_mask if compiled and self.check_ownership is False else checked_mask
-        # FlexDecoding keys its split-KV tiling on whether full-block lists exist at all (not on their contents),
-        # so the every-page-masked layout passes none on CUDA. The CPU template does not split, and its C++ codegen
-        # fails for some shapes without full-block lists (torch 2.13): it gets all-zero lists.
-        no_full = max_q == 1 and not decode_full and spec.device.type == "cuda"
-        block_mask = BlockMask.from_kv_blocks(
-            buf.kv_num_blocks, buf.kv_indices, None if no_full else buf.full_kv_num_blocks,
-            None if no_full else buf.full_kv_indices,
-            BLOCK_SIZE=(buf.q_block, P), mask_mod=own_mask,
-            seq_lengths=(buf.padded_q_len, spec.num_pages * P), compute_q_blocks=False)
-        checked_block_mask = block_mask
-        if caller_mask is not own_mask:
-            checked_block_mask = copy.copy(block_mask)      # same block-list tensors, the other mask_mod
-            checked_block_mask.mask_mod = caller_mask
-        return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, buf.slots[:T], buf.token_rows[:T],
-                        block_mask, paged_score, set(), checked_block_mask=checked_block_mask)
+        """The step's page bookkeeping into the bucket's host buffers, then ONE kernel plan (which sends them)."""
+        T = fill_step(buf, self._host_table, [st.row for st in states], q_lens, start_lens, assigned,
+                      assigned_logical, self.spec.page_size)
+        kernel = choose(self._decode, max(q_lens), mask_mod, score_mod)
+        layout = StepLayout(self._settings, self.page_logical, seq_ids, q_lens, start_lens, mask_mod, score_mod)
+        batches = (len(seq_ids), buf.padded_batch) if kernel.PADDED_BATCH else (len(seq_ids),)
+        return StepPlan(seq_ids, q_lens, start_lens, max(q_lens), buf, buf.slots[:T], buf.token_rows[:T],
+                        kernel.plan(layout, buf), set(), self._expect + (batches,))
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             scale: float | None = None) -> torch.Tensor:
@@ -467,61 +327,15 @@ class PagedKVCache:
             (B, Lq, Hq, D) attention output; positions past a row's q_len are 0.
         """
         plan = self._plan
-        batch = plan.batch if plan else 0
-        if (plan is not None and plan.kernel == "triton" and isinstance(q, torch.Tensor) and q.dim() == 4
-                and q.shape[0] == plan.buffers.padded_batch):
-            batch = q.shape[0]  # the bucket's padded batch (k and v must match it too)
-        check_run(self.spec, plan is not None, plan.layers_run if plan else set(), batch,
-                  plan.max_q_len if plan else 0, layer, q, k, v, scale=scale)
-        spec, B, Lq = self.spec, plan.batch, plan.max_q_len
-        H, D = spec.num_kv_heads, spec.head_dim
-        Lq_in = q.shape[1]
-        q, k, v = q[:, :Lq], k[:, :Lq], v[:, :Lq]
-        buf = plan.buffers  # the layer counts as run once its attention was launched: a raise allows a retry
-        if plan.kernel == "triton":                                                    # plain decode: Lq == 1
-            from paged.triton_decode import paged_decode
-
-            # One launch (two with split-KV merging) stores the new K/V and attends over each row's pages. Padding
-            # rows of a padded batch have q_len 0 and q_start 0: they store nothing and their output is 0.
-            q1, k1, v1 = (x[:, 0] if x.stride(-1) == 1 else x[:, 0].contiguous() for x in (q, k, v))
-            out = paged_decode(q1, self.k_pool[layer], self.v_pool[layer], buf.page_table, buf.q_start, buf.q_len,
-                               spec.page_size, D ** -0.5 if scale is None else scale, buf.decode_splits,
-                               k_new=k1, v_new=v1, split_keys=buf.split_keys,
-                               **buf.decode_launch)                             # (B or Bp, Hq, D)
-            plan.layers_run.add(layer)
-            out = out[:, None]                                                 # (B or Bp, 1, Hq, D)
-            return out if Lq_in == 1 else F.pad(out, (0, 0, 0, 0, 0, Lq_in - 1))
-
-        # Every launch here repeats in every layer, so a step whose rows are all full (every decode step: T = B *
-        # Lq) skips the identity gather of the new K/V and the row mask of the output.
-        slots = plan.slot_mapping
-        dense = slots.numel() == B * Lq
-        k_new, v_new = k.reshape(B * Lq, H, D), v.reshape(B * Lq, H, D)                # (B * Lq, Hkv, D)
-        if not dense:
-            k_new, v_new = k_new[plan.token_rows], v_new[plan.token_rows]              # (T, Hkv, D)
-        self.k_pool[layer][:, slots] = k_new.transpose(0, 1)
-        self.v_pool[layer][:, slots] = v_new.transpose(0, 1)
-
-        # A fresh contiguous buffer whatever the caller's strides: compiled flex guards on them (dynamic=False).
-        qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)            # (Bp, Lqp, Hq, D)
-        qp[:B, :Lq] = q
-        out = attend(qp.transpose(1, 2), self.k_pool[layer:layer + 1], self.v_pool[layer:layer + 1],
-                     self._block_mask(plan), plan.score_mod, scale, self.attention, buf.kernel_options)
-        plan.layers_run.add(layer)
-        out = out.transpose(1, 2)[:B, :Lq]                                             # (B, Lq, Hq, D)
-        if not dense:
-            # Unmasked (full) pages reach a short row's padding positions too: zero them so callers never see garbage.
-            valid = torch.arange(Lq, device=q.device)[None, :] < buf.q_len[:B, None]  # (B, Lq)
-            out = out * valid[:, :, None, None].to(out.dtype)
-        return out if Lq_in == Lq else F.pad(out, (0, 0, 0, 0, 0, Lq_in - Lq))        # (B, Lq_in, Hq, D)
-
-    @staticmethod
-    def _block_mask(plan: StepPlan) -> BlockMask:
-        """The plan's block mask for this call: the checked one unless the cache's own compiled call surely runs
-        inductor's kernel, which visits only the listed pages (`own_call_is_compiled`)."""
-        if plan.checked_block_mask is plan.block_mask:  # eager attention, check_ownership=True: nothing to decide
-            return plan.block_mask
-        return plan.block_mask if own_call_is_compiled() else plan.checked_block_mask
+        if plan is None or not plan.fits(layer, q, k, v, scale):  # the few checks of the common case, else all
+            batch = plan.batch if plan else 0
+            if plan is not None and isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] in plan.expect[-1]:
+                batch = q.shape[0]  # the bucket's padded batch, where the kernel takes it (k and v must match)
+            check_run(self.spec, plan is not None, plan.layers_run if plan else set(), batch,
+                      plan.max_q_len if plan else 0, layer, q, k, v, scale=scale)
+        out = plan.kernel_plan.run(plan, layer, q, k, v, self._pools, scale)
+        plan.layers_run.add(layer)  # once its kernel was launched: a raise before allows a retry
+        return out
 
     # ------------------------------------------------------------------ memory
     def memory(self) -> MemoryStats:

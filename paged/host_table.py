@@ -3,11 +3,13 @@
 `plan()` needs a (Bp, W) page table each step. Rebuilding it from Python lists converts every page of every
 sequence in the batch every step (37k ints at batch 128 x 4k tokens, most of `plan()`'s host time). Here each
 sequence owns a row that changes only where a page is appended or copied on write, and a step's table is one
-`index_select`.
+indexed copy. Reads and writes go through a numpy view of the same memory: for the few dozen indices of a step
+that costs about a microsecond where torch.tensor() + an indexed torch op cost several.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -16,10 +18,12 @@ class HostPageTable:
 
     Attributes:
         rows: (R, W) int32 CPU tensor; R grows by doubling as sequences are admitted, W is fixed.
+        rows_np: the same memory as a numpy array (replaced with `rows` when the table grows).
     """
 
     def __init__(self, width: int, initial_rows: int = 64) -> None:
         self.rows = torch.full((initial_rows, width), -1, dtype=torch.int32)
+        self.rows_np = self.rows.numpy()
         self._free = list(range(initial_rows - 1, -1, -1))         # popped from the end: lowest row first
         # (snapshot() copies rows and this list: a rejected request must leave both as they were)
 
@@ -28,25 +32,30 @@ class HostPageTable:
         if not self._free:
             grown = self.rows.shape[0]
             self.rows = torch.cat([self.rows, torch.full_like(self.rows, -1)])
+            self.rows_np = self.rows.numpy()
             self._free = list(range(2 * grown - 1, grown - 1, -1))
         row = self._free.pop()
         if copy_of is not None:
-            self.rows[row] = self.rows[copy_of]
+            self.rows_np[row] = self.rows_np[copy_of]
         return row
 
     def release(self, row: int) -> None:
-        self.rows[row] = -1
+        self.rows_np[row] = -1
         self._free.append(row)
 
     def write(self, rows: list[int], columns: list[int], pages: list[int]) -> None:
         """rows[i][columns[i]] = pages[i] for every i, in one indexed write."""
         if rows:
-            self.rows[torch.tensor(rows), torch.tensor(columns)] = torch.tensor(pages, dtype=torch.int32)
+            self.rows_np[rows, columns] = pages
 
     def gather(self, rows: list[int], padded_rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """(padded_rows, W) int32: the given rows in order, then -1 rows; written into `out` when given."""
         table = torch.empty((padded_rows, self.rows.shape[1]), dtype=torch.int32) if out is None else out
-        n = len(rows)
-        torch.index_select(self.rows, 0, torch.tensor(rows), out=table[:n])
-        table[n:] = -1
+        self.gather_np(rows, table.numpy())
         return table
+
+    def gather_np(self, rows: list[int], out: np.ndarray) -> None:
+        """out[:len(rows)] = the given rows in order, out[len(rows):] = -1; out is a (>= len(rows), W) int32 array."""
+        n = len(rows)
+        np.take(self.rows_np, rows, axis=0, out=out[:n], mode="clip")  # "raise" would buffer; rows are ours
+        out[n:] = -1

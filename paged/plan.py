@@ -10,14 +10,22 @@ never recompiles as sequences grow, join or leave.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
+import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from paged.mods import MaskMod, ScoreMod
 from paged.transfer import PackedStaging
+
+if TYPE_CHECKING:
+    from paged.allocator import PageAllocator
+    from paged.cache import SequenceState
+    from paged.host_table import HostPageTable
+    from paged.kernels.base import KernelPlan
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -34,7 +42,8 @@ def padded_query_len(max_q_len: int) -> int:
 class StepBuffers:
     """Device tensors of one (padded batch, padded query length) bucket, refilled in place each step.
 
-    Attributes (Bp = padded batch, W = page-table width, Qb = query blocks, Lqp = padded query length):
+    Attributes (Bp = padded batch, W = page-table width, Wb = block-list width (>= W: the CPU kernel needs the whole
+    pool), Qb = query blocks, Lqp = padded query length):
         q_start: (Bp,) int32, logical position of each row's first new token (its length before the step).
         q_len: (Bp,) int32, new tokens per row (0 for padding rows).
         split_keys: (1,) int64, the Triton decode kernel's keys per split this step.
@@ -44,7 +53,7 @@ class StepBuffers:
             logical indices, for the device's page -> logical table (a step adds at most ceil(q / P) pages per
             row, plus one copied on write).
         kv_num_blocks, full_kv_num_blocks: (Bp, 1, Qb) int32, masked / unmasked pages per query block.
-        kv_indices, full_kv_indices: (Bp, 1, Qb, W) int32, those pages, left-aligned.
+        kv_indices, full_kv_indices: (Bp, 1, Qb, Wb) int32, those pages, left-aligned.
         host: the pinned twins of all of these (on the CPU the tensors themselves): plan() writes a step's values
             there and `send()`s them in one copy (`transfer.PackedStaging`); a Triton decode step sends only the
             fields up to new_logical.
@@ -53,8 +62,9 @@ class StepBuffers:
     """
 
     def __init__(self, padded_batch: int, padded_q_len: int, q_block: int, width: int, page_size: int,
-                 device: torch.device):
+                 device: torch.device, block_width: int | None = None):
         self.padded_batch, self.padded_q_len, self.q_block, self.width = padded_batch, padded_q_len, q_block, width
+        self.block_width = bw = block_width or width
         Bp, Qb, T = padded_batch, -(-padded_q_len // q_block), padded_batch * padded_q_len
         new = Bp * (-(-padded_q_len // page_size) + 1)
         i32, i64 = torch.int32, torch.long
@@ -64,7 +74,7 @@ class StepBuffers:
             ("slots", (T,), i64, 0), ("token_rows", (T,), i64, torch.arange(T)),   # decode buckets keep arange
             ("new_pages", (new,), i64, 0), ("new_logical", (new,), i32, -1),
             ("kv_num_blocks", (Bp, 1, Qb), i32, 0), ("full_kv_num_blocks", (Bp, 1, Qb), i32, 0),
-            ("kv_indices", (Bp, 1, Qb, width), i32, 0), ("full_kv_indices", (Bp, 1, Qb, width), i32, 0),
+            ("kv_indices", (Bp, 1, Qb, bw), i32, 0), ("full_kv_indices", (Bp, 1, Qb, bw), i32, 0),
         ], device)
         self.host = self.packed.host
         dev = self.packed.dev
@@ -76,11 +86,9 @@ class StepBuffers:
         # The physical->logical wrappers are built once per (bucket, user mods) so the compiled kernel
         # sees the same functions, and so the same guards, every step.
         self.wrapped: dict[tuple, tuple[Callable, Callable, Callable | None]] = {}
-        self.kernel_options: dict | None = None  # this bucket's FlexAttention kernel options, set once by the cache
-        self.decode_splits = 1  # the Triton decode kernel's split slots per (row, kv head), set once by the cache
-        # The Triton decode kernel's launch options (key tile, warps, stages) for this bucket's padded batch, set
-        # once by the cache: every batch of the bucket launches alike, so one CUDA graph per bucket is right.
-        self.decode_launch: dict | None = None
+        # What each kernel fixes once per bucket (kernel options, split slots, launch constants), by kernel name:
+        # set by the kernel (`paged.kernels`) on its first step in the bucket.
+        self.kernel_state: dict[str, Any] = {}
 
 
 def physical_mods(
@@ -134,7 +142,7 @@ def physical_mods(
 
 @dataclass
 class StepPlan:
-    """One step's plan: which sequences, how many new tokens each, where they go, and the block mask.
+    """One step's plan: which sequences, how many new tokens each, where they go, and its kernel's plan.
 
     Attributes:
         seq_ids: the step's sequences, in row order.
@@ -143,13 +151,10 @@ class StepPlan:
         slot_mapping: (T,) int64, pool slot (page * P + offset) of each new token, T = sum(q_lens).
         token_rows: (T,) int64, row of each new token in the caller's flattened (B * max_q_len) inputs.
             It is the identity exactly when T == B * max_q_len (every row full), and `run` relies on that.
-        block_mask: FlexAttention BlockMask over (Bp, Lqp) queries and the whole pool, for the cache's own call
-            (compiled or eager); None on a Triton step.
-        checked_block_mask: the same block lists for a call that may run FlexAttention eagerly (traced by the
-            caller's torch.compile, dynamo disabled or forced eager: `attention.own_call_is_compiled`), with the
-            ownership-checking mask unless check_ownership=False; may be block_mask itself; None on a Triton step.
-        score_mod: physical score_mod or None.
-        kernel: "flex", or "triton" for a plain decode step run by `paged.triton_decode` (no block mask).
+        kernel_plan: the step's kernel's typed plan (`paged.kernels`: `FlexPlan`, `TritonDecodePlan`), set by
+            plan() after the page bookkeeping; `kernel` is its name.
+        layers_run: the layers run so far under this plan.
+        expect: (num_layers, dtype, device, Hkv, D, accepted batch sizes) for `fits`, set by the cache.
     The tensors are views of the bucket's persistent StepBuffers: the next plan() of the same bucket overwrites
     them, so a plan is valid only until the next plan() (the cache only ever runs its current one).
     """
@@ -161,11 +166,51 @@ class StepPlan:
     buffers: StepBuffers
     slot_mapping: torch.Tensor
     token_rows: torch.Tensor
-    block_mask: BlockMask | None
-    score_mod: Callable | None
+    kernel_plan: KernelPlan
     layers_run: set[int]
-    kernel: str = "flex"
-    checked_block_mask: BlockMask | None = None
+    expect: tuple = ()
+
+    def fits(self, layer: object, q: object, k: object, v: object, scale: object) -> bool:
+        """Whether one layer's run() inputs surely pass `validation.check_run` under this plan: a few comparisons
+        with values fixed at plan time (the common case). False lets check_run decide: it raises the precise error,
+        or accepts an unusual valid call (e.g. an input requiring grad under no_grad, an int scale)."""
+        layers, dtype, device, hkv, d, batches = self.expect
+        if type(layer) is not int or not 0 <= layer < layers or layer in self.layers_run:
+            return False
+        if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+            return False
+        if scale is not None and not (type(scale) is float and 0.0 < scale < math.inf):
+            return False
+        qs, ks = q.shape, k.shape
+        return (q.dtype is dtype and k.dtype is dtype and v.dtype is dtype and len(qs) == 4 and ks == v.shape
+                and qs[0] in batches and qs[1] >= self.max_q_len and qs[3] == d and ks[0] == qs[0]
+                and ks[1] == qs[1] and ks[2] == hkv and ks[3] == d and qs[2] > 0 and qs[2] % hkv == 0
+                and q.device == device and k.device == device and v.device == device
+                and not (q.requires_grad or k.requires_grad or v.requires_grad))
+
+    @property
+    def kernel(self) -> str:
+        """The step's kernel: "flex" (FlexAttention) or "triton" (the Triton decode kernel)."""
+        return self.kernel_plan.name
+
+    @property
+    def block_mask(self) -> BlockMask | None:
+        """FlexAttention's BlockMask for the cache's own call; None on a step of a kernel without one."""
+        return getattr(self.kernel_plan, "block_mask", None)
+
+    @block_mask.setter
+    def block_mask(self, value: BlockMask) -> None:
+        self.kernel_plan.block_mask = value
+
+    @property
+    def checked_block_mask(self) -> BlockMask | None:
+        """The block mask for a call that may run FlexAttention eagerly (`paged.kernels.flex.FlexPlan`)."""
+        return getattr(self.kernel_plan, "checked_block_mask", None)
+
+    @property
+    def score_mod(self) -> Callable | None:
+        """The physical score_mod of a FlexAttention step, else None."""
+        return getattr(self.kernel_plan, "score_mod", None)
 
     @property
     def batch(self) -> int:
@@ -179,6 +224,84 @@ class StepPlan:
     def bucket(self) -> tuple[int, int, str]:
         """(padded batch, padded query length, kernel): the shape a compiled or graphed step is specialised on."""
         return self.buffers.padded_batch, self.buffers.padded_q_len, self.kernel
+
+
+def copies_needed(states: Sequence[SequenceState], allocator: PageAllocator, page_size: int) -> list[bool]:
+    """Which of a step's sequences must copy their shared, partly filled last page before writing into it.
+
+    Writers are taken in step order; one whose page no longer has another owner (every other owner
+    already copied it in this step) writes in place, so a page is never copied by all its owners.
+    """
+    if not allocator.shared_count:                          # no forks alive: nothing is shared
+        return [False] * len(states)
+    owners: dict[int, int] = {}
+    cow = []
+    for st in states:
+        page = st.pages[-1] if st.length % page_size else None
+        if page is None:
+            cow.append(False)
+            continue
+        left = owners.setdefault(page, allocator.refcount(page))
+        cow.append(left > 1)
+        owners[page] = left - 1 if left > 1 else left
+    return cow
+
+
+def commit_pages(states: Sequence[SequenceState], q_lens: Sequence[int], grow: Sequence[int], cow: Sequence[bool],
+                 new_pages: list[int], allocator: PageAllocator) -> tuple[list, list, list, list, list]:
+    """Hand a step's freshly allocated pages to its sequences (copies on write first, then growth) and advance
+    their lengths. Returns (pages, their logical indices, their host-table rows, (old, fresh) copies, freed pages).
+    """
+    it = iter(new_pages)
+    assigned, assigned_logical, assigned_rows, copies, freed = [], [], [], [], []
+    for st, q, g, c in zip(states, q_lens, grow, cow):
+        if c:
+            old, fresh = st.pages[-1], next(it)
+            copies.append((old, fresh))
+            freed += allocator.release([old])
+            st.pages[-1] = fresh
+            assigned.append(fresh)
+            assigned_logical.append(len(st.pages) - 1)
+            assigned_rows.append(st.row)
+        for _ in range(g):
+            assigned.append(next(it))
+            assigned_logical.append(len(st.pages))
+            assigned_rows.append(st.row)
+            st.pages.append(assigned[-1])
+        st.length += q
+    return assigned, assigned_logical, assigned_rows, copies, freed
+
+
+def fill_step(buffers: StepBuffers, table: HostPageTable, rows: list[int], q_lens: tuple[int, ...],
+              start_lens: tuple[int, ...], assigned: list[int], assigned_logical: list[int], page_size: int) -> int:
+    """Write a step's page bookkeeping into the bucket's host buffers (its pinned twin on CUDA; the step's kernel
+    plan sends them): lengths, page table (from `table`'s `rows`, which already hold the step's new pages), the
+    new pages and their logical indices, and the slot and input row of every new token. Returns T = sum(q_lens).
+    """
+    P, B, max_q = page_size, len(q_lens), max(q_lens)
+    h = buffers.packed.host_np
+    # Every tensor of the step goes into the bucket's pinned twin, then to the GPU in ONE copy that never
+    # waits for it (transfer.PackedStaging); begin() waits only if the host is a whole round ahead.
+    buffers.packed.begin()
+    q_start, q_len, page_table = h["q_start"], h["q_len"], h["page_table"]   # (Bp,), (Bp,), (Bp, W)
+    q_start[:B], q_start[B:] = start_lens, 0
+    q_len[:B], q_len[B:] = q_lens, 0
+    table.gather_np(rows, page_table)
+    if assigned:
+        h["new_pages"][:len(assigned)] = assigned
+        h["new_logical"][:len(assigned)] = assigned_logical
+    if max_q == 1:                      # decode: T = B, token_rows is the bucket's arange; one slot per row
+        start = q_start[:B].astype(np.int64)
+        h["slots"][:B] = page_table[np.arange(B), start // P] * np.int64(P) + start % P
+        return B
+    lens = q_len[:B].astype(np.int64)                                                      # (B,)
+    owner = np.repeat(np.arange(B), lens)                                                  # (T,)
+    T = owner.size
+    offset = np.arange(T) - np.repeat(np.cumsum(lens) - lens, lens)                        # (T,)
+    pos = q_start[owner].astype(np.int64) + offset                                         # (T,)
+    h["slots"][:T] = page_table[owner, pos // P] * np.int64(P) + pos % P
+    h["token_rows"][:T] = owner * max_q + offset
+    return T
 
 
 def fill_block_lists(
@@ -197,7 +320,8 @@ def fill_block_lists(
         causal_default: the mask is plain causality, so pages wholly before a query block are FULL (no mask
             needed: every query of the block sees every slot) and pages wholly after it are skipped. With
             a user mask every stored page is listed as masked.
-    Returns the host tensors for kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices.
+    Returns the host tensors for kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices (the index lists
+    padded with 0 to the buffers' block width).
     """
     bp, width = page_table.shape
     qb = buffers.q_block
@@ -222,9 +346,10 @@ def fill_block_lists(
     masked_ok = col < (n_visible - n_full)[..., None]
     kv_indices = torch.where(masked_ok, table.gather(2, src), 0)
     full_indices = torch.where(col < n_full[..., None], table, 0)
+    pad = (0, buffers.block_width - width)
     return {
         "kv_num_blocks": (n_visible - n_full)[:, None, :],
-        "kv_indices": kv_indices[:, None],
+        "kv_indices": torch.nn.functional.pad(kv_indices, pad)[:, None],
         "full_kv_num_blocks": n_full[:, None, :],
-        "full_kv_indices": full_indices[:, None],
+        "full_kv_indices": torch.nn.functional.pad(full_indices, pad)[:, None],
     }

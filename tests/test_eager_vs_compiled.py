@@ -15,10 +15,11 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 import paged.attention
-import paged.cache
+import paged.kernels.flex
 from conformance.policy import CEILING, compare
 from oracle import ContiguousOracle
 from paged import CacheSpec, PagedKVCache, mods
+from paged.kernels.flex import block_mask_for_call
 
 HQ = 4
 P = 16
@@ -171,8 +172,8 @@ def test_ownership_check_matters_on_the_eager_path(device, monkeypatch):
 
     No poison here: the other sequences' pages hold real, finite data, so the leak shows as a wrong answer.
     """
-    # PagedKVCache looks physical_mods up in paged.cache (imported from paged.plan): patch it there.
-    monkeypatch.setattr(paged.cache, "physical_mods", physical_mods_without_ownership)
+    # The FlexAttention kernel looks physical_mods up in paged.kernels.flex (imported from paged.plan): patch it there.
+    monkeypatch.setattr(paged.kernels.flex, "physical_mods", physical_mods_without_ownership)
     t = Twins(make_spec(device, torch.float32), seed=3, policy="lowest")
     for s in "abc":
         t.do("admit", s)
@@ -208,9 +209,9 @@ def test_which_mask_each_call_gets(device, attention, check_ownership, own, call
     checked, listed, _ = plan.buffers.wrapped[(None, None)]
     masks = {"checked": checked, "listed": listed}
     assert plan.block_mask.mask_mod is masks[own] and plan.checked_block_mask.mask_mod is masks[caller]
-    assert PagedKVCache._block_mask(plan) is plan.block_mask
+    assert block_mask_for_call(plan.kernel_plan) is plan.block_mask
     with torch._dynamo.config.patch(suppress_errors=True):
-        assert PagedKVCache._block_mask(plan) is plan.checked_block_mask
+        assert block_mask_for_call(plan.kernel_plan) is plan.checked_block_mask
     page_b = cache.snapshot()["sequences"]["b"][0][0]                              # (pages, length)
     args = [torch.tensor(x, device=device) for x in (0, 0, 15, page_b * P + 2)]   # row a, head 0, query 15
     assert not checked(*args) and listed(*args)

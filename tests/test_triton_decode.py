@@ -347,7 +347,7 @@ def test_padded_batch_run_matches_the_unpadded_run(kernel_device):
         assert cache.current_plan is None
     _check_padded_step(plain, padded, ["a", "c", "d", "e", "f"], gen)  # 5 rows, same bucket and buffers
     _check_padded_step(plain, padded, ["e", "a", "d"], gen)             # 3 rows in bucket 4: 2 splits, merged
-    assert padded.current_plan.buffers.decode_splits > 1
+    assert padded.current_plan.kernel_plan.bucket.num_splits > 1
 
 
 def test_padded_batch_is_refused_on_flexattention_steps(kernel_device):

@@ -52,6 +52,7 @@ from conformance.benchmarks.grid import Case
 from conformance.benchmarks.harness import BenchSettings, sync, unique_graphs
 from paged import CacheSpec, PagedKVCache
 from paged.attention import compiled_flex_attention, decode_kernel_defaults
+from paged.kernels import choose, decode_kernel
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BACKENDS = ("paged", "pagedflex", "sdpa", "flexcontig", "torchpa", "flashinfer")
@@ -205,11 +206,10 @@ class PagedRunner(Runner):
     decode_kernel = "auto"
 
     def __init__(self, case: Case, lens: list[int], pool: PoolConfig, settings: BenchSettings):
-        if pool.over_int32:
-            from paged import triton_decode
-
-            if self.decode_kernel == "flex" or case.kind != "decode" or not triton_decode.available(settings.device):
-                raise Unavailable("FlexAttention is not run over a pool of more than 2**31 elements")
+        # The kernel the cache will run this case's step on: the same choice as the cache's (paged.kernels).
+        kernel = choose(decode_kernel(self.decode_kernel, "compiled", settings.device), case.q_len)
+        if pool.over_int32 and not kernel.LARGE_POOLS:
+            raise Unavailable(f"the {kernel.NAME} kernel is not run over a pool of more than 2**31 elements")
         self.case, self.page = case, case.page
         # PAGED_BENCH_DECODE_FULL_BLOCKS=1 / 0 / auto overrides PagedKVCache's decode_full_blocks (see its docstring).
         layout = os.environ.get("PAGED_BENCH_DECODE_FULL_BLOCKS", "")

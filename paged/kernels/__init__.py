@@ -1,0 +1,72 @@
+"""The attention kernels of the paged cache, one module each, and the one place where a step's kernel is chosen.
+
+A kernel module provides:
+    NAME: str                     its name ("flex", "triton"), also `StepPlan.kernel`
+    LARGE_POOLS: bool             whether it runs over pools of more than 2**31 elements
+    PADDED_BATCH: bool            whether run() also takes inputs of the bucket's padded batch
+    plan(layout: StepLayout, buffers: StepBuffers) -> KernelPlan
+                                  per step, after the cache's page bookkeeping: fills the kernel's fields of the
+                                  bucket's host buffers, sends them, returns its typed plan (whose `run` is the
+                                  module's run)
+    run(step: StepPlan, layer, q, k, v, pools: Pools, scale) -> Tensor
+                                  per layer, on inputs the cache validated
+Kernels: `flex` (FlexAttention: every step), `triton_decode` (plain causal decode steps, compiled attention). A
+third kernel is a module here plus its case in `choose` (and `decode_kernel`, if users may ask for it by name).
+`triton_decode` imports Triton, so it is imported only where it may run.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from paged.errors import UnsupportedConfigError
+from paged.kernels import flex
+from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
+from paged.mods import MaskMod, ScoreMod
+
+__all__ = ["KernelPlan", "KernelSettings", "Pools", "StepLayout", "choose", "decode_kernel", "flex"]
+
+DECODE_KERNELS = ("auto", "flex", "triton")
+
+
+def _triton() -> ModuleType:
+    from paged.kernels import triton_decode  # imports Triton: only where it may run
+
+    return triton_decode
+
+
+def decode_kernel(choice: str, attention: str, device: torch.device) -> ModuleType:
+    """The kernel module of a cache's plain decode steps (one new token per row, no mods).
+
+    Args:
+        choice: "flex", "triton" or "auto" ("triton" on CUDA with compiled attention where Triton imports, else
+            "flex"; the CPU's interpreter is never a default).
+        attention: the cache's "compiled" or "eager".
+    Raises UnsupportedConfigError for an unknown choice or one that cannot run here.
+    """
+    if choice not in DECODE_KERNELS:
+        raise UnsupportedConfigError(f"decode_kernel must be 'auto', 'flex' or 'triton', got {choice!r}")
+    if choice == "flex" or (choice == "auto" and (attention != "compiled" or device.type != "cuda")):
+        return flex
+    triton_decode = _triton()
+    if choice == "auto":
+        return triton_decode if triton_decode.available(device) else flex
+    if attention != "compiled":
+        raise UnsupportedConfigError("decode_kernel='triton' needs attention='compiled' (eager is FlexAttention's "
+                                     "mask_mod-only reference path)")
+    if not triton_decode.available(device):
+        hint = ("Triton is not installed" if triton_decode.triton is None else
+                "on the CPU it runs only under Triton's interpreter: set TRITON_INTERPRET=1 before Python starts")
+        raise UnsupportedConfigError(f"decode_kernel='triton' cannot run on {device}: {hint}")
+    return triton_decode
+
+
+def choose(decode: ModuleType, max_q_len: int, mask_mod: MaskMod | None = None,
+           score_mod: ScoreMod | None = None) -> ModuleType:
+    """The kernel module of one step: `decode` (from `decode_kernel`) for a plain causal decode step (every row one
+    new token, no mods), FlexAttention for everything else."""
+    if max_q_len == 1 and mask_mod is None and score_mod is None:
+        return decode
+    return flex
