@@ -469,8 +469,11 @@ class DistributedPagedGenerator(PagedGenerator):
                                  dtype=dtype)
         else:
             agree_spec(spec, ctx)
+        # Decode steps stay eager: a traced or graphed step would have to carry the ranks' collectives and the
+        # cache's cross-rank vote (which runs on the host every plan) — not built, so not on by default.
         super().__init__(model, spec, attention=attention, policy=policy, kernel_options=kernel_options,
-                         sliding_window=sliding_window, pad_token_id=pad_token_id)
+                         sliding_window=sliding_window, pad_token_id=pad_token_id, cuda_graphs=False,
+                         compile_decode=False)
         # PagedGenerator built a plain cache; drop it before building the voting one, so the pools' memory
         # is reused (peak: one pool) rather than held twice.
         self.cache = None

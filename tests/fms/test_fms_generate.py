@@ -322,9 +322,22 @@ def test_progress_bar(gqa, capsys):
 def test_cli_generates_text(capsys, device):
     from paged.fms.__main__ import main
 
-    # Token budget 256: the same pool shape as the other tests, so no new compile.
-    argv = ["generate", "--prompt", "The cache", "--prompt", "Pages", "--max-new-tokens", "5", "--device",
-            device.type, "--token-budget", "256", "--no-progress", "--echo"]
+    from paged.fms.tokenizer import Tokenizer
+
+    # Token budget 256: the same pool shape as the other tests, so no new compile. float32: the tokens must equal
+    # those of FMS's default path on the same model (the CLI's random tiny Llama, seed 0), exactly.
+    prompts = ["The cache", "Pages"]
+    argv = ["generate", "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "5", "--device",
+            device.type, "--token-budget", "256", "--no-progress", "--echo", "--dtype", "float32", "--seed", "0"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("The cache") and lines[1].startswith("Pages")
+    tok = Tokenizer()
+    model = tiny_llama(vocab_size=tok.vocab_size, nheads=4, kvheads=2, emb_dim=64, nlayers=2, seed=0, device=device,
+                       dtype=torch.float32)
+    expected = []
+    for text in prompts:
+        tokens = default_greedy(model, tok.encode(text), 5, device)[0]
+        if tok.eos_id in tokens:                                   # the CLI stops at EOS (and keeps it)
+            tokens = tokens[:tokens.index(tok.eos_id) + 1]
+        expected.append(text + tok.decode(tokens))
+    assert lines == expected
