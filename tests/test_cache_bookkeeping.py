@@ -295,7 +295,7 @@ def test_a_plan_that_fails_after_its_commit_still_updates_the_device(device, fai
     """plan() commits pages on the host before it builds the step's device tensors. If building them fails (out
     of memory, an interrupt; injected here before the step's copy, in fill_block_lists, or after it, in
     physical_mods) the device page -> logical table, the poison and the copy-on-write copy must still follow."""
-    import paged.cache
+    import paged.kernels.flex
 
     cache = PagedKVCache(make_spec(device), poison_free_pages=True)
     cache.admit("a")
@@ -309,11 +309,14 @@ def test_a_plan_that_fails_after_its_commit_still_updates_the_device(device, fai
     def boom(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(paged.cache, fails_in, boom)
+    monkeypatch.setattr(paged.kernels.flex, fails_in, boom)
     with pytest.raises(RuntimeError, match="injected"):
         cache.plan(["a", "b"], [1, 5])                      # a copies the shared page first, b writes in place
     monkeypatch.undo()
     check_invariants(cache)
+    free = [p for p in range(cache.spec.num_pages) if cache.allocator.refcount(p) == 0]
+    for pool in (cache.k_pool, cache.v_pool):
+        assert pool.unflatten(2, (cache.spec.num_pages, P))[:, :, free].isnan().all(), "free pages lost their poison"
     copied = cache.pages("a")[1]
     assert copied not in cache.pages("b"), "a's write must have copied the shared page"
     for pool in (cache.k_pool, cache.v_pool):

@@ -349,7 +349,15 @@ def test_poison_free_pages_option(spec):
     h.admit("a", "b", "c")
     h.step(["a", "b", "c"], [16, 13, 5])
     h.step(["a", "b", "c"], [1, 1, 1])
+    a_pages = h.paged.pages("a")
     h.finish("a")
+    P, N = spec.page_size, spec.num_pages
+    for pool in (h.paged.k_pool, h.paged.v_pool):
+        assert pool.unflatten(2, (N, P))[:, :, a_pages].isnan().all(), "freed pages must be NaN at once"
     h.admit("d")
     h.step(["d", "b", "c"], [7, 1, 1])
+    first = h.paged.pages("d")[0]
+    assert first in a_pages                                  # lifo: d reuses one of a's pages
+    for pool in (h.paged.k_pool, h.paged.v_pool):
+        assert pool.unflatten(2, (N, P))[:, :, first, 7:].eq(0).all(), "handed-out pages must be zeroed"
     h.step(["d", "b", "c"], [16, 1, 1])
