@@ -54,7 +54,7 @@ def test_stale_non_finite_values_do_not_reach_the_next_owner(device, attention):
 
     Eager FlexAttention reads the whole pool, so there a non-finite value in any page, free or not, turns every
     output NaN (issue 17 defect 2, not this one): the eager run leaves one stale page, which the first step takes."""
-    spec = make_spec(device, num_pages=4, max_seq_len=64)
+    spec = make_spec(device)            # the pool of the other files' compiled steps (lowest-first: same page ids)
     cache = PagedKVCache(spec, attention=attention, decode_kernel="flex", policy="lowest")
     gold = ContiguousOracle(spec)
     gen = torch.Generator().manual_seed(11)
