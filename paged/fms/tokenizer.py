@@ -189,12 +189,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of ``text``, with BOS prepended (and EOS appended) when asked."""
-        ids: list[int] = self._sp.encode(text)
-        if bos and self.bos_id >= 0:
-            ids = [self.bos_id, *ids]
-        if eos and self.eos_id >= 0:
-            ids = [*ids, self.eos_id]
-        return ids
+        return _with_specials(self._sp.encode(text), self.bos_id if bos else -1, self.eos_id if eos else -1)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; control ids (BOS, EOS, pad) decode to nothing. Accepts tensors."""
@@ -246,12 +241,8 @@ class HFTokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of ``text`` (no template), with BOS prepended (and EOS appended) when asked and defined."""
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False)
-        if bos and self.bos_id >= 0:
-            ids = [self.bos_id, *ids]
-        if eos and self.eos_id >= 0:
-            ids = [*ids, self.eos_id]
-        return ids
+        return _with_specials(self._tok.encode(text, add_special_tokens=False), self.bos_id if bos else -1,
+                              self.eos_id if eos else -1)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``, special tokens skipped."""
@@ -304,3 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _with_specials(ids: list[int], bos_id: int, eos_id: int) -> list[int]:
+    """`ids` with `bos_id` before and `eos_id` after, each only when >= 0 (asked for and defined)."""
+    return ([bos_id] if bos_id >= 0 else []) + list(ids) + ([eos_id] if eos_id >= 0 else [])
