@@ -264,6 +264,12 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer | HFTokenizer:
     return Tokenizer(path)
 
 
+
+def _with_specials(ids: list[int], bos_id: int, eos_id: int) -> list[int]:
+    """`ids` with `bos_id` before and `eos_id` after, each only when >= 0 (asked for and defined)."""
+    return ([bos_id] if bos_id >= 0 else []) + list(ids) + ([eos_id] if eos_id >= 0 else [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m paged.fms.tokenizer")
@@ -295,8 +301,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _with_specials(ids: list[int], bos_id: int, eos_id: int) -> list[int]:
-    """`ids` with `bos_id` before and `eos_id` after, each only when >= 0 (asked for and defined)."""
-    return ([bos_id] if bos_id >= 0 else []) + list(ids) + ([eos_id] if eos_id >= 0 else [])
