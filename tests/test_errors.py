@@ -617,7 +617,7 @@ def test_every_error_is_a_paged_error_with_the_builtin_base():
 def test_a_layer_whose_attention_raises_can_be_run_again(device, monkeypatch):
     """A failure inside the attention call (a kernel error, dynamo's recompile limit) leaves the layer not run:
     the same call again stores the same K/V and attends, and gives the oracle's answer."""
-    import paged.cache
+    import paged.kernels.flex
 
     spec = make_spec(device)
     cache, oracle = PagedKVCache(spec, decode_kernel="flex"), ContiguousOracle(spec)
@@ -629,11 +629,11 @@ def test_a_layer_whose_attention_raises_can_be_run_again(device, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the kernel failed")
 
-    real = paged.cache.attend
-    monkeypatch.setattr(paged.cache, "attend", broken)
+    real = paged.kernels.flex.attend
+    monkeypatch.setattr(paged.kernels.flex, "attend", broken)
     with pytest.raises(RuntimeError, match="the kernel failed"):
         cache.run(0, q, k, v)
-    monkeypatch.setattr(paged.cache, "attend", real)
+    monkeypatch.setattr(paged.kernels.flex, "attend", real)
     out = cache.run(0, q, k, v)
     gold = oracle.run(0, q, k, v)[0]
     result = compare(out[0], gold, gold, spec.dtype)

@@ -299,7 +299,8 @@ def _grow(cache: PagedKVCache, ids: list, lens: list[int], gen, hq: int) -> None
 
 
 def _padded_caches(kernel_device, ids, lens):
-    spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, page_size=4, num_pages=96, max_seq_len=256,
+    page = 4 if kernel_device.type == "cpu" else 16          # CUDA refuses pages below the kernel's 16-key tile
+    spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, page_size=page, num_pages=96, max_seq_len=256,
                      device=kernel_device)
     caches = []
     for _ in range(2):                                  # twins: one run unpadded, one padded

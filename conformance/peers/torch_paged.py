@@ -325,7 +325,7 @@ class TorchPagedAttentionBackend:
         kv_len = q_start + q_len
         W = self._logical_width
         logical_table = torch.arange(W, dtype=torch.int32).expand(R, W)
-        lists = fill_block_lists(SimpleNamespace(q_block=q_block, padded_q_len=Lqp), logical_table,
+        lists = fill_block_lists(SimpleNamespace(q_block=q_block, padded_q_len=Lqp, block_width=W), logical_table,
                                  torch.div(kv_len + P - 1, P, rounding_mode="floor"), q_start, q_len, P,
                                  causal_default=mask_mod is None)
         buf = self._rows_for(R)
