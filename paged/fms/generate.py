@@ -17,6 +17,7 @@ equivalence tests); :func:`fms_generate` (from :mod:`paged.fms.fms_loop`), FMS's
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -301,8 +302,8 @@ class PagedGenerator:
                                      sliding_window=self.sliding_window)
                 else:
                     work, step = ahead.work(), ahead.step
-                new_tokens, finished, ahead = self._step(work, step, sampling, eos_token_id, running,
-                                                         lambda rows: self._plan_ahead(scheduler, rows, waiting))
+                plan_ahead = functools.partial(self._plan_ahead, scheduler, running=running, waiting=waiting)
+                new_tokens, finished, ahead = self._step(work, step, sampling, eos_token_id, running, plan_ahead)
                 bar.update(len(new_tokens))
                 if callback is not None:
                     callback(StepEvent(step_no, work.kind, tuple(r.index for r in work.rows), new_tokens,
@@ -397,19 +398,26 @@ class PagedGenerator:
                 finished.append(r.index)
         return new_tokens, finished, ahead
 
-    def _plan_ahead(self, scheduler: Scheduler, rows: Sequence[Request], waiting: list[Request]) -> _Ahead | None:
+    def _plan_ahead(self, scheduler: Scheduler, rows: Sequence[Request], running: list[Request],
+                    waiting: list[Request]) -> _Ahead | None:
         """Plan the decode step after the one of `rows` before its tokens are known, or None when the scheduler
-        must see this step's outcome first (it picks a prefill next, or rows leave while requests wait to join)."""
-        staying = [r for r in rows if not r.done and len(r.out) + 1 < r.limit]
-        if not staying or (waiting and len(staying) < len(rows)):
+        must see this step's outcome first: requests wait to be admitted (admission is the scheduler's call, made
+        between steps), or it picks a prefill next.
+
+        The scheduler is asked as between steps, over every running request, less the rows that stop with this
+        step whatever their token (their limit, or EOS the step before).
+        """
+        if waiting:
+            return None
+        leaving = tuple(r for r in rows if r.done or len(r.out) + 1 >= r.limit)
+        staying = [r for r in running if r not in set(leaving)]
+        if not staying:
             return None
         nxt = scheduler.next_step(staying)
-        if nxt.kind != "decode" or not set(nxt.rows) <= set(staying):
+        if nxt.kind != "decode":
             return None
-        # Rows that stop with this step (their limit, or EOS last step) leave first: finish() drops the cache's
-        # current plan. Their pages may go to the next step at once: every device op is stream-ordered after
-        # this step's kernels, which are the last to touch them.
-        leaving = tuple(r for r in rows if r not in set(staying))
+        # Rows that stop with this step leave first: finish() drops the cache's current plan. Their pages may go to
+        # the next step at once: every device op is stream-ordered after this step's kernels, the last to touch them.
         for r in leaving:
             self.cache.finish(r.seq_id)
         step = plan_step(self.cache, [r.seq_id for r in nxt.rows], [1] * len(nxt.rows),

@@ -25,6 +25,7 @@ from paged.fms.checkpoint import load_fms_llama, tiny_llama, write_tiny_llama_ch
 from paged.fms.decode import CompiledDecoder
 from paged.fms.generate import PagedGenerator, cache_spec_for, forward_logits
 from paged.fms.op import plan_step
+from paged.fms.scheduler import ContinuousBatching, Work
 
 VOCAB = 256
 BUDGET = 256          # the pool of tests/fms/test_fms_generate.py: 16 pages of 16, no new FlexAttention shape
@@ -227,3 +228,35 @@ def test_long_run_compiles_and_captures_nothing_after_warmup(model, device):
     assert gen.decoder.captures == captures
     assert gen.decoder.replays > replays
     assert gen.cache.memory().pages_in_use == 0
+
+
+class HalfDecode:
+    """A scheduler that decodes only every other running request per step (alternating halves): on the traced path
+    the step planned ahead must be the one it would pick between steps, over all running requests."""
+
+    def __init__(self) -> None:
+        self.inner, self.turn = ContinuousBatching(), 0
+
+    def admit(self, waiting, running, free_pages, pages_held):
+        return self.inner.admit(waiting, running, free_pages, pages_held)
+
+    def next_step(self, running):
+        work = self.inner.next_step(running)
+        if work.kind == "prefill" or len(running) == 1:
+            return work
+        self.turn ^= 1
+        rows = tuple(r for i, r in enumerate(running) if i % 2 == self.turn) or tuple(running)
+        return Work("decode", rows, tuple((r.out[-1],) for r in rows))
+
+
+def test_a_partial_decode_scheduler_gives_the_same_tokens_traced(traced):
+    prompts = prompts_of([4, 6, 5], seed=12)
+    events, eager_events = [], []
+    outs = traced.gen.generate(prompts, [6, 4, 7], scheduler=HalfDecode(), callback=events.append)
+    ref = traced.eager.generate(prompts, [6, 4, 7], scheduler=HalfDecode(), callback=eager_events.append)
+    assert outs == ref == traced.eager.generate(prompts, [6, 4, 7])  # a request's tokens: not its batch-mates'
+    steps = lambda evs: [(e.kind, e.requests, e.finished) for e in evs]                   # noqa: E731
+    assert steps(events) == steps(eager_events)                        # the scheduler's own steps, planned ahead
+    decodes = [e.requests for e in events if e.kind == "decode"]
+    assert any(len(rows) < 3 for rows in decodes[:2])                # it really decoded a subset
+    assert traced.gen.cache.memory().pages_in_use == 0
