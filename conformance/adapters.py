@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from functools import partial
 
-from conformance.contract import CAPABILITIES, BackendFactory, KnownDefect
+from conformance.contract import CAPABILITIES, BackendFactory
 from oracle import ContiguousOracle, OracleError
 from paged import PagedKVCache, errors
 
@@ -78,22 +78,12 @@ def paged_flex_backend() -> BackendFactory:
         description="paged.PagedKVCache, every step on compiled FlexAttention, random page placement")
 
 
-#: Issue 17 defect 2 (owner: the eager attention path): uncompiled FlexAttention multiplies the whole pool by the
-#: attention weights, masked slots included, so one NaN/Inf anywhere in the pool (another live sequence's K/V,
-#: or the NaN poison of free pages) turns every sequence's output into NaN (0 x NaN = NaN).
-EAGER_NAN_DEFECT = KnownDefect(
-    reason="issue 17 defect 2: eager FlexAttention reads the whole pool with zero weights, so a NaN/Inf in any "
-           "page (another sequence's K/V, or free-page poison) makes every output NaN",
-    match=r"output has NaN/inf|are not 0 \(padding must read as zeros\)")
-
-
 def paged_eager_backend() -> BackendFactory:
     """The paged backend on uncompiled FlexAttention (reads only the mask_mod)."""
     return BackendFactory(
         name="paged-eager", make=partial(_make_paged, attention="eager"),
         capabilities=CAPABILITIES - {"eager"},
-        expected_failures={"isolation_nonfinite": EAGER_NAN_DEFECT, "isolation_poison": EAGER_NAN_DEFECT},
-        description="paged.PagedKVCache, eager FlexAttention (mask_mod only)")
+        description="paged.PagedKVCache, eager FlexAttention (mask_mod only; each row's own pages only)")
 
 
 def oracle_backend() -> BackendFactory:

@@ -50,15 +50,14 @@ def leave_non_finite_pages(cache: PagedKVCache, gen: torch.Generator, tokens: in
 @pytest.mark.parametrize("attention", ["compiled", "eager"])
 def test_stale_non_finite_values_do_not_reach_the_next_owner(device, attention):
     """Prefill, a chunk onto a second (stale) page, decode steps, and a fork's copy-on-write into a stale page: every
-    output agrees with the float64 oracle (before the fix every output of the next owner was NaN).
-
-    Eager FlexAttention reads the whole pool, so there a non-finite value in any page, free or not, turns every
-    output NaN (issue 17 defect 2, not this one): the eager run leaves one stale page, which the first step takes."""
+    output agrees with the float64 oracle (before the fix every output of the next owner was NaN). Eager
+    FlexAttention reads the whole pool: there every row also keeps other pages' values out of its arithmetic
+    (defect 2, `test_a_live_sequence_s_non_finite_values_reach_nobody_else`)."""
     spec = make_spec(device)            # the pool of the other files' compiled steps (lowest-first: same page ids)
     cache = PagedKVCache(spec, attention=attention, decode_kernel="flex", policy="lowest")
     gold = ContiguousOracle(spec)
     gen = torch.Generator().manual_seed(11)
-    stale = leave_non_finite_pages(cache, gen, tokens=(3 if attention == "compiled" else 1) * P)   # pages 0(, 1, 2)
+    stale = leave_non_finite_pages(cache, gen, tokens=3 * P)                                       # pages 0, 1, 2
 
     def step(ids, lens):
         for c in (cache, gold):
@@ -81,8 +80,32 @@ def test_stale_non_finite_values_do_not_reach_the_next_owner(device, attention):
         c.fork("a", "b")
     step(["a", "b"], [1, 1])                                              # a copies page 1 into page 2
     assert cache.pages("a")[-1] == 2 and cache.pages("b")[-1] == 1
-    assert stale[-1] == (2 if attention == "compiled" else 0)
+    assert stale[-1] == 2
     step(["b", "a"], [1, 1])
+
+
+@pytest.mark.parametrize("attention", ["compiled", "eager"])
+def test_a_live_sequence_s_non_finite_values_reach_nobody_else(device, attention):
+    """Issue 17 defect 2: with eager FlexAttention one NaN/Inf anywhere in the pool (here: a live sequence's own K/V,
+    and the NaN poison of free pages) made every sequence's output NaN. Each row must see only its own pages."""
+    spec = make_spec(device)
+    cache = PagedKVCache(spec, attention=attention, decode_kernel="flex", policy="lowest", poison_free_pages=True)
+    gold = ContiguousOracle(spec)
+    gen = torch.Generator().manual_seed(5)
+    for c in (cache, gold):
+        c.admit("bad")
+        c.admit("good")
+    for lens in ([P + 3, 7], [1, 1]):                  # a prefill, then a decode step, both beside the bad row
+        for c in (cache, gold):
+            c.plan(["bad", "good"], lens)
+        for layer in range(spec.num_layers):
+            q, k, v = qkv(gen, spec, 2, max(lens))
+            k[0, :, 0, 0], v[0, :, 1, 2] = float("nan"), float("inf")
+            out, want = cache.run(layer, q, k, v), gold.run(layer, q, k, v)
+            n = lens[1]
+            assert out[1, :n].isfinite().all(), f"{attention}: row 'good' read another row's NaN/Inf"
+            c = compare(out[1, :n], want[1, :n], want[1, :n].to(spec.dtype), spec.dtype)
+            assert c.ok, c.describe()
 
 
 def test_handed_out_pages_are_zeroed_in_every_layer(device):
@@ -195,8 +218,6 @@ def test_mod_probe_cache_is_bounded():
     assert len(validation._probed) <= validation._PROBED_MAX
 
 
-@pytest.mark.xfail(strict=True, reason="StepBuffers.wrapped (paged/plan.py) keeps one wrapper triple per mod object "
-                                       "for the cache's lifetime; recommended: a bounded LRU (issue 17 defect 8)")
 def test_fresh_mod_objects_each_step_do_not_grow_the_cache(device):
     spec = make_spec(device)
     cache = PagedKVCache(spec, attention="eager")

@@ -108,15 +108,25 @@ def plan(layout: StepLayout, buffers: StepBuffers) -> FlexPlan:
     return FlexPlan(block_mask, checked_block_mask, score_mod, settings.attention, _options(settings, buffers))
 
 
+#: Mod pairs whose wrappers a bucket keeps (least recently used dropped first). Reusing one mod object keeps its
+#: compiled kernel; a new object per step is a new wrapper (and, compiled, a recompile) either way.
+MAX_WRAPPED_MODS = 16
+
+
 def _masks(layout: StepLayout, buffers: StepBuffers) -> tuple[Callable, Callable, Callable | None]:
     """(mask of the cache's own call, mask of a call that may run eagerly, physical score_mod): wrappers built
     once per (bucket, mods), so the compiled kernel sees the same functions, and so the same guards, every step."""
     settings = layout.settings
     key = (layout.mask_mod, layout.score_mod)
-    if key not in buffers.wrapped:
-        buffers.wrapped[key] = physical_mods(buffers, layout.page_logical, settings.spec.page_size,
-                                             layout.mask_mod or causal, layout.score_mod)
-    checked_mask, listed_mask, paged_score = buffers.wrapped[key]
+    wrapped = buffers.wrapped
+    if key in wrapped:
+        wrapped[key] = wrapped.pop(key)                       # most recently used last
+    else:
+        if len(wrapped) >= MAX_WRAPPED_MODS:                  # a fresh mod object every step must not grow it
+            wrapped.pop(next(iter(wrapped)))
+        wrapped[key] = physical_mods(buffers, layout.page_logical, settings.spec.page_size,
+                                     layout.mask_mod or causal, layout.score_mod)
+    checked_mask, listed_mask, paged_score = wrapped[key]
     compiled = settings.attention == "compiled"
     own_mask = listed_mask if compiled and settings.check_ownership is not True else checked_mask
     caller_mask = listed_mask if compiled and settings.check_ownership is False else checked_mask
@@ -155,6 +165,8 @@ def run(step: StepPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     # A fresh contiguous buffer whatever the caller's strides: compiled flex guards on them (dynamic=False).
     qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)             # (Bp, Lqp, Hq, D)
     qp[:B, :Lq] = q
+    if kp.attention == "eager":
+        k_pool, v_pool = own_pages_only(k_pool, v_pool, buf.page_table, pools.page_logical)   # (Bp, Hkv, N*P, D)
     out = attend(qp.transpose(1, 2), k_pool, v_pool, block_mask_for_call(kp), kp.score_mod, scale, kp.attention,
                  kp.kernel_options)
     out = out.transpose(1, 2)[:B, :Lq]                                               # (B, Lq, Hq, D)
@@ -163,6 +175,28 @@ def run(step: StepPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
         valid = torch.arange(Lq, device=q.device)[None, :] < buf.q_len[:B, None]   # (B, Lq)
         out = out * valid[:, :, None, None].to(out.dtype)
     return out if Lq_in == Lq else F.pad(out, (0, 0, 0, 0, 0, Lq_in - Lq))         # (B, Lq_in, Hq, D)
+
+
+def own_pages_only(k_pool: torch.Tensor, v_pool: torch.Tensor, page_table: torch.Tensor,
+                   page_logical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's copy of a layer's pool holding only its own pages (every other slot 0), for eager FlexAttention.
+
+    Eager FlexAttention weighs every slot of the pool, masked ones with probability 0, and 0 x NaN = NaN: a NaN or
+    Inf left in a free page, or stored by another live sequence, would reach every row (issue 17, defect 2). Its
+    mask_mod still decides what a row sees; this only keeps what it must not see out of the arithmetic. Eager is
+    the reference path (small pools): the per-row copy costs Bp x the pool's bytes.
+
+    Args: k_pool, v_pool (1, Hkv, N * P, D); page_table (Bp, W) int32; page_logical (N,) int32 (-1: free).
+    Returns: (Bp, Hkv, N * P, D) each.
+    """
+    n = page_logical.numel()
+    page_size = k_pool.shape[2] // n
+    logical = page_logical.long()                                                    # (N,)
+    width = page_table.shape[1]
+    listed = page_table.long().gather(1, logical.clamp(0, width - 1)[None].expand(page_table.shape[0], n))  # (Bp, N)
+    owned = (logical >= 0) & (logical < width) & (listed == torch.arange(n, device=listed.device))  # (Bp, N)
+    keep = owned.repeat_interleave(page_size, dim=1)[:, None, :, None]               # (Bp, 1, N * P, 1)
+    return torch.where(keep, k_pool, 0), torch.where(keep, v_pool, 0)
 
 
 FlexPlan.run = staticmethod(run)
