@@ -355,8 +355,8 @@ def test_padded_batch_run_matches_the_unpadded_run(kernel_device):
 
 
 def test_padded_batch_is_refused_on_flexattention_steps(kernel_device):
-    spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=4, num_pages=16, max_seq_len=32,
-                     device=kernel_device)
+    spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=16, num_pages=16, max_seq_len=64,
+                     device=kernel_device)                     # CUDA caches take pages >= 16
     cache = PagedKVCache(spec, decode_kernel="triton")
     for s in "abc":
         cache.admit(s)
