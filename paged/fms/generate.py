@@ -11,7 +11,7 @@ every running sequence decodes one token per step; a sequence that emits EOS or 
 finished at once, freeing its pages, and waiting prompts join). On CUDA, decode steps run compiled and replayed as
 CUDA graphs, one per batch bucket (:mod:`paged.fms.decode`); prefill steps run eagerly.
 
-Also here: :func:`forward_logits`, one forward step over live sequences, the logits of every new position (for
+Also here (from :mod:`paged.fms.forward`): :func:`forward_logits`, one forward step over live sequences, the logits of every new position (for
 equivalence tests); :func:`fms_generate` (from :mod:`paged.fms.fms_loop`), FMS's own generation loop on the cache.
 """
 
@@ -29,119 +29,14 @@ from paged.cache import PagedKVCache
 from paged.errors import InvalidRequestError, OutOfPagesError, SequenceTooLongError, UnsupportedConfigError
 from paged.fms.decode import CompiledDecoder
 from paged.fms.fms_loop import fms_generate, prepare_fms_generate
-from paged.fms.op import PagedStep, attention_layers, bind, plan_step
+from paged.fms.forward import _picked_logits, cache_spec_for, forward_logits
+from paged.fms.op import PagedStep, bind, plan_step
 from paged.fms.scheduler import ContinuousBatching, Request, Scheduler, Work
 from paged.spec import CacheSpec
-from paged.transfer import to_device
 
 __all__ = ["PagedGenerator", "StepEvent", "cache_spec_for", "fms_generate", "forward_logits", "prepare_fms_generate"]
 
 _ids = itertools.count()
-
-
-def cache_spec_for(
-    model: torch.nn.Module,
-    *,
-    token_budget: int = 8192,
-    page_size: int = 16,
-    max_seq_len: int | None = None,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-) -> CacheSpec:
-    """The K/V cache spec an FMS model needs: one pool layer per attention layer.
-
-    Layers, kv heads and head size are read from the model's ``MultiHeadAttention`` modules, the
-    values FMS itself attends with (for Llama: ``nlayers``, ``kvheads`` or ``nheads`` when 0, and
-    ``emb_dim // nheads``) and checked against ``model.config`` where it has them. dtype and device
-    default to the model's parameters'. The pool holds ``token_budget`` tokens (rounded up to whole
-    pages); ``max_seq_len`` defaults to the smaller of that and the model's ``max_expected_seq_len``
-    (the length FMS's RoPE tables cover).
-    """
-    layers = attention_layers(model)
-    if not layers:
-        raise UnsupportedConfigError(f"{type(model).__name__} has no fms MultiHeadAttention modules")
-    kvheads = {m.kvheads for m in layers}
-    head_dims = {m.emb_kq_per_head for m in layers} | {m.emb_v_per_head for m in layers}
-    if len(kvheads) != 1 or len(head_dims) != 1:
-        raise UnsupportedConfigError(f"layers differ in kv heads {sorted(kvheads)} or head size {sorted(head_dims)}; "
-                                     f"one cache spec needs them equal")
-    config = getattr(model, "config", None)
-    nlayers = getattr(config, "nlayers", None)
-    if nlayers is not None and nlayers != len(layers):
-        raise UnsupportedConfigError(f"config.nlayers={nlayers} but the model has {len(layers)} attention modules")
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = dtype or (param.dtype if param is not None else torch.float32)
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-    if token_budget < 1 or page_size < 1:
-        raise InvalidRequestError(f"token_budget and page_size must be positive, got {token_budget}, {page_size}")
-    num_pages = math.ceil(token_budget / page_size)
-    if max_seq_len is None:
-        max_seq_len = num_pages * page_size
-        model_max = getattr(config, "max_expected_seq_len", None)
-        if model_max:
-            max_seq_len = min(max_seq_len, model_max)
-    return CacheSpec(num_layers=len(layers), num_kv_heads=kvheads.pop(), head_dim=head_dims.pop(),
-                     page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len, dtype=dtype, device=device)
-
-
-def _inputs(step: PagedStep, token_chunks: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
-    """(B, L) right-padded token ids of the step's rows, on the cache's device."""
-    length = step.plan.max_q_len
-    ids = torch.full((len(token_chunks), length), pad_token_id, dtype=torch.long)
-    for b, chunk in enumerate(token_chunks):
-        ids[b, :len(chunk)] = torch.as_tensor(chunk, dtype=torch.long)
-    return to_device(ids, step.cache.spec.device)
-
-
-def _forward(model: torch.nn.Module, step: PagedStep, token_chunks: Sequence[Sequence[int]],
-             pad_token_id: int = 0) -> torch.Tensor:
-    """One forward pass of `model` over the step's rows (right-padded). Returns logits (B, L, V)."""
-    ids = _inputs(step, token_chunks, pad_token_id)
-    with torch.no_grad():
-        return model(ids, position_ids=step.position_ids(ids.shape[1]), use_cache=False, **step.kwargs())
-
-
-def _picked_logits(model: torch.nn.Module, step: PagedStep, token_chunks: Sequence[Sequence[int]],
-                   picks: Sequence[tuple[int, int]], pad_token_id: int = 0) -> torch.Tensor:
-    """One forward pass whose LM head runs only at `picks` [(row, position)]: logits (len(picks), V).
-
-    A prefill step needs one position's logits per row that finishes its prompt; the head over every position
-    (B x L x V, 8 GB for 64 prompts of 512 tokens at vocab 128256 in bf16) would cost more than the whole model.
-    FMS decoders with a ``base_model`` and a ``head`` (Llama, Granite, Mistral, ...) take this path; others run
-    the whole forward and index it.
-    """
-    base, head = getattr(model, "base_model", None), getattr(model, "head", None)
-    if base is None or head is None:
-        logits = _forward(model, step, token_chunks, pad_token_id)
-        return logits[[b for b, _ in picks], [j for _, j in picks]]
-    ids = _inputs(step, token_chunks, pad_token_id)
-    with torch.no_grad():
-        hidden, _ = base(ids, step.position_ids(ids.shape[1]), None, False, **step.kwargs())   # (B, L, E)
-        if not picks:
-            return hidden.new_empty(0, 0)
-        return head(hidden[[b for b, _ in picks], [j for _, j in picks]])                      # (k, V)
-
-
-def forward_logits(
-    model: torch.nn.Module,
-    cache: PagedKVCache,
-    seq_ids: Sequence[Hashable],
-    token_chunks: Sequence[Sequence[int]],
-    *,
-    sliding_window: int | None = None,
-) -> list[torch.Tensor]:
-    """Append `token_chunks[i]` to live sequence `seq_ids[i]` in one forward step; return each one's logits.
-
-    Returns a list of (len(token_chunks[i]), vocab) tensors: the logits at every new position, each
-    position attending to its sequence's whole stored history (earlier steps included).
-    """
-    chunks = [list(map(int, c)) for c in token_chunks]
-    if len(chunks) != len(seq_ids):
-        raise InvalidRequestError(f"{len(seq_ids)} sequence ids but {len(chunks)} token chunks")
-    bind(model)
-    step = plan_step(cache, seq_ids, [len(c) for c in chunks], sliding_window=sliding_window)
-    logits = _forward(model, step, chunks)
-    return [logits[b, :len(c)] for b, c in enumerate(chunks)]
 
 
 @dataclass(frozen=True)
@@ -279,35 +174,14 @@ class PagedGenerator:
         prompts = [[int(t) for t in p] for p in prompts]
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         self._check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch, seed)
-        if scheduler is not None and (prefill_chunk is not None or max_batch is not None):
-            raise InvalidRequestError("pass prefill_chunk and max_batch to your scheduler, not to generate()")
-        scheduler = scheduler or ContinuousBatching(max_batch, prefill_chunk)
-        requests = self._requests(prompts, limits, do_sample, seed)
+        scheduler, requests = _scheduler(scheduler, max_batch, prefill_chunk), self._requests(prompts, limits,
+                                                                                              do_sample, seed)
         sampling = _Sampling(do_sample, temperature, top_k, return_logits)
-        total = sum(limits)
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, unit="tok", desc="generate", leave=False,
-                   disable=(not progress) if progress is not None else (None if total >= 1024 else True))
-        waiting = [r for r in requests if r.limit > 0]
+        bar = _progress_bar(sum(limits), progress)
         running: list[Request] = []
-        ahead: _Ahead | None = None        # the next decode step, planned while this one ran on the GPU
         try:
-            for step_no in itertools.count():
-                if not (waiting or running):
-                    break
-                if ahead is None:
-                    self._admit(scheduler, waiting, running)
-                    work = scheduler.next_step(running)
-                    step = plan_step(self.cache, [r.seq_id for r in work.rows], [len(c) for c in work.chunks],
-                                     sliding_window=self.sliding_window)
-                else:
-                    work, step = ahead.work(), ahead.step
-                plan_ahead = functools.partial(self._plan_ahead, scheduler, running=running, waiting=waiting)
-                new_tokens, finished, ahead = self._step(work, step, sampling, eos_token_id, running, plan_ahead)
-                bar.update(len(new_tokens))
-                if callback is not None:
-                    callback(StepEvent(step_no, work.kind, tuple(r.index for r in work.rows), new_tokens,
-                                       tuple(finished), self.cache))
+            self._run(scheduler, [r for r in requests if r.limit > 0], running, sampling, eos_token_id,
+                      lambda n: bar.update(n), callback)
         finally:
             bar.close()
             for r in running:                                  # an error mid-run leaks nothing
@@ -317,6 +191,28 @@ class PagedGenerator:
         if return_logits:
             return outs, [torch.stack(r.logits) if r.logits else torch.empty(0) for r in requests]
         return outs
+
+    def _run(self, scheduler: Scheduler, waiting: list[Request], running: list[Request], sampling: _Sampling,
+             eos_token_id: int | None, progress: Callable[[int], None],
+             callback: Callable[[StepEvent], None] | None) -> None:
+        """Step until every request is done: admit, pick the step's work, run it (`_step`)."""
+        ahead: _Ahead | None = None        # the next decode step, planned while this one ran on the GPU
+        for step_no in itertools.count():
+            if not (waiting or running):
+                return
+            if ahead is None:
+                self._admit(scheduler, waiting, running)
+                work = scheduler.next_step(running)
+                step = plan_step(self.cache, [r.seq_id for r in work.rows], [len(c) for c in work.chunks],
+                                 sliding_window=self.sliding_window)
+            else:
+                work, step = ahead.work(), ahead.step
+            plan_ahead = functools.partial(self._plan_ahead, scheduler, running=running, waiting=waiting)
+            new_tokens, finished, ahead = self._step(work, step, sampling, eos_token_id, running, plan_ahead)
+            progress(len(new_tokens))
+            if callback is not None:
+                callback(StepEvent(step_no, work.kind, tuple(r.index for r in work.rows), new_tokens,
+                                   tuple(finished), self.cache))
 
     def _requests(self, prompts: list[list[int]], limits: list[int], do_sample: bool,
                   seed: int | None) -> list[Request]:
@@ -442,6 +338,20 @@ class PagedGenerator:
             if value is not None and (type(value) is not int or (value < 1 and name != "seed")):
                 raise InvalidRequestError(f"{name} must be {'an int' if name == 'seed' else 'an int >= 1'} or None, "
                                           f"got {value!r}")
+
+
+def _scheduler(scheduler: Scheduler | None, max_batch: int | None, prefill_chunk: int | None) -> Scheduler:
+    if scheduler is not None and (prefill_chunk is not None or max_batch is not None):
+        raise InvalidRequestError("pass prefill_chunk and max_batch to your scheduler, not to generate()")
+    return scheduler or ContinuousBatching(max_batch, prefill_chunk)
+
+
+def _progress_bar(total: int, progress: bool | None):
+    """tqdm over generated tokens: shown when asked, or (None) for long runs (>= 1024 tokens) on a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok", desc="generate", leave=False,
+                disable=(not progress) if progress is not None else (None if total >= 1024 else True))
 
 
 @dataclass(frozen=True)
