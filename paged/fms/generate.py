@@ -11,8 +11,8 @@ every running sequence decodes one token per step; a sequence that emits EOS or 
 finished at once, freeing its pages, and waiting prompts join). On CUDA, decode steps run compiled and replayed as
 CUDA graphs, one per batch bucket (:mod:`paged.fms.decode`); prefill steps run eagerly.
 
-Also here (from :mod:`paged.fms.forward`): :func:`forward_logits`, one forward step over live sequences, the logits of every new position (for
-equivalence tests); :func:`fms_generate` (from :mod:`paged.fms.fms_loop`), FMS's own generation loop on the cache.
+Also here: :func:`forward_logits` and :func:`cache_spec_for` (from :mod:`paged.fms.forward`), and
+:func:`fms_generate` (from :mod:`paged.fms.fms_loop`), FMS's own generation loop on the cache.
 """
 
 from __future__ import annotations
@@ -161,8 +161,7 @@ class PagedGenerator:
             prefill_chunk: at most this many prompt tokens per request per prefill step (None: whole prompt).
             max_batch: at most this many requests running at once; others wait and are admitted as
                 running ones finish.
-            progress: tqdm progress bar over generated tokens: True, False, or None for long runs only
-                (>= 1024 tokens) on a terminal.
+            progress: tqdm bar over generated tokens: True, False, or None for long runs (>= 1024) on a terminal.
             callback: called with a :class:`StepEvent` after every step.
             return_logits: also return, per request, the (n_new, vocab) float32 logits each new token was
                 chosen from.
