@@ -56,11 +56,11 @@ from typing import Any, Hashable, Literal, Sequence
 import torch
 from fms.modules.attention import MultiHeadAttention, get_attention_type, register_attention_op
 
+import paged.ops  # noqa: F401  (registers torch.ops.paged.attend, the traceable form of the op)
 from paged.cache import PagedKVCache
 from paged.errors import InvalidRequestError, PlanError, UnsupportedConfigError
 from paged.mods import MaskMod, sliding_window as _sliding_window_mod
 from paged.plan import StepPlan
-import paged.ops  # noqa: F401  (registers torch.ops.paged.attend)
 
 __all__ = ["OP_NAME", "PagedStep", "attention_layers", "bind", "is_bound", "plan_step", "register"]
 
