@@ -307,6 +307,7 @@ def test_two_ranks_generate_like_one_process(world2, references, name):
     assert all(r[name]["kvheads"] == kv_heads_per_rank(name, 2) for r in world2)
 
 
+@pytest.mark.slow  # a 4-rank world on a 2-core CI machine: `tox -e slow`
 def test_each_rank_holds_only_its_kv_heads(world2, world4):
     # A rank's pool holds its local heads: the 2-rank MHA pool is half the 1-rank size, the 4-rank GQA pool
     # (one replicated head per rank) as large as the 2-rank one.
@@ -364,6 +365,7 @@ def test_launcher_prints_on_rank_zero_only(world2, ckpts):
 
 
 # --------------------------------------------------------------------------------------------- 4 ranks
+@pytest.mark.slow  # a 4-rank world on a 2-core CI machine: `tox -e slow`
 @pytest.mark.parametrize("name", ["gqa", "mha"])
 def test_four_ranks_generate_like_one_process(world4, references, name):
     # gqa: kvheads 2 < world 4, so FMS gives every rank one replicated kv head; its pool holds that one head.
@@ -371,11 +373,13 @@ def test_four_ranks_generate_like_one_process(world4, references, name):
     assert all(r[name]["kvheads"] == 1 for r in world4)
 
 
+@pytest.mark.slow  # a 4-rank world on a 2-core CI machine: `tox -e slow`
 def test_fms_generate_loop_on_four_ranks(world4, references):
     for r in world4:
         assert r["fms_loop"]["tokens"] == references["gqa"]["default"] and r["fms_loop"]["live"] == 0
 
 
+@pytest.mark.slow  # a 4-rank world on a 2-core CI machine: `tox -e slow`
 def test_four_ranks_out_of_pages_on_the_last(world4):
     errs = [r["oop"] for r in world4]
     assert all(e == errs[0] for e in errs) and errs[0]["type"] == "DistributedOutOfPagesError"
