@@ -1,7 +1,8 @@
 """A Llama-shaped decoder over a PagedKVCache, decode steps only, random weights: the whole-step benchmark's model.
 
-gpt-fast style: plain tensors, one short file. (FMS's own LLaMA over the paged op is `paged.fms.bench`; its eager
-generate loop is host-bound and is not captured in a graph, so the whole-step timing needs a model that is.) Per layer: RMSNorm, fused QKV projection, rotary embedding,
+gpt-fast style: plain tensors, one short file: the kernel-level whole-step timing, with nothing but the model around
+the cache. (FMS's own LLaMA over the paged op, compiled and graphed, is timed end to end by `conformance.fms_bench`.)
+Per layer: RMSNorm, fused QKV projection, rotary embedding,
 paged attention (`cache.run`), output projection, RMSNorm, SwiGLU MLP; then a final norm and the LM head.
 Its inputs are static tensors (`tokens`, `positions`) that the caller refreshes before each step, so a step
 can be captured once in a CUDA graph and replayed (`paged.graphs.GraphedStep`).
