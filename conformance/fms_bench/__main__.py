@@ -79,21 +79,18 @@ def run_config(runners: dict, gens: dict, clock, args, batch: int, prompt: int, 
     for mode, run in runners.items():
         try:
             warmup = 2 if mode in ("hf-static", "paged-graphs") else 1
-            graphs0 = unique_graphs()
-            dec = getattr(gens.get(mode), "_decoder", None)
-            captures0 = dec.captures if dec else 0
-            r = time_generation(run, prompts, args.new_tokens, args.repeats, warmup, device, clock)
-            graphs1 = unique_graphs()
-            r["recompiles_timed"] = None      # filled below: graphs compiled during the timed repeats only
+            gen = gens.get(mode)
+
+            def counts() -> tuple[int, int]:
+                decoder = getattr(gen, "_decoder", None)
+                return unique_graphs(), decoder.captures if decoder is not None else 0
+
+            r = time_generation(run, prompts, args.new_tokens, args.repeats, warmup, device, clock, counts)
             tokens[mode] = r.pop("tokens").tolist()
-            dec = getattr(gens.get(mode), "_decoder", None)
-            r["captures"] = dec.captures - captures0 if dec else None
             if args.device_time and device.type == "cuda":
                 r.update(device_profile(run, prompts, args.new_tokens))
             if args.host_profile and mode.startswith("paged"):
                 r["host_profile"] = host_profile(run, prompts, args.new_tokens)
-            r["recompiles_timed"] = unique_graphs() - graphs1
-            r["graphs_compiled_in_warmup"] = graphs1 - graphs0
         except Exception as e:  # noqa: BLE001  (recorded: one mode's failure must not hide the others' figures)
             r = {"error": f"{type(e).__name__}: {e}"[:500]}
         config["modes"][mode] = r

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -20,20 +21,23 @@ def wall(run: Runner, prompts: torch.Tensor, new_tokens: int, device: torch.devi
 
 
 def time_generation(run: Runner, prompts: torch.Tensor, new_tokens: int, repeats: int, warmup: int,
-                    device: torch.device, clock: Clock) -> dict:
+                    device: torch.device, clock: Clock, counts: Callable[[], tuple[int, int]]) -> dict:
     """Decode step and prefill of one mode at one configuration.
 
     step_ms: the median interval between consecutive per-token stamps of the timed generate(N + 1) calls (steady
     state, host time included). step_ms_by_difference: (median generate(N + 1) - median generate(1)) / N, the
     figure FACTS.md's anchors were taken with (noisy when the prefill dwarfs N steps). prefill_ms: median
-    generate(1). Warm-up: `warmup` untimed generates of each length (compiles, captures). Returns the figures and
-    the first warm-up's tokens (for the agreement check).
+    generate(1). Warm-up: `warmup` untimed generates of each length (compiles, captures). `counts()` gives
+    (graphs compiled, CUDA graphs captured) so far: recorded for the warm-up and, apart, for the timed repeats
+    (both must stay 0 there). Returns the figures and the first warm-up's tokens (for the agreement check).
     """
+    before = counts()
     tokens = None
     for _ in range(warmup):
         _, out = wall(run, prompts, new_tokens + 1, device)
         tokens = out if tokens is None else tokens
         wall(run, prompts, 1, device)
+    warm = counts()
     full, one, intervals = [], [], []
     peak = None
     for i in range(repeats):
@@ -46,8 +50,10 @@ def time_generation(run: Runner, prompts: torch.Tensor, new_tokens: int, repeats
         if i == 0 and device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - base
         one.append(wall(run, prompts, 1, device)[0])
+    done = counts()
     step = (statistics.median(full) - statistics.median(one)) / new_tokens
-    return {"step_ms": statistics.median(intervals) * 1e3 if intervals else None,
+    return {"compiles_warmup": warm[0] - before[0], "captures_warmup": warm[1] - before[1],
+            "compiles_timed": done[0] - warm[0], "captures_timed": done[1] - warm[1],"step_ms": statistics.median(intervals) * 1e3 if intervals else None,
             "step_ms_by_difference": step * 1e3, "step_intervals": len(intervals),
             "prefill_ms": statistics.median(one) * 1e3, "peak_extra_bytes": peak,
             "generate_ms": statistics.median(full) * 1e3, "generate_ms_all": [t * 1e3 for t in full],

@@ -43,6 +43,7 @@ def test_every_mode_ran_and_agreed(results):
             assert "error" not in r, r
             assert r["prefill_ms"] > 0 and len(r["generate_ms_all"]) == 1
             assert r["step_ms"] > 0 and r["step_intervals"] == 2     # 4 tokens: the last two of 3 decode steps
+            assert r["compiles_timed"] == 0 and r["captures_timed"] == 0
             if mode != "fms-default":        # fp32, same weights: the same greedy tokens as FMS's default path
                 assert r["agreement"]["rows_equal"] == c["batch"], (mode, r["agreement"])
         assert c["floor_ms"] > 0
