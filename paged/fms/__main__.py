@@ -111,10 +111,10 @@ def _generate(args: argparse.Namespace, model, prompts: list[list[int]], eos: in
     from paged.errors import PagedError
     from paged.fms.generate import PagedGenerator
 
-    options: dict[str, Any] = {"cuda_graphs": False} if args.no_graphs else {}   # only when asked
     try:
         gen = PagedGenerator(model, token_budget=args.token_budget, page_size=args.page_size,
-                             attention="eager" if args.eager else "compiled", **options)
+                             attention="eager" if args.eager else "compiled",
+                             cuda_graphs=False if args.no_graphs else None)
         return gen.generate(prompts, args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                             top_k=args.top_k, seed=args.seed, eos_token_id=eos, prefill_chunk=args.prefill_chunk,
                             max_batch=args.max_batch, progress=False if args.no_progress else None)
