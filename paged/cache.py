@@ -295,8 +295,10 @@ class PagedKVCache:
         if key not in self._buffers:
             # The query block must be a multiple of the GPU kernels' row tile: FlexDecoding's is
             # max(16, next_pow2(GQA group)) even for one query row, so decode steps get a 128-row block too.
+            fields = getattr(self._decode, "step_fields", None)     # the decode kernel's own per-step fields
             buf = StepBuffers(padded_batch, padded_q, 128 if padded_q == 1 else min(padded_q, 128),
-                              self._table_width, self.spec.page_size, self.spec.device, self._block_width)
+                              self._table_width, self.spec.page_size, self.spec.device, self._block_width,
+                              fields(padded_batch, padded_q, self.spec) if fields else ())
             self._buffers[key] = buf
         return self._buffers[key]
 

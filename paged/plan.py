@@ -46,7 +46,8 @@ class StepBuffers:
     pool), Qb = query blocks, Lqp = padded query length):
         q_start: (Bp,) int32, logical position of each row's first new token (its length before the step).
         q_len: (Bp,) int32, new tokens per row (0 for padding rows).
-        split_keys: (1,) int64, the Triton decode kernel's keys per split this step.
+        kernel fields: those the decode kernel declares (`step_fields` of its module, `paged.kernels`), e.g. the
+            Triton kernel's work list; read them as `packed.dev[name]` (host: `host[name]`, `packed.host_np[name]`).
         page_table: (Bp, W) int32, physical page of each logical page, -1 past the sequence's pages.
         slots, token_rows: (Bp * Lqp,) int64; a step's slot mapping and token rows are their first T entries.
         new_pages, new_logical: (Bp * (ceil(Lqp / P) + 1),) int64 / int32: the pages a step hands out and their
@@ -62,14 +63,14 @@ class StepBuffers:
     """
 
     def __init__(self, padded_batch: int, padded_q_len: int, q_block: int, width: int, page_size: int,
-                 device: torch.device, block_width: int | None = None):
+                 device: torch.device, block_width: int | None = None, kernel_fields: Sequence[tuple] = ()):
         self.padded_batch, self.padded_q_len, self.q_block, self.width = padded_batch, padded_q_len, q_block, width
         self.block_width = bw = block_width or width
         Bp, Qb, T = padded_batch, -(-padded_q_len // q_block), padded_batch * padded_q_len
         new = Bp * (-(-padded_q_len // page_size) + 1)
         i32, i64 = torch.int32, torch.long
         self.packed = PackedStaging([
-            ("q_start", (Bp,), i32, 0), ("q_len", (Bp,), i32, 0), ("split_keys", (1,), i64, 0),
+            ("q_start", (Bp,), i32, 0), ("q_len", (Bp,), i32, 0), *kernel_fields,   # sent with a decode step's prefix
             ("page_table", (Bp, width), i32, -1),
             ("slots", (T,), i64, 0), ("token_rows", (T,), i64, torch.arange(T)),   # decode buckets keep arange
             ("new_pages", (new,), i64, 0), ("new_logical", (new,), i32, -1),
@@ -78,7 +79,7 @@ class StepBuffers:
         ], device)
         self.host = self.packed.host
         dev = self.packed.dev
-        self.q_start, self.q_len, self.split_keys = dev["q_start"], dev["q_len"], dev["split_keys"]
+        self.q_start, self.q_len = dev["q_start"], dev["q_len"]
         self.page_table, self.slots, self.token_rows = dev["page_table"], dev["slots"], dev["token_rows"]
         self.new_pages, self.new_logical = dev["new_pages"], dev["new_logical"]
         self.kv_num_blocks, self.kv_indices = dev["kv_num_blocks"], dev["kv_indices"]

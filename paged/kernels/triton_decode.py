@@ -1,14 +1,17 @@
 """The Triton store-and-attend decode kernel as a `paged.kernels` kernel: plain causal decode steps (one new token
 per row, no mods), compiled attention only.
 
-Its source is `triton_source` (the @triton.jit kernels and `paged_decode`) and its sizing `triton_sizing`; both are
-re-exported here, and `paged.triton_decode` is this module under its old name.
+Its source is `triton_worklist` (the work-list kernel the cache runs), `triton_source` (the per-row split kernel,
+the standalone `paged_decode`), `triton_tiles` (what both share); its sizing `triton_sizing` and
+`triton_partition`. They are re-exported here, and `paged.triton_decode` is this module under its old name.
 
-Per bucket (once): split slots (`decode_splits`), launch options (`launch_options` at the bucket's padded batch, so
-every batch of a bucket launches alike and one CUDA graph per bucket is right), the kernel's constants. Per step
-(`plan`): keys per split from the host's lengths, one copy of the buffers up to the new pages. Per layer (`run`):
-one launch (two with split-KV merging) that stores the new token's K/V and attends over the row's pages. `run`
-also takes the bucket's padded batch: padding rows have q_len 0, store nothing and come back 0.
+Per bucket (once): the work list's length M (`max_items`) and its fields in the bucket's packed buffers
+(`step_fields`), launch options (`launch_options` at the bucket's padded batch, so every batch of a bucket launches
+alike and one CUDA graph per bucket is right), the kernel's constants. Per step (`plan`): the work list from the
+host's lengths (`triton_partition.partition`: a long row in many slices, a short one in one), sent with the
+step's one copy. Per layer (`run`): the item kernel (stores the new token's K/V, attends each item's keys) and the
+merge of the split rows. `run` also takes the bucket's padded batch: padding rows have q_len 0 and no items, store
+nothing and come back 0.
 """
 
 from __future__ import annotations
@@ -16,15 +19,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
+from paged.kernels.triton_partition import (MERGE_KEYS_PER_QHEAD, max_items, min_slice_keys, partition,  # noqa: F401
+                                            target_items)
 from paged.kernels.triton_sizing import (CTAS_PER_SM, MAX_SPLITS, MIN_SPLIT_KEYS, SMALL_TILE_MAX_CTAS_PER_SM,  # noqa: F401
                                          SMALL_TILE_MAX_SPLITS, SPLIT_HEADROOM, _next_pow2, _sm_count, available,
                                          decode_splits, launch_options, split_keys, triton)
 from paged.kernels.triton_source import launch, launch_meta, paged_decode, partials  # noqa: F401
+from paged.kernels.triton_worklist import decode_balanced, item_partials, items_meta, launch_items, work_list  # noqa: F401
 from paged.plan import StepBuffers, StepPlan
+from paged.spec import CacheSpec
 
 NAME = "triton"
 #: Runs over pools of more than 2**31 elements (64-bit slot offsets).
@@ -33,13 +41,29 @@ LARGE_POOLS = True
 PADDED_BATCH = True
 
 
+def step_fields(padded_batch: int, padded_q_len: int, spec: CacheSpec) -> list[tuple]:
+    """The work list's fields of a decode bucket's packed buffers (`StepBuffers`), none for other buckets:
+    work_items (3, M), row_first (Bp,), row_count (Bp,) int32 (`triton_partition`)."""
+    if padded_q_len != 1:
+        return []
+    M = max_items(padded_batch, spec.num_kv_heads, spec.device)
+    i32 = torch.int32
+    return [("work_items", (3, M), i32, -1), ("row_first", (padded_batch,), i32, 0),
+            ("row_count", (padded_batch,), i32, 0)]
+
+
 @dataclass
 class _Bucket:
-    """What the kernel fixes once per (padded batch) bucket: split slots, launch options and, per query head
-    count, the launch constants and the split-KV scratch (persistent, so a CUDA graph may capture them)."""
+    """What the kernel fixes once per (padded batch) bucket: launch options, the work list's length and target,
+    the shortest slice, and, per query head count, the launch constants and the merge's scratch (persistent, so
+    a CUDA graph may capture them). min_keys follows the last query head count run (plan() precedes the first
+    run of a bucket, which therefore plans with a GQA group of 1)."""
 
-    num_splits: int
     options: dict
+    num_items: int
+    target: int
+    min_keys: int
+    work: tuple[torch.Tensor, ...]                               # device work_items, row_first, row_count
     by_heads: dict[int, tuple] = field(default_factory=dict)   # Hq -> (meta, part_out, part_lse)
 
 
@@ -47,9 +71,10 @@ def _bucket(settings: KernelSettings, buffers: StepBuffers) -> _Bucket:
     state = buffers.kernel_state.get(NAME)
     if state is None:
         spec = settings.spec
-        state = _Bucket(decode_splits(buffers.padded_batch, spec.num_kv_heads, spec.max_seq_len, spec.device),
-                        launch_options(spec.dtype, spec.head_dim, spec.device, buffers.padded_batch,
-                                       spec.num_kv_heads))
+        options = launch_options(spec.dtype, spec.head_dim, spec.device, buffers.padded_batch, spec.num_kv_heads)
+        dev = buffers.packed.dev
+        state = _Bucket(options, dev["work_items"].shape[1], target_items(spec.num_kv_heads, spec.device),
+                        min_slice_keys(options["block_n"], 1), (dev["work_items"], dev["row_first"], dev["row_count"]))
         buffers.kernel_state[NAME] = state
     return state
 
@@ -60,7 +85,7 @@ class TritonDecodePlan(KernelPlan):
 
     Attributes:
         bucket: the bucket's fixed launch state; page_size, head_dim, dtype, device: the cache's;
-        scale_default: 1 / sqrt(head_dim).
+        scale_default: 1 / sqrt(head_dim); items: work-list items used this step.
     """
 
     name: ClassVar[str] = NAME
@@ -70,28 +95,31 @@ class TritonDecodePlan(KernelPlan):
     dtype: torch.dtype
     device: torch.device
     scale_default: float
+    items: int = 0
 
 
 def plan(layout: StepLayout, buffers: StepBuffers) -> TritonDecodePlan:
-    """Keys per split for this step's lengths into the host buffers, then one copy of the fields the kernel reads
-    (lengths, split length, page table; slots and new pages for the cache's page bookkeeping)."""
+    """The step's work list from its lengths into the host buffers, then one copy of the fields the kernel reads
+    (lengths, work list, page table; slots and new pages for the cache's page bookkeeping)."""
     spec = layout.settings.spec
     state = _bucket(layout.settings, buffers)
-    buffers.host["split_keys"][0] = split_keys([n + 1 for n in layout.start_lens], spec.num_kv_heads,
-                                               state.num_splits, spec.device)
+    h = buffers.packed.host_np
+    lengths = h["q_start"][:len(layout.q_lens)].astype(np.int64) + 1        # (B,) keys with the new token
+    used, _ = partition(lengths, h["work_items"], h["row_first"], h["row_count"], state.target,
+                        state.options["block_n"], state.min_keys)
     buffers.packed.send(last="new_logical")
     return TritonDecodePlan(state, spec.page_size, spec.head_dim, spec.dtype, layout.page_logical.device,
-                            spec.head_dim ** -0.5)
+                            spec.head_dim ** -0.5, used)
 
 
-def _launch_state(kp: TritonDecodePlan, buffers: StepBuffers, hq: int, hkv: int) -> tuple:
+def _launch_state(kp: TritonDecodePlan, hq: int, hkv: int) -> tuple:
     """(meta, part_out, part_lse) for `hq` query heads, made on the bucket's first launch with them."""
-    o = kp.bucket.options
-    min_keys = max(MIN_SPLIT_KEYS, o["block_n"])
-    meta = launch_meta(kp.dtype, kp.device, hq, hkv, kp.head_dim, kp.page_size, kp.bucket.num_splits,
-                       o["block_n"], min_keys, o["num_warps"], o["num_stages"], write_new=True, balanced=True)
-    state = (meta, *partials(buffers.padded_batch, hq, kp.head_dim, kp.bucket.num_splits, kp.device))
-    kp.bucket.by_heads[hq] = state
+    o, bucket = kp.bucket.options, kp.bucket
+    meta = items_meta(kp.dtype, kp.device, hq, hkv, kp.head_dim, kp.page_size, o["block_n"], o["num_warps"],
+                      o["num_stages"], bucket.num_items, write_new=True)
+    state = (meta, *item_partials(bucket.num_items, hq, kp.head_dim, kp.device))
+    bucket.by_heads[hq] = state
+    bucket.min_keys = min_slice_keys(o["block_n"], hq // hkv)
     return state
 
 
@@ -107,11 +135,11 @@ def run(step: StepPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Lq, Hq, D = q.shape
-    state = kp.bucket.by_heads.get(Hq) or _launch_state(kp, step.buffers, Hq, k.shape[2])
+    state = kp.bucket.by_heads.get(Hq) or _launch_state(kp, Hq, k.shape[2])
     out = torch.empty((B, 1, Hq, D), dtype=kp.dtype, device=kp.device)                  # (B, 1, Hq, D)
     buf = step.buffers
-    launch(state[0], q, pools.k_layers[layer], pools.v_layers[layer], k, v, buf.page_table, buf.q_start, buf.q_len,
-           buf.split_keys, kp.scale_default if scale is None else scale, out, state[1], state[2])
+    launch_items(state[0], q, pools.k_layers[layer], pools.v_layers[layer], k, v, buf.page_table, buf.q_start,
+                 buf.q_len, *kp.bucket.work, kp.scale_default if scale is None else scale, out, state[1], state[2])
     return out if Lq == 1 else F.pad(out, (0, 0, 0, 0, 0, Lq - 1))
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from paged.kernels.triton_sizing import MIN_SPLIT_KEYS, _next_pow2, launch_options, triton
+from paged.kernels.triton_tiles import attend_new, attend_pages
 
 if triton is not None:
     import triton.language as tl
@@ -72,59 +73,20 @@ if triton is not None:
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :] & has_work, other=0.0)   # (G, D)
 
-        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)            # running max (log2 units)
-        l = tl.full([GROUP_PAD], 0.0, tl.float32)                       # running sum of exp2
-        acc = tl.full([GROUP_PAD, D_PAD], 0.0, tl.float32)              # running sum of p * v
         k_head = K + h.to(tl.int64) * stride_kh
         v_head = V + h.to(tl.int64) * stride_kh
+        row_pages = PageTable + b * stride_pt
         # WRITE_NEW: the new token (position seq_len - 1) comes from KNew / VNew, not the pool; the CTA whose slice
         # holds it also stores it into the pool. No CTA of this launch reads that slot, so there is no race.
         new_pos = seq_len - 1
         pool_end = tl.minimum(end, new_pos) if WRITE_NEW else end
-        for n0 in range(start, pool_end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)                            # (N,) logical key positions
-            key_ok = pos < pool_end
-            if PAGE % BLOCK_N == 0:  # tiles are aligned, so each lies in one page: one lookup, contiguous slots
-                page = tl.load(PageTable + b * stride_pt + n0 // PAGE)
-                slot = page.to(tl.int64) * PAGE + n0 % PAGE + tl.arange(0, BLOCK_N)   # (N,) physical slots
-            else:                # the tile spans pages: a lookup per key
-                page = tl.load(PageTable + b * stride_pt + pos // PAGE, mask=key_ok, other=0)
-                slot = page.to(tl.int64) * PAGE + pos % PAGE            # (N,) physical slots
-            kv_off = slot[:, None] * stride_ks + dims[None, :]
-            kv_ok = key_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_head + kv_off, mask=kv_ok, other=0.0)         # (N, D)
-            v = tl.load(v_head + kv_off, mask=kv_ok, other=0.0)         # (N, D)
-            if F32_DOT:
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))                              # (G, N) fp32
-            s = tl.where(key_ok[None, :], s * scale_log2e, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))                         # finite: every tile has a key
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            if F32_DOT:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-
+        m, l, acc = attend_pages(q, k_head, v_head, row_pages, start, pool_end, stride_ks, dims, dim_ok, scale_log2e,
+                                 GROUP_PAD, D_PAD, PAGE, BLOCK_N, F32_DOT)
         if WRITE_NEW:
             if (start <= new_pos) & (new_pos < end):
-                k_new = tl.load(KNew + b * stride_knb + h * stride_knh + dims, mask=dim_ok, other=0.0)   # (D,)
-                v_new = tl.load(VNew + b * stride_vnb + h * stride_vnh + dims, mask=dim_ok, other=0.0)
-                page = tl.load(PageTable + b * stride_pt + new_pos // PAGE)
-                slot = page.to(tl.int64) * PAGE + new_pos % PAGE
-                tl.store(k_head + slot * stride_ks + dims, k_new, mask=dim_ok)
-                tl.store(v_head + slot * stride_ks + dims, v_new, mask=dim_ok)
-                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2e   # (G,)
-                m_new = tl.maximum(m, s_new)
-                alpha = tl.exp2(m - m_new)
-                p_new = tl.exp2(s_new - m_new)
-                l = l * alpha + p_new
-                acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
-                m = m_new
+                m, l, acc = attend_new(q, m, l, acc, k_head, v_head, KNew + b * stride_knb + h * stride_knh,
+                                       VNew + b * stride_vnb + h * stride_vnh, row_pages, new_pos, stride_ks, dims,
+                                       dim_ok, scale_log2e, PAGE)
 
         l_safe = tl.where(l > 0, l, 1.0)
         out = acc / l_safe[:, None]                                     # (G, D); 0 for an empty slice

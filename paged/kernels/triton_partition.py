@@ -1,0 +1,90 @@
+"""The work list of the Triton decode kernel: a step's keys cut into slices ("items") balanced over the card.
+
+Pure host code (numpy), run once per step in `plan()` from the host's lengths:
+
+    items      (3, M) int32: item i is row items[0, i] (-1: unused), keys [items[1, i], items[2, i])
+    row_first  (Bp,) int32: the row's first item (its items are contiguous)
+    row_count  (Bp,) int32: the row's items (0: no keys, 1: no merge, > 1: merged)
+
+M = `max_items` is fixed per (padded batch, kv heads) bucket, so the grid (Hkv, M) of a CUDA graph captured once
+per bucket stays right; unused items do nothing. Every row is cut into slices of one length `chunk`: the longest
+row takes k = ceil(target x longest / total) of them, so that the step's keys make about `target` items (about
+CTAS_PER_SM x SMs CTAs over the kv heads) and no item is longer than longest / k. A long row beside short ones
+is cut finely (all SMs stream it at once), a short row is one item; a batch of equal rows gets exactly the even
+split of the earlier per-row kernel (ceil(CTAS_PER_SM x SMs / (B x Hkv)) slices per row). Rows are listed
+longest first, so the longest items start first (the grid runs item by item, all kv heads of an item together).
+
+The merge costs each split row two float32 (Hq, D) reads and writes per slice: 8 x G bytes per key-slot of
+a kv head against 4 x itemsize x chunk of K and V read, so slices are at least MERGE_KEYS_PER_QHEAD x G keys
+long (a GQA group of G query heads): merge traffic <= 1/8 of the K/V read for 16-bit pools. A row of one item
+is written by the split kernel itself and pays no merge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from paged.kernels.triton_sizing import CTAS_PER_SM, MIN_SPLIT_KEYS, _sm_count
+
+#: Slices are at least this many keys per query head of a kv head's group (the merge's traffic, above).
+MERGE_KEYS_PER_QHEAD = 16
+
+
+def target_items(kv_heads: int, device: torch.device) -> int:
+    """Items a step aims at: about CTAS_PER_SM x SMs CTAs over the kv heads."""
+    return math.ceil(CTAS_PER_SM * _sm_count(device) / kv_heads)
+
+
+def max_items(padded_batch: int, kv_heads: int, device: torch.device) -> int:
+    """M, the work list's fixed length for a bucket: the target plus one item per row (each row's last, partial
+    slice). `partition` never needs more (it lengthens the slices where it would)."""
+    return target_items(kv_heads, device) + padded_batch
+
+
+def min_slice_keys(block_n: int, group: int) -> int:
+    """Fewest keys a slice takes: MIN_SPLIT_KEYS, the key tile, and MERGE_KEYS_PER_QHEAD x the GQA group, rounded
+    up to the key tile."""
+    keys = max(MIN_SPLIT_KEYS, block_n, MERGE_KEYS_PER_QHEAD * group)
+    return -(-keys // block_n) * block_n
+
+
+def slice_keys(lengths: np.ndarray, target: int, most: int, block_n: int, min_keys: int) -> int:
+    """The step's slice length: the longest row in ceil(target x longest / total) slices, rounded up to the key
+    tile and at least min_keys; lengthened if the rows would take more than `most` items.
+    Args: lengths (B,) int64 keys per row (new token included; 0 for a row without keys), some > 0."""
+    longest, total = int(lengths.max()), int(lengths.sum())
+    k = -(-target * longest // total)
+    chunk = max(-(-(-(-longest // k)) // block_n) * block_n, min_keys)
+    rows = int(np.count_nonzero(lengths))
+    if int((-(-lengths // chunk)).sum()) > most:  # sum(ceil(n / chunk)) <= total / chunk + rows <= most after this
+        chunk = max(chunk, -(-(-(-total // max(most - rows, 1))) // block_n) * block_n)
+    return chunk
+
+
+def partition(lengths: np.ndarray, items: np.ndarray, row_first: np.ndarray, row_count: np.ndarray, target: int,
+              block_n: int, min_keys: int) -> tuple[int, int]:
+    """Fill the work list for rows of `lengths` (B,) keys (int64; rows past B are padding): items (3, M),
+    row_first and row_count (>= B,) in place, as the module docstring lays them out.
+    Returns (items used, slice length); (0, 0) when no row has keys."""
+    B, M = lengths.shape[0], items.shape[1]
+    row_first[:], row_count[:] = 0, 0
+    items[0], items[1:] = -1, 0
+    if B == 0 or not lengths.any():
+        return 0, 0
+    chunk = slice_keys(lengths, target, M, block_n, min_keys)
+    counts = -(-lengths // chunk)                                       # (B,) slices per row
+    order = np.argsort(-counts, kind="stable")                          # longest rows first
+    per = counts[order]
+    first = np.cumsum(per) - per                                        # (B,) first item of each listed row
+    n = int(first[-1] + per[-1])
+    row = np.repeat(order, per)                                         # (n,) the row of each item
+    start = (np.arange(n) - np.repeat(first, per)) * chunk              # (n,)
+    items[0, :n] = row
+    items[1, :n] = start
+    items[2, :n] = np.minimum(start + chunk, lengths[row])
+    row_first[order] = first
+    row_count[:B] = counts
+    return n, chunk
