@@ -2,8 +2,10 @@
 
 Every runner returns only after the device finished (its tokens are copied to the host), so a wall-clock time
 around a call is the whole generation, host time included. Each also stamps `Clock.stamps` once per new token
-(after a synchronize, from its library's own per-step hook): the intervals between consecutive stamps are the
-decode steps.
+from its library's own per-step hook, once the device has finished that token's step: the intervals between
+consecutive stamps are the decode steps. transformers' and FMS's hooks are handed the step's tokens on the device,
+so they synchronize first; PagedGenerator calls its callback only after the step's tokens reached the host, so its
+stamp does not (a synchronize there would also wait for the next step, which the graphed path has already launched).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ Runner = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class Clock:
-    """Per-token host stamps, each after a synchronize; `stamps` is reset by the caller before a generate."""
+    """Per-token host stamps (`clock()` synchronizes first, `clock.stamp()` does not); `stamps` is reset by the caller
+    before a generate."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.stamps = device, []
@@ -27,6 +30,10 @@ class Clock:
     def __call__(self, *_, **__) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.stamp()
+
+    def stamp(self, *_, **__) -> None:
+        """A stamp without a synchronize: for hooks called once the step's tokens are on the host."""
         self.stamps.append(time.perf_counter())
 
 
@@ -103,7 +110,7 @@ def paged_runner(pair: ModelPair, device: torch.device, graphs: bool, token_budg
 
     def run(prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
         with torch.no_grad():
-            out = gen.generate(prompts.tolist(), new_tokens, callback=clock)
+            out = gen.generate(prompts.tolist(), new_tokens, callback=clock.stamp)
         return torch.tensor(out, dtype=torch.long)
 
     return run, gen

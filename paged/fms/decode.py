@@ -3,6 +3,10 @@
     decoder = CompiledDecoder(model, cache)            # CUDA graphs by default on a CUDA cache
     step = plan_step(cache, seq_ids, [1] * B)          # host: pages and the step's tensors, one packed copy
     logits, picks = decoder(step, last_tokens)         # (B, V) logits of the new position, (B,) their argmax
+    tokens = decoder.read_later(picks)                 # their copy to the host, enqueued
+    step2 = plan_step(cache, seq_ids, [1] * B)         # the next step, planned while the GPU runs this one
+    decoder(step2, FedTokens(picks, range(B), [0] * B))   # fed from the device: no wait for the host
+    tokens.tolist()                                    # the first step's picks, read while the second runs
 
 How a step runs. The model's forward is compiled with the attention op in its traceable form (`paged.ops`:
 `cache.run` as a custom op named by the cache's handle), so inductor fuses everything around attention and the
@@ -14,10 +18,16 @@ static input, and the replay stores each layer's new K/V and attends, padding ro
 leave freely: a step of 5 rows and one of 7 replay the same bucket-8 graph. Only plain decode steps on the
 Triton decode kernel are graphed (the kernel a CUDA cache uses for them); any other step runs the compiled
 forward on its real rows, without a graph.
+
+Feeding a step from the device. A greedy decode step's input tokens are the picks of the step before: passed as
+`FedTokens`, they are gathered on the device (one copy of the row map, one index_select), so the host can launch
+step t+1 before it has read step t's picks, and read them (`read_later`) while step t+1 runs. The GPU then never
+waits for the host's per-step work (sampling bookkeeping, the next plan), as long as that work is shorter than a step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -28,15 +38,50 @@ from paged.fms.op import CACHE_KWARG, OP_NAME, PagedStep, bind
 from paged.ops import register
 from paged.transfer import PackedStaging
 
-__all__ = ["CompiledDecoder"]
+__all__ = ["CompiledDecoder", "FedTokens", "PendingTokens"]
+
+
+@dataclass(frozen=True)
+class FedTokens:
+    """A decode step's input tokens, some of them still on the device.
+
+    Row i's token is `source[index[i]]` where `index[i]` is not None (the pick of an earlier step, which the host has
+    not read), else `host[i]`. source: (n,) int64 on the cache's device; index, host: one entry per row of the step.
+    """
+
+    source: torch.Tensor
+    index: Sequence[int | None]
+    host: Sequence[int]
+
+
+class PendingTokens:
+    """A step's picks on their way to the host: `picks` (B,) copied into pinned memory (enqueued, no wait);
+    `tolist()` waits for that copy only, not for work enqueued after it. On the CPU the picks themselves."""
+
+    def __init__(self, picks: torch.Tensor, pinned: torch.Tensor | None) -> None:
+        self._event = None
+        if pinned is None:
+            self._host = picks
+            return
+        self._host = pinned[:picks.shape[0]]
+        self._host.copy_(picks, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record(torch.cuda.current_stream(picks.device))
+
+    def tolist(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 class _Bucket:
     """One padded batch's static decode input and, once captured, its CUDA graph and static outputs."""
 
     def __init__(self, padded_batch: int, device: torch.device) -> None:
-        self.staging = PackedStaging([("ids", (padded_batch, 1), torch.long, 0)], device)
+        self.staging = PackedStaging([("ids", (padded_batch, 1), torch.long, 0),
+                                      ("index", (padded_batch,), torch.long, 0)], device)
         self.ids = self.staging.dev["ids"]                    # (Bp, 1) the graph's input tokens
+        self.index = self.staging.dev["index"]                # (Bp,) FedTokens' source row of each row (-1: host)
         self.steps = 0                                        # steps of this bucket so far
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None   # (Bp, V) logits, (Bp,) picks
@@ -47,7 +92,27 @@ class _Bucket:
         host = self.staging.host["ids"]
         host.zero_()
         host[:len(tokens), 0] = torch.as_tensor(tokens, dtype=torch.long)
+        self.staging.send(last="ids")
+
+    def load_fed(self, tokens: FedTokens) -> None:
+        """Enqueue `ids` from the device source (and the host's tokens of rows that have none there)."""
+        self.staging.begin()
+        ids, index = self.staging.host_np["ids"][:, 0], self.staging.host_np["index"]
+        ids[:] = 0
+        index[:] = 0                                          # padding rows: any valid source row
+        fed = [(i, j) for i, j in enumerate(tokens.index) if j is not None]
+        for i, j in fed:
+            index[i] = j
+        if len(fed) == len(tokens.index):                     # every row from the device: one gather
+            self.staging.send()
+            torch.index_select(tokens.source, 0, self.index, out=self.ids.view(-1))
+            return
+        for i, j in enumerate(tokens.index):
+            if j is None:
+                index[i], ids[i] = -1, tokens.host[i]
         self.staging.send()
+        picked = tokens.source.index_select(0, self.index.clamp(min=0))        # (Bp,)
+        self.ids.view(-1).copy_(torch.where(self.index >= 0, picked, self.ids.view(-1)))
 
 
 class CompiledDecoder:
@@ -78,6 +143,20 @@ class CompiledDecoder:
         self._forward = (torch.compile(self._traced_forward, backend=self._counting(backend)) if compile
                          else self._traced_forward)
         self._buckets: dict[int, _Bucket] = {}
+        self._pinned: list[torch.Tensor | None] = [None, None]   # read_later's two alternating host buffers
+        self._reads = 0
+
+    def read_later(self, picks: torch.Tensor) -> PendingTokens:
+        """Start copying a step's picks (B,) to the host; `.tolist()` on the result waits for them.
+
+        Two pinned buffers alternate: read a step's picks before calling this a second time after it."""
+        if picks.device.type != "cuda":
+            return PendingTokens(picks, None)
+        slot, self._reads = self._reads % 2, self._reads + 1
+        buf = self._pinned[slot]
+        if buf is None or buf.numel() < picks.shape[0]:     # this slot only: the other one may still be read
+            buf = self._pinned[slot] = torch.empty(max(picks.shape[0], 64), dtype=torch.long, pin_memory=True)
+        return PendingTokens(picks, buf)
 
     def _counting(self, backend: str):
         """`backend`, counting its compiles in `self.compiles` (a recompile after warm-up is a slow step)."""
@@ -100,8 +179,8 @@ class CompiledDecoder:
         logits = logits[:, -1]                                                  # (B, V)
         return logits, logits.argmax(-1)
 
-    def __call__(self, step: PagedStep, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one decode step: `tokens[i]` is the new token of row i of `step` (one per sequence).
+    def __call__(self, step: PagedStep, tokens: Sequence[int] | FedTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one decode step: `tokens[i]` is the new token of row i of `step` (one per sequence), or FedTokens.
 
         Returns (logits (B, V), picks (B,)) on the cache's device. With CUDA graphs they are views of the bucket's
         static outputs: read (or copy) them before the next step.
@@ -109,12 +188,12 @@ class CompiledDecoder:
         with torch.no_grad():
             return self._step(step, tokens)
 
-    def _step(self, step: PagedStep, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, step: PagedStep, tokens: Sequence[int] | FedTokens) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self._check(step, tokens)
         graphed = self.cuda_graphs and plan.bucket[2] == "triton"
         B = plan.batch
         bucket = self._bucket(plan.buffers.padded_batch if graphed else B)
-        bucket.load(tokens)
+        bucket.load_fed(tokens) if isinstance(tokens, FedTokens) else bucket.load(tokens)
         if not graphed:
             torch._dynamo.maybe_mark_dynamic(bucket.ids, 0)
             return self._forward(bucket.ids, plan.buffers.q_start[:B])
@@ -148,7 +227,7 @@ class CompiledDecoder:
             self._buckets[padded_batch] = _Bucket(padded_batch, self.cache.spec.device)
         return self._buckets[padded_batch]
 
-    def _check(self, step: PagedStep, tokens: Sequence[int]):
+    def _check(self, step: PagedStep, tokens: Sequence[int] | FedTokens):
         if not isinstance(step, PagedStep) or step.cache is not self.cache:
             raise PlanError("CompiledDecoder needs a PagedStep of its own cache (paged.fms.op.plan_step)")
         plan = step.plan
@@ -156,6 +235,9 @@ class CompiledDecoder:
             raise PlanError("the step is not the cache's current, unrun plan: plan_step() this step first")
         if plan.max_q_len != 1 or step.sliding_window is not None:
             raise InvalidRequestError("CompiledDecoder runs plain decode steps: one new token per row, no window")
-        if len(tokens) != plan.batch:
-            raise InvalidRequestError(f"{len(tokens)} tokens for a step of {plan.batch} rows")
+        n = len(tokens.index) if isinstance(tokens, FedTokens) else len(tokens)
+        if n != plan.batch:
+            raise InvalidRequestError(f"{n} tokens for a step of {plan.batch} rows")
+        if isinstance(tokens, FedTokens) and len(tokens.host) != n:
+            raise InvalidRequestError(f"FedTokens: {len(tokens.host)} host tokens for {n} rows")
         return plan

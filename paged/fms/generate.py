@@ -32,6 +32,7 @@ from paged.fms.fms_loop import fms_generate, prepare_fms_generate
 from paged.fms.forward import _picked_logits, cache_spec_for, forward_logits
 from paged.fms.op import PagedStep, bind, plan_step
 from paged.fms.scheduler import ContinuousBatching, Request, Scheduler, Work
+from paged.fms.steps import Ahead, Launched, Sampling, choose, feed
 from paged.spec import CacheSpec
 
 __all__ = ["PagedGenerator", "StepEvent", "cache_spec_for", "fms_generate", "forward_logits", "prepare_fms_generate"]
@@ -175,7 +176,7 @@ class PagedGenerator:
         self._check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch, seed)
         scheduler, requests = _scheduler(scheduler, max_batch, prefill_chunk), self._requests(prompts, limits,
                                                                                               do_sample, seed)
-        sampling = _Sampling(do_sample, temperature, top_k, return_logits)
+        sampling = Sampling(do_sample, temperature, top_k, return_logits)
         bar = _progress_bar(sum(limits), progress)
         running: list[Request] = []
         try:
@@ -191,27 +192,96 @@ class PagedGenerator:
             return outs, [torch.stack(r.logits) if r.logits else torch.empty(0) for r in requests]
         return outs
 
-    def _run(self, scheduler: Scheduler, waiting: list[Request], running: list[Request], sampling: _Sampling,
+    def _run(self, scheduler: Scheduler, waiting: list[Request], running: list[Request], sampling: Sampling,
              eos_token_id: int | None, progress: Callable[[int], None],
              callback: Callable[[StepEvent], None] | None) -> None:
-        """Step until every request is done: admit, pick the step's work, run it (`_step`)."""
-        ahead: _Ahead | None = None        # the next decode step, planned while this one ran on the GPU
+        """Step until every request is done: admit, pick the step's work, launch it (`_launch`), record its tokens
+        (`_record`).
+
+        On the compiled decode path the next decode step is planned while the GPU runs this one (`_plan_ahead`), and
+        a greedy step (no logits asked for) is fed its tokens on the device from the step before (`FedTokens`): the
+        host reads step t's picks only after launching step t+1, so the GPU never waits for the host's bookkeeping.
+        """
+        record = functools.partial(self._record, sampling=sampling, eos_token_id=eos_token_id, running=running,
+                                   progress=progress, callback=callback)
+        ahead: Ahead | None = None        # the next decode step, planned while this one ran on the GPU
+        unread: Launched | None = None    # a launched decode step whose picks the host has not read yet
         for step_no in itertools.count():
-            if not (waiting or running):
-                return
             if ahead is None:
+                if unread is not None:
+                    record(unread)
+                    unread = None
+                if not (waiting or running):
+                    return
                 self._admit(scheduler, waiting, running)
                 work = scheduler.next_step(running)
                 step = plan_step(self.cache, [r.seq_id for r in work.rows], [len(c) for c in work.chunks],
                                  sliding_window=self.sliding_window)
             else:
                 work, step = ahead.work(), ahead.step
-            plan_ahead = functools.partial(self._plan_ahead, scheduler, running=running, waiting=waiting)
-            new_tokens, finished, ahead = self._step(work, step, sampling, eos_token_id, running, plan_ahead)
-            progress(len(new_tokens))
-            if callback is not None:
-                callback(StepEvent(step_no, work.kind, tuple(r.index for r in work.rows), new_tokens,
-                                   tuple(finished), self.cache))
+            launched = self._launch(step_no, work, step, sampling, unread)
+            if unread is not None:          # the step before: its picks are read while this one runs
+                record(unread)
+                unread = None
+            ahead = self._plan_ahead(scheduler, work.rows, running, waiting) if launched.on_device else None
+            if launched.lagging:
+                unread = launched
+            else:
+                record(launched, planned=ahead.rows if ahead is not None else ())
+
+    def _launch(self, step_no: int, work: Work, step: PagedStep, sampling: Sampling,
+                unread: Launched | None) -> Launched:
+        """Enqueue one planned step of `work`. On the decoder's path the model's step is only enqueued (picks and
+        logits stay on the device); otherwise the picking rows' logits are computed (eagerly) for `_record`."""
+        decoder = self.decoder if work.kind == "decode" else None
+        if decoder is not None:
+            logits, picks = decoder(step, feed(work, unread))                      # (B, V), (B,) enqueued
+            if sampling.do_sample or sampling.return_logits:   # read after planning ahead, before the next launch
+                return Launched(step_no, work, work.rows, logits, None, None, on_device=True, lagging=False)
+            pending = decoder.read_later(picks)
+            return Launched(step_no, work, work.rows, None, picks, pending, on_device=True, lagging=True)
+        rows = [(b, len(c) - 1, r) for b, (r, c) in enumerate(zip(work.rows, work.chunks))]
+        if work.kind == "prefill":
+            for _, j, r in rows:
+                r.fed += j + 1
+            rows = [x for x in rows if not x[2].prefilling]               # rows whose prompt is now stored
+        logits = _picked_logits(self.model, step, work.chunks, [(b, j) for b, j, _ in rows],
+                                self.pad_token_id)                       # (k, V)
+        return Launched(step_no, work, tuple(r for _, _, r in rows), logits, None, None, on_device=False,
+                        lagging=False)
+
+    def _record(self, launched: Launched, *, sampling: Sampling, eos_token_id: int | None,
+                running: list[Request], progress: Callable[[int], None], callback: Callable[[StepEvent], None] | None,
+                planned: Sequence[Request] = ()) -> None:
+        """Read (or sample) a launched step's tokens, append them, and finish the rows that stop (pages free now),
+        except rows of the step `planned` after it, which ride that step (their extra token is dropped) and are
+        finished after it: a plan cannot lose rows once made. Then progress and the step's event."""
+        picking, logits = launched.picking, launched.logits
+        new_tokens, finished = {}, []
+        if picking:
+            if launched.pending is not None:
+                tokens = launched.pending.tolist()
+            else:
+                logits = logits.float()
+                tokens = choose(logits, [r.rng for r in picking], sampling.do_sample, sampling.temperature,
+                                sampling.top_k)
+            for i, (r, tok) in enumerate(zip(picking, tokens)):
+                if not r.done:
+                    r.out.append(tok)
+                    if sampling.return_logits:
+                        r.logits.append(logits[i])
+                    new_tokens[r.index] = tok
+                    r.done = tok == eos_token_id or len(r.out) == r.limit
+                if r.done and r not in planned and r in running:
+                    if r.seq_id in self.cache:      # not finished when the step after this one was planned
+                        self.cache.finish(r.seq_id)
+                    running.remove(r)
+                    finished.append(r.index)
+        progress(len(new_tokens))
+        if callback is not None:
+            work = launched.work
+            callback(StepEvent(launched.step_no, work.kind, tuple(r.index for r in work.rows), new_tokens,
+                               tuple(finished), self.cache))
 
     def _requests(self, prompts: list[list[int]], limits: list[int], do_sample: bool,
                   seed: int | None) -> list[Request]:
@@ -245,67 +315,19 @@ class PagedGenerator:
             r = waiting[0]
             raise OutOfPagesError(r.reserve, self.cache.allocator.free_count, f"prompt {r.index} at its longest")
 
-    def _step(self, work: Work, step: PagedStep, sampling: _Sampling, eos_token_id: int | None,
-              running: list[Request], plan_ahead) -> tuple[dict[int, int], list[int], _Ahead | None]:
-        """Run one planned step of `work`; record each picking row's token; finish the rows that stop (pages free
-        now). On the compiled decode path the next decode step is planned while this one runs (`plan_ahead`).
-
-        A row planned into the next step that stops at EOS here rides that step along (its extra token is
-        dropped) and is finished after it: a plan cannot lose rows once made.
-        """
-        decoder = self.decoder if work.kind == "decode" else None
-        ahead = None
-        if decoder is not None:
-            logits, picks = decoder(step, [c[0] for c in work.chunks])                     # (B, V), (B,) enqueued
-            ahead = plan_ahead(work.rows)                                # host work while the GPU runs the step
-            picking = list(work.rows)
-            tokens = picks.tolist() if not sampling.do_sample else None
-        else:
-            rows = [(b, len(c) - 1, r) for b, (r, c) in enumerate(zip(work.rows, work.chunks))]
-            if work.kind == "prefill":
-                for _, j, r in rows:
-                    r.fed += j + 1
-                rows = [x for x in rows if not x[2].prefilling]           # rows whose prompt is now stored
-            picking = [r for _, _, r in rows]
-            logits = _picked_logits(self.model, step, work.chunks, [(b, j) for b, j, _ in rows],
-                                    self.pad_token_id)                   # (k, V)
-            tokens = None
-        if not picking:
-            return {}, [], ahead
-        if tokens is None or sampling.return_logits:
-            logits = logits.float()
-        if tokens is None:
-            tokens = _choose(logits, [r.rng for r in picking], sampling.do_sample, sampling.temperature,
-                             sampling.top_k)
-        carried, released = (set(ahead.rows), set(ahead.released)) if ahead is not None else ((), ())
-        new_tokens, finished = {}, []
-        for i, (r, tok) in enumerate(zip(picking, tokens)):
-            if not r.done:
-                r.out.append(tok)
-                if sampling.return_logits:
-                    r.logits.append(logits[i])
-                new_tokens[r.index] = tok
-                r.done = tok == eos_token_id or len(r.out) == r.limit
-            if r.done and r not in carried:
-                if r not in released:
-                    self.cache.finish(r.seq_id)
-                running.remove(r)
-                finished.append(r.index)
-        return new_tokens, finished, ahead
-
     def _plan_ahead(self, scheduler: Scheduler, rows: Sequence[Request], running: list[Request],
-                    waiting: list[Request]) -> _Ahead | None:
+                    waiting: list[Request]) -> Ahead | None:
         """Plan the decode step after the one of `rows` before its tokens are known, or None when the scheduler
         must see this step's outcome first: requests wait to be admitted (admission is the scheduler's call, made
         between steps), or it picks a prefill next.
 
         The scheduler is asked as between steps, over every running request, less the rows that stop with this
-        step whatever their token (their limit, or EOS the step before).
+        step whatever their token (their limit, or EOS in a step already read).
         """
         if waiting:
             return None
-        leaving = tuple(r for r in rows if r.done or len(r.out) + 1 >= r.limit)
-        staying = [r for r in running if r not in set(leaving)]
+        leaving = set(r for r in rows if r.done or len(r.out) + 1 >= r.limit)
+        staying = [r for r in running if r not in leaving]
         if not staying:
             return None
         nxt = scheduler.next_step(staying)
@@ -314,10 +336,11 @@ class PagedGenerator:
         # Rows that stop with this step leave first: finish() drops the cache's current plan. Their pages may go to
         # the next step at once: every device op is stream-ordered after this step's kernels, the last to touch them.
         for r in leaving:
-            self.cache.finish(r.seq_id)
+            if r.seq_id in self.cache:
+                self.cache.finish(r.seq_id)
         step = plan_step(self.cache, [r.seq_id for r in nxt.rows], [1] * len(nxt.rows),
                          sliding_window=self.sliding_window)
-        return _Ahead(nxt.rows, step, leaving)
+        return Ahead(nxt.rows, step)
 
     @staticmethod
     def _check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch, seed) -> None:
@@ -351,38 +374,3 @@ def _progress_bar(total: int, progress: bool | None):
 
     return tqdm(total=total, unit="tok", desc="generate", leave=False,
                 disable=(not progress) if progress is not None else (None if total >= 1024 else True))
-
-
-@dataclass(frozen=True)
-class _Ahead:
-    """A decode step planned before its tokens were known: its rows, the plan, and the rows of the step before it
-    that were finished to make it (their pages already free)."""
-
-    rows: tuple[Request, ...]
-    step: PagedStep
-    released: tuple[Request, ...]
-
-    def work(self) -> Work:
-        return Work("decode", self.rows, tuple((r.out[-1],) for r in self.rows))
-
-
-@dataclass(frozen=True)
-class _Sampling:
-    do_sample: bool
-    temperature: float
-    top_k: int | None
-    return_logits: bool
-
-
-def _choose(logits: torch.Tensor, rngs: list[torch.Generator | None], do_sample: bool, temperature: float,
-            top_k: int | None) -> list[int]:
-    """Next token per row of (k, V) float32 logits: argmax, or a sample from each row's own generator."""
-    if not do_sample:
-        return logits.argmax(dim=-1).tolist()
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    picks = [torch.multinomial(probs[i], 1, generator=rng) for i, rng in enumerate(rngs)]
-    return torch.cat(picks).tolist()

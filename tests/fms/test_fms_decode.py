@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 from paged import PagedKVCache
 from paged.errors import InvalidRequestError, PlanError, UnsupportedConfigError
 from paged.fms.checkpoint import load_fms_llama, tiny_llama, write_tiny_llama_checkpoint
-from paged.fms.decode import CompiledDecoder
+from paged.fms.decode import CompiledDecoder, FedTokens
 from paged.fms.generate import PagedGenerator, cache_spec_for, forward_logits
 from paged.fms.op import plan_step
 from paged.fms.scheduler import ContinuousBatching, Work
@@ -260,3 +260,85 @@ def test_a_partial_decode_scheduler_gives_the_same_tokens_traced(traced):
     decodes = [e.requests for e in events if e.kind == "decode"]
     assert any(len(rows) < 3 for rows in decodes[:2])                # it really decoded a subset
     assert traced.gen.cache.memory().pages_in_use == 0
+
+
+class SlidingPairs:
+    """A scheduler that decodes two of the running requests per step, sliding by one: (0, 1), (1, 2), (2, 0), ...
+    Each step shares one row with the step before, so its input mixes a token fed on the device (a pick the host
+    has not read yet) with one the host read a step earlier."""
+
+    def __init__(self) -> None:
+        self.inner, self.turn = ContinuousBatching(), 0
+
+    def admit(self, waiting, running, free_pages, pages_held):
+        return self.inner.admit(waiting, running, free_pages, pages_held)
+
+    def next_step(self, running):
+        work = self.inner.next_step(running)
+        if work.kind == "prefill" or len(running) <= 2:
+            return work
+        n = len(running)
+        rows = tuple(running[(self.turn + i) % n] for i in range(2))
+        self.turn = (self.turn + 1) % n
+        return Work("decode", rows, tuple((r.out[-1],) for r in rows))
+
+
+def test_steps_fed_partly_from_the_device_give_the_eager_tokens(traced):
+    prompts = prompts_of([4, 6, 5, 3], seed=13)
+    outs = traced.gen.generate(prompts, [7, 5, 8, 6], scheduler=SlidingPairs())
+    assert outs == traced.eager.generate(prompts, [7, 5, 8, 6], scheduler=SlidingPairs())
+    assert outs == traced.eager.generate(prompts, [7, 5, 8, 6])
+    assert traced.gen.cache.memory().pages_in_use == 0
+
+
+class _Recording:
+    """A CompiledDecoder seen through a log of launches and reads (the generator calls nothing else on it)."""
+
+    def __init__(self, inner: CompiledDecoder, log: list) -> None:
+        self.inner, self.cache, self.log = inner, inner.cache, log
+
+    def __call__(self, step, tokens):
+        self.log.append(("launch", step.plan.batch))
+        return self.inner(step, tokens)
+
+    def read_later(self, picks):
+        pending, log, n = self.inner.read_later(picks), self.log, sum(1 for e in self.log if e[0] == "launch")
+
+        class Logged:
+            def tolist(self):
+                log.append(("read", n))
+                return pending.tolist()
+
+        return Logged()
+
+
+def test_greedy_steps_are_read_after_the_next_launch(traced):
+    """The host reads a greedy decode step's picks only once the next step is launched (so the GPU never waits for
+    the host between steps), except the last step of the run; tokens are unchanged."""
+    gen, log = traced.gen, []
+    inner = gen.decoder
+    gen._decoder = _Recording(inner, log)
+    try:
+        outs = gen.generate(prompts_of([5, 3], seed=14), [6, 6])
+    finally:
+        gen._decoder = inner
+    assert outs == traced.eager.generate(prompts_of([5, 3], seed=14), [6, 6])
+    launches = [i for i, e in enumerate(log) if e[0] == "launch"]
+    reads = [(i, e[1]) for i, e in enumerate(log) if e[0] == "read"]
+    assert len(launches) == len(reads) == 5                       # 5 decode steps after the prefill
+    for (at, step), nxt in zip(reads[:-1], launches[1:]):
+        assert nxt < at, f"decode step {step} read before the next launch: {log}"
+
+
+def test_fed_tokens_must_match_the_step(traced):
+    gen = traced.gen
+    gen.cache.admit("fed")
+    try:
+        forward_logits(gen.model, gen.cache, ["fed"], [[5, 6, 7]])
+        step = plan_step(gen.cache, ["fed"], [1])
+        with pytest.raises(InvalidRequestError, match="tokens for a step of 1 rows"):
+            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long), [0, 1], [0, 0]))
+        with pytest.raises(InvalidRequestError, match="host tokens"):
+            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long), [0], [0, 0]))
+    finally:
+        gen.cache.finish("fed")
