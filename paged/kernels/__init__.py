@@ -10,6 +10,9 @@ A kernel module provides:
                                   module's run)
     run(step: StepPlan, layer, q, k, v, pools: Pools, scale) -> Tensor
                                   per layer, on inputs the cache validated
+    step_fields(padded_batch, padded_q_len, spec) -> [(name, shape, dtype, fill)]     (optional, decode kernels)
+                                  the kernel's own per-step device fields, packed into every bucket's StepBuffers
+                                  (so a step still costs one host->device copy); plan() fills `packed.host_np[name]`
 Kernels: `flex` (FlexAttention: every step), `triton_decode` (plain causal decode steps, compiled attention). A
 third kernel is a module here plus its case in `choose` (and `decode_kernel`, if users may ask for it by name).
 `triton_decode` imports Triton, so it is imported only where it may run.

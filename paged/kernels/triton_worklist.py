@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from paged.kernels.triton_partition import max_items as bucket_items
 from paged.kernels.triton_partition import min_slice_keys, partition, target_items
 from paged.kernels.triton_sizing import _next_pow2, launch_options, triton
 from paged.kernels.triton_tiles import attend_new, attend_pages
@@ -161,14 +160,17 @@ def launch_items(meta: tuple[dict, dict], q: torch.Tensor, k_pool: torch.Tensor,
 
 
 def work_list(lengths: np.ndarray, batch: int, kv_heads: int, group: int, block_n: int, device: torch.device,
-              num_items: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+              num_items: int | None = None, target: int | None = None,
+              min_keys: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """A fresh work list for `lengths` (B,) keys per row in a batch of `batch` >= B rows: (items (3, M), row_first
-    (batch,), row_count (batch,) int32, slice length). M = `max_items(batch, kv_heads)` unless given."""
-    M = num_items or bucket_items(batch, kv_heads, device)
+    (batch,), row_count (batch,) int32, slice length). Unless given: the target `target_items(kv_heads)`, M the
+    target + batch (`max_items`), the shortest slice `min_slice_keys(block_n, group)` (a multiple of block_n)."""
+    target = target or target_items(kv_heads, device)
+    M = num_items or target + batch                                 # = max_items(batch, kv_heads) by default
     items = np.empty((3, M), dtype=np.int32)
     first, count = np.empty(batch, dtype=np.int32), np.empty(batch, dtype=np.int32)
-    _, chunk = partition(lengths.astype(np.int64), items, first, count, target_items(kv_heads, device), block_n,
-                         min_slice_keys(block_n, group))
+    _, chunk = partition(lengths.astype(np.int64), items, first, count, target, block_n,
+                         min_keys or min_slice_keys(block_n, group))
     return items, first, count, chunk
 
 
@@ -176,15 +178,17 @@ def decode_balanced(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     q_start: torch.Tensor, q_len: torch.Tensor, page_size: int, scale: float, *,
                     k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None, block_n: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None,
-                    num_items: int | None = None) -> torch.Tensor:
+                    num_items: int | None = None, target: int | None = None,
+                    min_keys: int | None = None) -> torch.Tensor:
     """`paged_decode`'s contract (q (B, Hq, D) -> (B, Hq, D)) on the work-list kernel, its work list made here from
-    q_start + q_len (read back to the host: a test and benchmark entry point; the cache plans it per step)."""
+    q_start + q_len (read back to the host: a test and benchmark entry point; the cache plans it per step).
+    num_items, target, min_keys: as `work_list`."""
     B, Hq, D = q.shape
     Hkv = k_pool.shape[-3]
     o = launch_options(q.dtype, D, q.device, B, Hkv)
     block_n = block_n or o["block_n"]
     lengths = (q_start[:B].long() + q_len[:B].long()).cpu().numpy()
-    items, first, count, _ = work_list(lengths, B, Hkv, Hq // Hkv, block_n, q.device, num_items)
+    items, first, count, _ = work_list(lengths, B, Hkv, Hq // Hkv, block_n, q.device, num_items, target, min_keys)
     M = items.shape[1]
     meta = items_meta(q.dtype, q.device, Hq, Hkv, D, page_size, block_n, num_warps or o["num_warps"],
                       num_stages or o["num_stages"], M, write_new=k_new is not None)
