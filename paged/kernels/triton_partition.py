@@ -51,40 +51,68 @@ def min_slice_keys(block_n: int, group: int) -> int:
     return -(-keys // block_n) * block_n
 
 
-def slice_keys(lengths: np.ndarray, target: int, most: int, block_n: int, min_keys: int) -> int:
+def slice_keys(longest: int, total: int, target: int, block_n: int, min_keys: int) -> int:
     """The step's slice length: the longest row in ceil(target x longest / total) slices, rounded up to the key
-    tile and at least min_keys; lengthened if the rows would take more than `most` items.
-    Args: lengths (B,) int64 keys per row (new token included; 0 for a row without keys), some > 0."""
-    longest, total = int(lengths.max()), int(lengths.sum())
+    tile, at least min_keys. Args: the longest row's keys and all rows' keys (> 0)."""
     k = -(-target * longest // total)
-    chunk = max(-(-(-(-longest // k)) // block_n) * block_n, min_keys)
-    rows = int(np.count_nonzero(lengths))
-    if int((-(-lengths // chunk)).sum()) > most:  # sum(ceil(n / chunk)) <= total / chunk + rows <= most after this
-        chunk = max(chunk, -(-(-(-total // max(most - rows, 1))) // block_n) * block_n)
-    return chunk
+    return max(-(-longest // (k * block_n)) * block_n, min_keys)
 
 
 def partition(lengths: np.ndarray, items: np.ndarray, row_first: np.ndarray, row_count: np.ndarray, target: int,
               block_n: int, min_keys: int) -> tuple[int, int]:
     """Fill the work list for rows of `lengths` (B,) keys (int64; rows past B are padding): items (3, M),
     row_first and row_count (>= B,) in place, as the module docstring lays them out.
-    Returns (items used, slice length); (0, 0) when no row has keys."""
+    Returns (items used, slice length); (0, 0) when no row has keys. Vectorised: ~20 numpy calls whatever B."""
     B, M = lengths.shape[0], items.shape[1]
-    row_first[:], row_count[:] = 0, 0
-    items[0], items[1:] = -1, 0
-    if B == 0 or not lengths.any():
+    longest = int(lengths.max()) if B else 0
+    if row_count.shape[0] > B:
+        row_first[B:], row_count[B:] = 0, 0
+    if longest == 0:
+        row_first[:], row_count[:] = 0, 0
+        items[0], items[1:] = -1, 0
         return 0, 0
-    chunk = slice_keys(lengths, target, M, block_n, min_keys)
-    counts = -(-lengths // chunk)                                       # (B,) slices per row
+    total = int(lengths.sum())
+    chunk = slice_keys(longest, total, target, block_n, min_keys)
+    if longest <= chunk:                                                # every row one item: no merge, no sort
+        n = _whole_rows(lengths, items, row_first, row_count)
+    else:
+        counts = (lengths + (chunk - 1)) // chunk                       # (B,) slices per row
+        if int(counts.sum()) > M:  # sum(ceil(n / chunk)) <= total / chunk + B <= M (M - B = the target >= 1)
+            chunk = max(chunk, -(-total // ((M - B) * block_n)) * block_n)
+            counts = (lengths + (chunk - 1)) // chunk
+        n = _split_rows(lengths, counts, chunk, items, row_first, row_count)
+    items[0, n:], items[1:, n:] = -1, 0
+    return n, chunk
+
+
+def _whole_rows(lengths: np.ndarray, items: np.ndarray, row_first: np.ndarray, row_count: np.ndarray) -> int:
+    """One item per row, in row order (a row without keys gets none: its count is 0)."""
+    B = lengths.shape[0]
+    rows = np.arange(B)
+    items[0, :B], items[1, :B], items[2, :B] = rows, 0, lengths
+    row_first[:B] = rows
+    row_count[:B] = lengths > 0
+    if row_count[:B].all():
+        return B
+    keep = np.flatnonzero(lengths)                                      # drop the rows without keys
+    n = keep.shape[0]
+    items[0, :n], items[2, :n] = keep, lengths[keep]
+    row_first[keep] = np.arange(n)
+    return n
+
+
+def _split_rows(lengths: np.ndarray, counts: np.ndarray, chunk: int, items: np.ndarray, row_first: np.ndarray,
+                row_count: np.ndarray) -> int:
+    """Rows of counts (B,) slices of `chunk` keys, longest rows first; returns the items used."""
     order = np.argsort(-counts, kind="stable")                          # longest rows first
     per = counts[order]
-    first = np.cumsum(per) - per                                        # (B,) first item of each listed row
+    first = per.cumsum() - per                                          # (B,) first item of each listed row
     n = int(first[-1] + per[-1])
     row = np.repeat(order, per)                                         # (n,) the row of each item
     start = (np.arange(n) - np.repeat(first, per)) * chunk              # (n,)
-    items[0, :n] = row
-    items[1, :n] = start
-    items[2, :n] = np.minimum(start + chunk, lengths[row])
+    items[0, :n], items[1, :n] = row, start
+    np.minimum(start + chunk, lengths[row], out=start)
+    items[2, :n] = start
     row_first[order] = first
-    row_count[:B] = counts
-    return n, chunk
+    row_count[:lengths.shape[0]] = counts
+    return n
