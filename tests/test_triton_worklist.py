@@ -144,10 +144,11 @@ def test_padded_cache_steps_with_a_split_row(kernel_device):
 
 
 # ------------------------------------------------------------------------------------------------ the partition
-def _check_partition(lengths: np.ndarray, batch: int, M: int, target: int, block_n: int, min_keys: int):
+def _check_partition(lengths: np.ndarray, batch: int, M: int, target: int, block_n: int, min_keys: int,
+                     merge_keys: int = 0):
     items = np.zeros((3, M), dtype=np.int32)
     first, count = np.full(batch, 7, dtype=np.int32), np.full(batch, 7, dtype=np.int32)
-    used, chunk = tp.partition(lengths, items, first, count, target, block_n, min_keys)
+    used, chunk = tp.partition(lengths, items, first, count, target, block_n, min_keys, merge_keys)
     row, start, end = items
     assert (row[used:] == -1).all() and (start[used:] == 0).all() and (end[used:] == 0).all()
     row, start, end = row[:used], start[:used], end[:used]
@@ -168,22 +169,23 @@ def _check_partition(lengths: np.ndarray, batch: int, M: int, target: int, block
 @settings(max_examples=300, deadline=None)
 @given(lengths=st.lists(st.integers(0, 40_000), min_size=1, max_size=40), pad=st.integers(0, 24),
        kv_heads=st.sampled_from([1, 2, 4, 8, 32]), sms=st.sampled_from([2, 78, 132]),
-       block_n=st.sampled_from([16, 64, 128]), group=st.integers(1, 32))
+       block_n=st.sampled_from([16, 64, 128]), group=st.integers(1, 72))
 def test_partition_covers_every_key_once_within_the_bucket(lengths, pad, kv_heads, sms, block_n, group):
     """Every key of every row in exactly one item, items within the bucket's M, none longer than the slice, padding
-    rows none, each row's items contiguous; and the longest row is cut into at least as many slices as the
-    target asks for, unless the shortest slice forbids it."""
+    rows none, each row's items contiguous; the slice no longer than the target's, the merge's floor or the
+    bucket's room ask for."""
     batch = len(lengths) + pad
     target = math.ceil(tp.CTAS_PER_SM * sms / kv_heads)
     M = target + batch                                           # max_items at that SM count
-    min_keys = tp.min_slice_keys(block_n, group)
+    min_keys, merge_keys = tp.min_slice_keys(block_n), tp.merge_slice_keys(block_n, group)
     lens = np.array(lengths, dtype=np.int64)
-    used, chunk, count = _check_partition(lens, batch, M, target, block_n, min_keys)
+    used, chunk, count = _check_partition(lens, batch, M, target, block_n, min_keys, merge_keys)
     assert used <= M
     if lens.any():
         longest, total = int(lens.max()), int(lens.sum())
-        want = math.ceil(target * longest / total)
-        assert chunk == min_keys or chunk <= math.ceil(math.ceil(longest / want) / block_n) * block_n or used > M - batch
+        wanted = max(math.ceil(longest / math.ceil(target * longest / total) / block_n) * block_n, min_keys)
+        room = math.ceil(total / (M - len(lengths)) / block_n) * block_n       # what fits M at worst
+        assert chunk <= max(wanted, merge_keys, room)
 
 
 @settings(max_examples=200, deadline=None)
@@ -201,14 +203,21 @@ def test_uniform_batches_get_the_even_split_of_the_per_row_kernel(batch, length,
     old_keys = max(triton_decode.MIN_SPLIT_KEYS, math.ceil(length / want), math.ceil(length / slots))
     old = max(math.ceil(old_keys / block_n) * block_n, max(triton_decode.MIN_SPLIT_KEYS, block_n))
     lens = np.full(batch, length, dtype=np.int64)
-    _, chunk, count = _check_partition(lens, batch, target + batch, target, block_n, tp.min_slice_keys(block_n, group))
+    _, chunk, count = _check_partition(lens, batch, target + batch, target, block_n, tp.min_slice_keys(block_n),
+                                       tp.merge_slice_keys(block_n, group))
     assert chunk == old and (count == math.ceil(length / old)).all()
 
 
-def test_large_groups_take_longer_slices():
-    """The merge's cost per slice grows with the GQA group: MQA over 32 query heads takes 512-key slices."""
-    assert tp.min_slice_keys(64, 4) == 128 and tp.min_slice_keys(128, 7) == 128
-    assert tp.min_slice_keys(64, 32) == 512 and tp.min_slice_keys(128, 12) == 256
+def test_large_groups_take_longer_slices_down_to_one_cta_per_sm():
+    """The merge's cost per slice grows with the GQA group: MQA with 32 query heads wants 256-key slices, and gets
+    them for 8 rows of 8192 (the even split would cut 64-key ones); 71 query heads would want 640, but that leaves
+    fewer items than SMs, so the slices stop at about one CTA per SM."""
+    assert tp.merge_slice_keys(64, 4) == 64 and tp.merge_slice_keys(128, 32) == 256
+    target, lens = tp.CTAS_PER_SM * 132, np.full(8, 8192, dtype=np.int64)
+    _, chunk, _ = _check_partition(lens, 8, target + 8, target, 64, 128, tp.merge_slice_keys(64, 32))
+    assert chunk == 256
+    used, chunk, _ = _check_partition(lens, 8, target + 8, target, 64, 128, tp.merge_slice_keys(64, 71))
+    assert (chunk, used) == (512, 128)                          # 8192 keys / ceil(132 / 8) slices, tile-rounded
 
 
 def test_a_long_row_beside_short_ones_fills_the_card():
@@ -216,5 +225,6 @@ def test_a_long_row_beside_short_ones_fills_the_card():
     row in >= 30 slices of <= 1024 keys (the per-row kernel: 2), each short row one item, within M."""
     lens = np.array([30_000] + [256] * 47, dtype=np.int64)
     target = math.ceil(tp.CTAS_PER_SM * 132 / 8)
-    used, chunk, count = _check_partition(lens, 64, target + 64, target, 64, tp.min_slice_keys(64, 4))
+    used, chunk, count = _check_partition(lens, 64, target + 64, target, 64, tp.min_slice_keys(64),
+                                          tp.merge_slice_keys(64, 4))
     assert count[0] >= 30 and chunk <= 1024 and (count[1:48] == 1).all()

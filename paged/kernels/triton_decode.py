@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
-from paged.kernels.triton_partition import (MERGE_KEYS_PER_QHEAD, max_items, min_slice_keys, partition,  # noqa: F401
-                                            target_items)
+from paged.kernels.triton_partition import (MERGE_KEYS_PER_QHEAD, max_items, merge_slice_keys,  # noqa: F401
+                                            min_slice_keys, partition, target_items)
 from paged.kernels.triton_sizing import (CTAS_PER_SM, MAX_SPLITS, MIN_SPLIT_KEYS, SMALL_TILE_MAX_CTAS_PER_SM,  # noqa: F401
                                          SMALL_TILE_MAX_SPLITS, SPLIT_HEADROOM, _next_pow2, _sm_count, available,
                                          decode_splits, launch_options, split_keys, triton)
 from paged.kernels.triton_source import launch, launch_meta, paged_decode, partials  # noqa: F401
-from paged.kernels.triton_worklist import decode_balanced, item_partials, items_meta, launch_items, work_list  # noqa: F401
+from paged.kernels.triton_worklist import (decode_balanced, item_partials, items_meta, launch_items,  # noqa: F401
+                                           work_list)
 from paged.plan import StepBuffers, StepPlan
 from paged.spec import CacheSpec
 
@@ -56,13 +57,14 @@ def step_fields(padded_batch: int, padded_q_len: int, spec: CacheSpec) -> list[t
 class _Bucket:
     """What the kernel fixes once per (padded batch) bucket: launch options, the work list's length and target,
     the shortest slice, and, per query head count, the launch constants and the merge's scratch (persistent, so
-    a CUDA graph may capture them). min_keys follows the last query head count run (plan() precedes the first
-    run of a bucket, which therefore plans with a GQA group of 1)."""
+    a CUDA graph may capture them). merge_keys follows the last query head count run (plan() precedes the first
+    run of a bucket, which therefore plans without it)."""
 
     options: dict
     num_items: int
     target: int
     min_keys: int
+    merge_keys: int
     work: tuple[torch.Tensor, ...]                               # device work_items, row_first, row_count
     by_heads: dict[int, tuple] = field(default_factory=dict)   # Hq -> (meta, part_out, part_lse)
 
@@ -74,7 +76,7 @@ def _bucket(settings: KernelSettings, buffers: StepBuffers) -> _Bucket:
         options = launch_options(spec.dtype, spec.head_dim, spec.device, buffers.padded_batch, spec.num_kv_heads)
         dev = buffers.packed.dev
         state = _Bucket(options, dev["work_items"].shape[1], target_items(spec.num_kv_heads, spec.device),
-                        min_slice_keys(options["block_n"], 1), (dev["work_items"], dev["row_first"], dev["row_count"]))
+                        min_slice_keys(options["block_n"]), 0, (dev["work_items"], dev["row_first"], dev["row_count"]))
         buffers.kernel_state[NAME] = state
     return state
 
@@ -106,7 +108,7 @@ def plan(layout: StepLayout, buffers: StepBuffers) -> TritonDecodePlan:
     h = buffers.packed.host_np
     lengths = h["q_start"][:len(layout.q_lens)].astype(np.int64) + 1        # (B,) keys with the new token
     used, _ = partition(lengths, h["work_items"], h["row_first"], h["row_count"], state.target,
-                        state.options["block_n"], state.min_keys)
+                        state.options["block_n"], state.min_keys, state.merge_keys)
     buffers.packed.send(last="new_logical")
     return TritonDecodePlan(state, spec.page_size, spec.head_dim, spec.dtype, layout.page_logical.device,
                             spec.head_dim ** -0.5, used)
@@ -119,7 +121,7 @@ def _launch_state(kp: TritonDecodePlan, hq: int, hkv: int) -> tuple:
                       o["num_stages"], bucket.num_items, write_new=True)
     state = (meta, *item_partials(bucket.num_items, hq, kp.head_dim, kp.device))
     bucket.by_heads[hq] = state
-    bucket.min_keys = min_slice_keys(o["block_n"], hq // hkv)
+    bucket.merge_keys = merge_slice_keys(o["block_n"], hq // hkv)
     return state
 
 

@@ -14,10 +14,11 @@ is cut finely (all SMs stream it at once), a short row is one item; a batch of e
 split of the earlier per-row kernel (ceil(CTAS_PER_SM x SMs / (B x Hkv)) slices per row). Rows are listed
 longest first, so the longest items start first (the grid runs item by item, all kv heads of an item together).
 
-The merge costs each split row two float32 (Hq, D) reads and writes per slice: 8 x G bytes per key-slot of
-a kv head against 4 x itemsize x chunk of K and V read, so slices are at least MERGE_KEYS_PER_QHEAD x G keys
-long (a GQA group of G query heads): merge traffic <= 1/8 of the K/V read for 16-bit pools. A row of one item
-is written by the split kernel itself and pays no merge.
+The merge costs a split row's every slice a float32 partial of its G query heads written and read back: 8 x G x D
+bytes per kv head against 4 x chunk x D of 16-bit K and V, i.e. 2G / chunk of the K/V read. Slices are therefore
+at least MERGE_KEYS_PER_QHEAD x G keys long (merge traffic <= 1/4 of the read), unless that leaves fewer items
+than one CTA per SM (target / CTAS_PER_SM): large MQA groups trade some merge traffic for the card's parallelism.
+A row of one item is written by the item kernel itself and pays no merge.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from paged.kernels.triton_sizing import CTAS_PER_SM, MIN_SPLIT_KEYS, _sm_count
 
 #: Slices are at least this many keys per query head of a kv head's group (the merge's traffic, above).
-MERGE_KEYS_PER_QHEAD = 16
+MERGE_KEYS_PER_QHEAD = 8
 
 
 def target_items(kv_heads: int, device: torch.device) -> int:
@@ -44,11 +45,15 @@ def max_items(padded_batch: int, kv_heads: int, device: torch.device) -> int:
     return target_items(kv_heads, device) + padded_batch
 
 
-def min_slice_keys(block_n: int, group: int) -> int:
-    """Fewest keys a slice takes: MIN_SPLIT_KEYS, the key tile, and MERGE_KEYS_PER_QHEAD x the GQA group, rounded
-    up to the key tile."""
-    keys = max(MIN_SPLIT_KEYS, block_n, MERGE_KEYS_PER_QHEAD * group)
-    return -(-keys // block_n) * block_n
+def min_slice_keys(block_n: int) -> int:
+    """Fewest keys a slice takes: MIN_SPLIT_KEYS rounded up to the key tile."""
+    return -(-max(MIN_SPLIT_KEYS, block_n) // block_n) * block_n
+
+
+def merge_slice_keys(block_n: int, group: int) -> int:
+    """The slice length that keeps a GQA group of `group` query heads' merge traffic within 1/4 of the K/V read
+    (MERGE_KEYS_PER_QHEAD x group, rounded up to the key tile); `partition` applies it softly."""
+    return -(-MERGE_KEYS_PER_QHEAD * group // block_n) * block_n
 
 
 def slice_keys(longest: int, total: int, target: int, block_n: int, min_keys: int) -> int:
@@ -59,9 +64,10 @@ def slice_keys(longest: int, total: int, target: int, block_n: int, min_keys: in
 
 
 def partition(lengths: np.ndarray, items: np.ndarray, row_first: np.ndarray, row_count: np.ndarray, target: int,
-              block_n: int, min_keys: int) -> tuple[int, int]:
+              block_n: int, min_keys: int, merge_keys: int = 0) -> tuple[int, int]:
     """Fill the work list for rows of `lengths` (B,) keys (int64; rows past B are padding): items (3, M),
-    row_first and row_count (>= B,) in place, as the module docstring lays them out.
+    row_first and row_count (>= B,) in place, as the module docstring lays them out. min_keys: the shortest
+    slice (`min_slice_keys`); merge_keys: the soft one (`merge_slice_keys`).
     Returns (items used, slice length); (0, 0) when no row has keys. Vectorised: ~20 numpy calls whatever B."""
     B, M = lengths.shape[0], items.shape[1]
     longest = int(lengths.max()) if B else 0
@@ -73,6 +79,9 @@ def partition(lengths: np.ndarray, items: np.ndarray, row_first: np.ndarray, row
         return 0, 0
     total = int(lengths.sum())
     chunk = slice_keys(longest, total, target, block_n, min_keys)
+    if merge_keys > chunk:  # longer slices for the merge's sake, down to one CTA per SM
+        floor = slice_keys(longest, total, -(-target // CTAS_PER_SM), block_n, min_keys)
+        chunk = max(chunk, min(merge_keys, floor))
     if longest <= chunk:                                                # every row one item: no merge, no sort
         n = _whole_rows(lengths, items, row_first, row_count)
     else:

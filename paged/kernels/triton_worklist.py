@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from paged.kernels.triton_partition import min_slice_keys, partition, target_items
+from paged.kernels.triton_partition import merge_slice_keys, min_slice_keys, partition, target_items
 from paged.kernels.triton_sizing import _next_pow2, launch_options, triton
 from paged.kernels.triton_tiles import attend_new, attend_pages
 
@@ -164,13 +164,15 @@ def work_list(lengths: np.ndarray, batch: int, kv_heads: int, group: int, block_
               min_keys: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """A fresh work list for `lengths` (B,) keys per row in a batch of `batch` >= B rows: (items (3, M), row_first
     (batch,), row_count (batch,) int32, slice length). Unless given: the target `target_items(kv_heads)`, M the
-    target + batch (`max_items`), the shortest slice `min_slice_keys(block_n, group)` (a multiple of block_n)."""
+    target + batch (`max_items`), the shortest slice `min_slice_keys(block_n)` (a multiple of block_n) with the
+    merge's soft floor `merge_slice_keys(block_n, group)` (none when min_keys is given)."""
     target = target or target_items(kv_heads, device)
     M = num_items or target + batch                                 # = max_items(batch, kv_heads) by default
     items = np.empty((3, M), dtype=np.int32)
     first, count = np.empty(batch, dtype=np.int32), np.empty(batch, dtype=np.int32)
+    merge = 0 if min_keys else merge_slice_keys(block_n, group)
     _, chunk = partition(lengths.astype(np.int64), items, first, count, target, block_n,
-                         min_keys or min_slice_keys(block_n, group))
+                         min_keys or min_slice_keys(block_n), merge)
     return items, first, count, chunk
 
 
