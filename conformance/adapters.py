@@ -55,7 +55,7 @@ def paged_backend() -> BackendFactory:
     """The FlexAttention paged backend, compiled kernels."""
     return BackendFactory(
         name="paged", make=_make_paged, make_eager=partial(_make_paged, attention="eager"),
-        description="paged.PagedKVCache, compiled FlexAttention, random page placement")
+        description="paged.PagedKVCache, compiled FlexAttention (fresh prefill on SDPA), random page placement")
 
 
 def paged_triton_backend() -> BackendFactory:
@@ -71,9 +71,10 @@ def paged_triton_backend() -> BackendFactory:
 
 
 def paged_flex_backend() -> BackendFactory:
-    """The paged backend with decode steps on FlexAttention too (what `paged` does off CUDA)."""
+    """The paged backend with every step on FlexAttention: decode steps (what `paged` does off CUDA) and fresh
+    prefill steps (which `paged` runs on SDPA)."""
     return BackendFactory(
-        name="paged-flex", make=partial(_make_paged, decode_kernel="flex"),
+        name="paged-flex", make=partial(_make_paged, decode_kernel="flex", prefill_kernel="flex"),
         make_eager=partial(_make_paged, attention="eager"),
         description="paged.PagedKVCache, every step on compiled FlexAttention, random page placement")
 

@@ -23,6 +23,7 @@ from paged.errors import InvalidRequestError, UnsupportedConfigError
 from paged.host_table import HostPageTable
 from paged.kernels import KernelSettings, Pools, StepLayout, choose
 from paged.kernels import decode_kernel as decode_kernel_for
+from paged.kernels import prefill_kernel as prefill_kernel_for
 from paged.mods import MaskMod, ScoreMod
 from paged.plan import StepBuffers, StepPlan, bucket, commit_pages, copies_needed, fill_step, padded_query_len
 from paged.spec import CacheSpec
@@ -76,6 +77,12 @@ class PagedKVCache:
             "triton" on CUDA where Triton imports, else "flex". Prefill, mods and attention="eager" always use
             FlexAttention. "triton" on the CPU runs Triton's interpreter (TRITON_INTERPRET=1 before Triton is
             imported): for tests only.
+        prefill_kernel: the kernel of fresh prefill steps (every row empty before the step, more than one new token,
+            no mods): "sdpa" (`paged.kernels.sdpa_prefill`: one causal scaled_dot_product_attention over the step's
+            own new K/V, which it also stores into their pages; FlashAttention on CUDA, key tiles not bounded by the
+            page size), "flex" (FlexAttention over the pool, as every other prefill), or "auto", the default: "sdpa"
+            with attention="compiled", else "flex". Chunks after the first, mods and attention="eager" always use
+            FlexAttention.
 
     Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
     A freed page keeps what its last owner wrote (NaN/Inf included); every page plan() hands out is zeroed in all
@@ -103,6 +110,7 @@ class PagedKVCache:
         decode_full_blocks: bool | Literal["auto"] = "auto",
         check_ownership: bool | Literal["auto"] = "auto",
         decode_kernel: Literal["auto", "flex", "triton"] = "auto",
+        prefill_kernel: Literal["auto", "flex", "sdpa"] = "auto",
     ) -> None:
         if attention not in ("compiled", "eager"):
             raise UnsupportedConfigError(f"attention must be 'compiled' or 'eager', got {attention!r}")
@@ -116,6 +124,8 @@ class PagedKVCache:
         self.spec = spec
         self._decode = decode_kernel_for(decode_kernel, attention, spec.device)  # the kernel module of plain decode steps
         self.decode_kernel = self._decode.NAME
+        self._prefill = prefill_kernel_for(prefill_kernel, attention)  # the kernel module of fresh prefill steps
+        self.prefill_kernel = self._prefill.NAME
         self.allocator = PageAllocator(spec.num_pages, policy, seed)
         self.attention = attention
         self.kernel_options = kernel_options
@@ -307,7 +317,7 @@ class PagedKVCache:
         """The step's page bookkeeping into the bucket's host buffers, then ONE kernel plan (which sends them)."""
         T = fill_step(buf, self._host_table, [st.row for st in states], q_lens, start_lens, assigned,
                       assigned_logical, self.spec.page_size)
-        kernel = choose(self._decode, max(q_lens), mask_mod, score_mod)
+        kernel = choose(self._decode, max(q_lens), mask_mod, score_mod, prefill=self._prefill, fresh=not any(start_lens))
         layout = StepLayout(self._settings, self.page_logical, seq_ids, q_lens, start_lens, mask_mod, score_mod)
         batches = (len(seq_ids), buf.padded_batch) if kernel.PADDED_BATCH else (len(seq_ids),)
         return StepPlan(seq_ids, q_lens, start_lens, max(q_lens), buf, buf.slots[:T], buf.token_rows[:T],

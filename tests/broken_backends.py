@@ -116,8 +116,8 @@ class WrongScale(PagedKVCache):
 class DropLastChunkToken(PagedKVCache):
     """The last token of every prefill chunk is never stored."""
 
-    def _build_plan(self, seq_ids, q_lens, *args, **kwargs):
-        plan = super()._build_plan(seq_ids, q_lens, *args, **kwargs)
+    def _build_plan(self, buf, seq_ids, q_lens, *args, **kwargs):
+        plan = super()._build_plan(buf, seq_ids, q_lens, *args, **kwargs)
         keep = torch.ones(plan.slot_mapping.numel(), dtype=torch.bool)
         ends = torch.tensor(q_lens).cumsum(0) - 1
         keep[ends[torch.tensor(q_lens) > 1]] = False

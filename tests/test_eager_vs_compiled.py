@@ -43,6 +43,7 @@ class Twins:
     def __init__(self, spec: CacheSpec, seed: int = 0, attentions=("eager", "compiled"), **options) -> None:
         self.spec = spec
         options.setdefault("decode_kernel", "flex")  # this module is about FlexAttention; Triton decode has its own
+        options.setdefault("prefill_kernel", "flex")  # ... and so has SDPA prefill (tests/test_sdpa_prefill.py)
         self.paged = {a: PagedKVCache(spec, attention=a, **options) for a in attentions}
         self.gold, self.ref = ContiguousOracle(spec), ContiguousOracle(spec, compute_dtype=spec.dtype)
         self.gen = torch.Generator().manual_seed(seed)
@@ -204,7 +205,7 @@ def test_which_mask_each_call_gets(device, attention, check_ownership, own, call
     suppress_errors (failed frames run eagerly) gets the checked one. The two masks differ exactly there: at a
     slot of b's page 0 asked for row a (which owns another page 0) only the mask without the check says yes."""
     cache = PagedKVCache(make_spec(device, torch.float32), attention=attention, check_ownership=check_ownership,
-                         decode_kernel="flex")
+                         decode_kernel="flex", prefill_kernel="flex")
     plan = _two_rows_on_logical_page_0(cache)
     checked, listed, _ = plan.buffers.wrapped[(None, None)]
     masks = {"checked": checked, "listed": listed}
@@ -245,7 +246,7 @@ def test_ownership_is_checked_wherever_flex_may_run_eagerly(device, monkeypatch,
     right. False hands them the mask without the ownership check: it reads the other row's page 0 (the leak its
     docstring warns of), which also shows that each route really runs eagerly and that this test sees a leak."""
     spec = make_spec(device, torch.float32)
-    cache = PagedKVCache(spec, check_ownership=check_ownership, decode_kernel="flex")
+    cache = PagedKVCache(spec, check_ownership=check_ownership, decode_kernel="flex", prefill_kernel="flex")
     oracle = ContiguousOracle(spec)
     gen = torch.Generator().manual_seed(5)
     run, context = (lambda q, k, v: cache.run(0, q, k, v)), contextlib.nullcontext()

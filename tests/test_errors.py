@@ -620,7 +620,7 @@ def test_a_layer_whose_attention_raises_can_be_run_again(device, monkeypatch):
     import paged.kernels.flex
 
     spec = make_spec(device)
-    cache, oracle = PagedKVCache(spec, decode_kernel="flex"), ContiguousOracle(spec)
+    cache, oracle = PagedKVCache(spec, decode_kernel="flex", prefill_kernel="flex"), ContiguousOracle(spec)
     for c in (cache, oracle):
         c.admit("a")
         c.plan(["a"], [5])

@@ -54,7 +54,7 @@ def test_stale_non_finite_values_do_not_reach_the_next_owner(device, attention):
     FlexAttention reads the whole pool: there every row also keeps other pages' values out of its arithmetic
     (defect 2, `test_a_live_sequence_s_non_finite_values_reach_nobody_else`)."""
     spec = make_spec(device)            # the pool of the other files' compiled steps (lowest-first: same page ids)
-    cache = PagedKVCache(spec, attention=attention, decode_kernel="flex", policy="lowest")
+    cache = PagedKVCache(spec, attention=attention, decode_kernel="flex", prefill_kernel="flex", policy="lowest")
     gold = ContiguousOracle(spec)
     gen = torch.Generator().manual_seed(11)
     stale = leave_non_finite_pages(cache, gen, tokens=3 * P)                                       # pages 0, 1, 2
@@ -89,7 +89,8 @@ def test_a_live_sequence_s_non_finite_values_reach_nobody_else(device, attention
     """Issue 17 defect 2: with eager FlexAttention one NaN/Inf anywhere in the pool (here: a live sequence's own K/V,
     and the NaN poison of free pages) made every sequence's output NaN. Each row must see only its own pages."""
     spec = make_spec(device)
-    cache = PagedKVCache(spec, attention=attention, decode_kernel="flex", policy="lowest", poison_free_pages=True)
+    cache = PagedKVCache(spec, attention=attention, decode_kernel="flex", prefill_kernel="flex", policy="lowest",
+                         poison_free_pages=True)
     gold = ContiguousOracle(spec)
     gen = torch.Generator().manual_seed(5)
     for c in (cache, gold):

@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention", choices=("compiled", "eager"), default="compiled",
                    help="the paged cache's FlexAttention (eager: no compile, for CPU smoke runs)")
+    p.add_argument("--prefill-kernel", choices=("auto", "flex", "sdpa"), default="auto",
+                   help="the paged cache's kernel of a prompt's first chunk (PagedKVCache's prefill_kernel)")
     p.add_argument("--device-time", action="store_true", help="also sum kernel times per step (torch.profiler)")
     p.add_argument("--host-profile", action="store_true", help="cProfile one generate per paged mode")
     p.add_argument("--time-budget", type=float, default=None, help="skip configurations starting after S seconds")
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if mode == "paged-graphs" and device.type != "cuda":
                 continue
             runners[mode], gens[mode] = paged_runner(pair, device, mode == "paged-graphs", budget, max_len,
-                                                     args.page_size, clock, args.attention)
+                                                     args.page_size, clock, args.attention, args.prefill_kernel)
         else:
             raise SystemExit(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
     results = {"size": args.size, "dtype": args.dtype, "new_tokens": args.new_tokens, "modes": list(runners),

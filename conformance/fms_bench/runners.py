@@ -99,14 +99,16 @@ def _fms_hook(clock: Clock):
 
 
 def paged_runner(pair: ModelPair, device: torch.device, graphs: bool, token_budget: int, max_seq_len: int,
-                 page_size: int, clock: Clock, attention: str = "compiled") -> tuple[Runner, object]:
+                 page_size: int, clock: Clock, attention: str = "compiled",
+                 prefill_kernel: str = "auto") -> tuple[Runner, object]:
     """PagedGenerator over one cache for the whole run (one compile, one CUDA graph per batch bucket).
 
     Returns the runner and the generator (its `decoder` counts captures and replays)."""
     from paged.fms.generate import PagedGenerator
 
     gen = PagedGenerator(pair.fms, token_budget=token_budget, page_size=page_size, max_seq_len=max_seq_len,
-                         device=device, attention=attention, cuda_graphs=graphs, compile_decode=graphs)
+                         device=device, attention=attention, cuda_graphs=graphs, compile_decode=graphs,
+                         prefill_kernel=prefill_kernel)
 
     def run(prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
         with torch.no_grad():

@@ -70,7 +70,8 @@ class PagedGenerator:
             arguments below.
         token_budget: pool size in tokens (all sequences together), rounded up to whole pages.
         page_size, max_seq_len, dtype, device: see :func:`cache_spec_for`.
-        attention: "compiled" (fused FlexAttention) or "eager"; policy, kernel_options: see PagedKVCache.
+        attention: "compiled" (fused FlexAttention) or "eager"; policy, kernel_options, prefill_kernel: see
+            PagedKVCache (by default a prompt's first chunk attends through SDPA, later chunks through FlexAttention).
         sliding_window: attend to the last `sliding_window` positions only (None: full causal). FMS's
             Llama and Mistral attend causally without a window, so leave it None to match them.
         pad_token_id: id written into padding positions (never attended, any valid id works).
@@ -94,6 +95,7 @@ class PagedGenerator:
         attention: Literal["compiled", "eager"] = "compiled",
         policy: str = "lowest",
         kernel_options: dict | None = None,
+        prefill_kernel: Literal["auto", "flex", "sdpa"] = "auto",
         sliding_window: int | None = None,
         pad_token_id: int = 0,
         cuda_graphs: bool | None = None,
@@ -107,7 +109,8 @@ class PagedGenerator:
         elif spec.num_layers != nlayers:
             raise UnsupportedConfigError(f"spec has {spec.num_layers} layers but the model has {nlayers}")
         self.spec = spec
-        self.cache = PagedKVCache(spec, policy=policy, attention=attention, kernel_options=kernel_options)
+        self.cache = PagedKVCache(spec, policy=policy, attention=attention, kernel_options=kernel_options,
+                                  prefill_kernel=prefill_kernel)
         self.sliding_window = sliding_window
         self.pad_token_id = pad_token_id
         if cuda_graphs and (spec.device.type != "cuda" or attention != "compiled"):

@@ -13,8 +13,9 @@ A kernel module provides:
     step_fields(padded_batch, padded_q_len, spec) -> [(name, shape, dtype, fill)]     (optional, decode kernels)
                                   the kernel's own per-step device fields, packed into every bucket's StepBuffers
                                   (so a step still costs one host->device copy); plan() fills `packed.host_np[name]`
-Kernels: `flex` (FlexAttention: every step), `triton_decode` (plain causal decode steps, compiled attention). A
-third kernel is a module here plus its case in `choose` (and `decode_kernel`, if users may ask for it by name).
+Kernels: `flex` (FlexAttention: every step), `triton_decode` (plain causal decode steps, compiled attention),
+`sdpa_prefill` (fresh causal prefill steps, every row empty before the step, compiled attention). A further kernel
+is a module here plus its case in `choose` (and a chooser like `decode_kernel`, if users may ask for it by name).
 `triton_decode` imports Triton, so it is imported only where it may run.
 """
 
@@ -25,13 +26,15 @@ from types import ModuleType
 import torch
 
 from paged.errors import UnsupportedConfigError
-from paged.kernels import flex
+from paged.kernels import flex, sdpa_prefill
 from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
 from paged.mods import MaskMod, ScoreMod
 
-__all__ = ["KernelPlan", "KernelSettings", "Pools", "StepLayout", "choose", "decode_kernel", "flex"]
+__all__ = ["KernelPlan", "KernelSettings", "Pools", "StepLayout", "choose", "decode_kernel", "flex", "prefill_kernel",
+           "sdpa_prefill"]
 
 DECODE_KERNELS = ("auto", "flex", "triton")
+PREFILL_KERNELS = ("auto", "flex", "sdpa")
 
 
 def _triton() -> ModuleType:
@@ -66,10 +69,33 @@ def decode_kernel(choice: str, attention: str, device: torch.device) -> ModuleTy
     return triton_decode
 
 
-def choose(decode: ModuleType, max_q_len: int, mask_mod: MaskMod | None = None,
-           score_mod: ScoreMod | None = None) -> ModuleType:
+def prefill_kernel(choice: str, attention: str) -> ModuleType:
+    """The kernel module of a cache's fresh prefill steps (every row empty before the step, causal, no mods).
+
+    Args:
+        choice: "flex", "sdpa" or "auto" ("sdpa" with compiled attention, else "flex": eager is FlexAttention's
+            mask_mod-only reference path).
+        attention: the cache's "compiled" or "eager".
+    Raises UnsupportedConfigError for an unknown choice or one that cannot run here.
+    """
+    if choice not in PREFILL_KERNELS:
+        raise UnsupportedConfigError(f"prefill_kernel must be 'auto', 'flex' or 'sdpa', got {choice!r}")
+    if choice == "sdpa" and attention != "compiled":
+        raise UnsupportedConfigError("prefill_kernel='sdpa' needs attention='compiled' (eager is FlexAttention's "
+                                     "mask_mod-only reference path)")
+    if choice == "sdpa" or (choice == "auto" and attention == "compiled"):
+        return sdpa_prefill
+    return flex
+
+
+def choose(decode: ModuleType, max_q_len: int, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,
+           *, prefill: ModuleType = flex, fresh: bool = False) -> ModuleType:
     """The kernel module of one step: `decode` (from `decode_kernel`) for a plain causal decode step (every row one
-    new token, no mods), FlexAttention for everything else."""
-    if max_q_len == 1 and mask_mod is None and score_mod is None:
-        return decode
+    new token, no mods), `prefill` (from `prefill_kernel`) for a `fresh` step (every row empty before it) with more
+    than one new token and no mods, FlexAttention for everything else."""
+    if mask_mod is None and score_mod is None:
+        if max_q_len == 1:
+            return decode
+        if fresh:
+            return prefill
     return flex

@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from paged.attention import attend, decode_kernel_defaults, decode_splits_kv, own_call_is_compiled, prefill_tiles
 from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
+from paged.kernels.store import store_new_tokens, zero_padding
 from paged.mods import causal
 from paged.plan import StepBuffers, StepPlan, fill_block_lists, physical_mods
 
@@ -150,18 +151,10 @@ def run(step: StepPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """
     kp, buf = step.kernel_plan, step.buffers
     B, Lq, Lq_in = step.batch, step.max_q_len, q.shape[1]
-    H, D = k.shape[2], k.shape[3]
+    D = k.shape[3]
     q, k, v = q[:, :Lq], k[:, :Lq], v[:, :Lq]
-    # Every launch here repeats in every layer, so a step whose rows are all full (every decode step: T = B * Lq)
-    # skips the identity gather of the new K/V and the row mask of the output.
-    slots = step.slot_mapping
-    dense = slots.numel() == B * Lq
-    k_new, v_new = k.reshape(B * Lq, H, D), v.reshape(B * Lq, H, D)                 # (B * Lq, Hkv, D)
-    if not dense:
-        k_new, v_new = k_new[step.token_rows], v_new[step.token_rows]                # (T, Hkv, D)
+    dense = store_new_tokens(step, layer, k, v, pools)
     k_pool, v_pool = pools.k_layers[layer], pools.v_layers[layer]                    # (1, Hkv, N * P, D)
-    k_pool[0, :, slots] = k_new.transpose(0, 1)
-    v_pool[0, :, slots] = v_new.transpose(0, 1)
     # A fresh contiguous buffer whatever the caller's strides: compiled flex guards on them (dynamic=False).
     qp = q.new_zeros(buf.padded_batch, buf.padded_q_len, q.shape[2], D)             # (Bp, Lqp, Hq, D)
     qp[:B, :Lq] = q
@@ -170,10 +163,8 @@ def run(step: StepPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     out = attend(qp.transpose(1, 2), k_pool, v_pool, block_mask_for_call(kp), kp.score_mod, scale, kp.attention,
                  kp.kernel_options)
     out = out.transpose(1, 2)[:B, :Lq]                                               # (B, Lq, Hq, D)
-    if not dense:
-        # Unmasked (full) pages reach a short row's padding positions too: zero them so callers never see garbage.
-        valid = torch.arange(Lq, device=q.device)[None, :] < buf.q_len[:B, None]   # (B, Lq)
-        out = out * valid[:, :, None, None].to(out.dtype)
+    if not dense:  # unmasked (full) pages reach a short row's padding positions too: callers never see garbage
+        out = zero_padding(out, buf.q_len)
     return out if Lq_in == Lq else F.pad(out, (0, 0, 0, 0, 0, Lq_in - Lq))         # (B, Lq_in, Hq, D)
 
 
