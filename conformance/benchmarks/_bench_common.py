@@ -47,7 +47,7 @@ def run_case_benchmark(request, benchmark, bench, case_store, case_id: str, back
     info.update(worst_error_ratio=round(prep.worst.get(backend, 0.0), 4),
                 compiled_graphs_first_run=prep.build_graphs.get(backend, 0))
     if backend == "paged" and bench.cuda:
-        from conformance.benchmarks.backends import case_pool
+        from conformance.benchmarks.pools import case_pool
 
         pool = case_pool(bench, case)
         info.update(pool_pages=pool.num_pages, pool_gib=round(pool.bytes / 2**30, 2), pool_capped=pool.capped,

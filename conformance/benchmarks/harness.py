@@ -204,21 +204,50 @@ def measure(
         planted: this is a benchmark the planted slowdown applies to (paged decode).
     Raises AssertionError (after recording) when graphs were compiled after the warm-up.
     """
-    dev = settings.device
     enabled = not settings.benchmark_disabled and getattr(benchmark, "enabled", True)
-    warmup = settings.warmup if enabled else 0
     slowdown = settings.planted_slowdown if planted else 0.0
-
-    # ---- warm-up, outside the measurement (compiles already happened while outputs were checked)
-    warm, host = [], []
-    ev0 = ev1 = None
+    events = None
     if settings.cuda:
-        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for i in range(warmup):
+        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # warm-up, outside the measurement (compiles already happened while outputs were checked)
+    warm, host = _warm_up(settings, step, rearm, settings.warmup if enabled else 0, events)
+    warm_median = statistics.median(warm) if warm else None
+    host_median = statistics.median(host) if host else None
+    graphs_before = unique_graphs()
+
+    extra_s = slowdown * warm_median if (slowdown and warm_median) else 0.0
+    timed_host: list[float] = []
+    if settings.cuda and enabled:
+        setup, target = _device_timed(benchmark, settings, step, rearm, events, host_median, extra_s, timed_host)
+    else:
+        setup, target = rearm, _host_timed(step, extra_s)
+    benchmark.pedantic(target, setup=setup, rounds=settings.rounds, warmup_rounds=0, iterations=1)
+    sync(settings.device)
+    recompiles = unique_graphs() - graphs_before
+
+    median = None
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None and enabled:
+        median = stats.stats.median
+    _record(benchmark, settings, extra_info, kv_bytes=kv_bytes, recompiles=recompiles, median=median,
+            host_times=timed_host or host, slowdown=slowdown)
+    assert recompiles == 0, f"{recompiles} graph(s) compiled after warm-up: a shape or guard is not static"
+    return Measured(recompiles, warm_median, host_median, median)
+
+
+def _warm_up(settings: BenchSettings, step: Callable[[], object], rearm: Callable[[], None], rounds: int,
+             events: tuple | None) -> tuple[list[float], list[float]]:
+    """Run `rounds` untimed steps; return the device times of the second half (all of them on the CPU) and the
+    host enqueue times (CUDA only), in seconds."""
+    dev = settings.device
+    warm: list[float] = []
+    host: list[float] = []
+    for i in range(rounds):
         rearm()
         if settings.cuda:
+            ev0, ev1 = events
             flush_l2(dev)
-            if host and i >= warmup // 2:  # second half: launch hidden, as in the timed rounds
+            if host and i >= rounds // 2:  # second half: launch hidden, as in the timed rounds
                 spin(dev, 2 * statistics.median(host) + 200e-6)
             ev0.record()
             t = time.perf_counter()
@@ -226,65 +255,70 @@ def measure(
             host.append(time.perf_counter() - t)
             ev1.record()
             ev1.synchronize()
-            if i >= warmup // 2:
+            if i >= rounds // 2:
                 warm.append(ev0.elapsed_time(ev1) / 1e3)
         else:
             t = time.perf_counter()
             step()
             warm.append(time.perf_counter() - t)
-    warm_median = statistics.median(warm) if warm else None
-    host_median = statistics.median(host) if host else None
-    graphs_before = unique_graphs()
+    return warm, host
 
-    extra_s = slowdown * warm_median if (slowdown and warm_median) else 0.0
-    timed_host: list[float] = []
 
-    if settings.cuda and enabled:
-        clock = DeviceClock()
-        benchmark._timer = clock  # pytest-benchmark's per-fixture timer (pedantic uses it for each round)
-        lead = 2 * (host_median or 0.0) + 200e-6
+def _device_timed(benchmark, settings: BenchSettings, step: Callable[[], object], rearm: Callable[[], None],
+                  events: tuple, host_median: float | None, extra_s: float,
+                  timed_host: list[float]) -> tuple[Callable[[], None], Callable[[], object]]:
+    """The (setup, target) pair of a CUDA round: L2 flushed and the launch hidden behind a spin; the round's time
+    is its CUDA-event time (a DeviceClock installed as the benchmark's timer). Host enqueue times go to
+    `timed_host`."""
+    dev = settings.device
+    ev0, ev1 = events
+    clock = DeviceClock()
+    benchmark._timer = clock  # pytest-benchmark's per-fixture timer (pedantic uses it for each round)
+    lead = 2 * (host_median or 0.0) + 200e-6
 
-        def setup():
-            rearm()
-            flush_l2(dev)
-            spin(dev, lead)
+    def setup():
+        rearm()
+        flush_l2(dev)
+        spin(dev, lead)
 
-        def target():
-            ev0.record()
-            t = time.perf_counter()
-            out = step()
-            timed_host.append(time.perf_counter() - t)
-            if extra_s:
-                spin(dev, extra_s)
-            ev1.record()
-            clock.pending = (ev0, ev1)
-            return out
-    else:
-        setup = rearm
+    def target():
+        ev0.record()
+        t = time.perf_counter()
+        out = step()
+        timed_host.append(time.perf_counter() - t)
+        if extra_s:
+            spin(dev, extra_s)
+        ev1.record()
+        clock.pending = (ev0, ev1)
+        return out
 
-        def target():
-            out = step()
-            if extra_s:
-                deadline = time.perf_counter() + extra_s
-                while time.perf_counter() < deadline:
-                    pass
-            return out
+    return setup, target
 
-    benchmark.pedantic(target, setup=setup, rounds=settings.rounds, warmup_rounds=0, iterations=1)
-    sync(dev)
-    recompiles = unique_graphs() - graphs_before
 
-    median = None
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None and enabled:
-        median = stats.stats.median
+def _host_timed(step: Callable[[], object], extra_s: float) -> Callable[[], object]:
+    """The target of a CPU round (or of a disabled benchmark): the step, then a busy wait of `extra_s`."""
+
+    def target():
+        out = step()
+        if extra_s:
+            deadline = time.perf_counter() + extra_s
+            while time.perf_counter() < deadline:
+                pass
+        return out
+
+    return target
+
+
+def _record(benchmark, settings: BenchSettings, extra_info: dict, *, kv_bytes: int, recompiles: int,
+            median: float | None, host_times: list[float], slowdown: float) -> None:
+    """Fill the benchmark's extra_info: the case fields, bytes, recompiles, host time and achieved bandwidth."""
     copy = copy_bandwidth(settings)
     info = dict(extra_info)
     info.update(
         kv_bytes=kv_bytes,
         recompiles=recompiles,
         copy_gbps=round(copy, 1),
-        host_enqueue_ms=round(1e3 * statistics.median(timed_host or host), 4) if (timed_host or host) else None,
+        host_enqueue_ms=round(1e3 * statistics.median(host_times), 4) if host_times else None,
         timing="cuda-events, L2 flushed, launch hidden" if settings.cuda else "cpu perf_counter (not meaningful)",
         planted_slowdown=slowdown,
     )
@@ -292,8 +326,6 @@ def measure(
         gbps = kv_bytes / median / 1e9
         info.update(gbps=round(gbps, 2), copy_fraction=round(gbps / copy, 4))
     benchmark.extra_info.update(info)
-    assert recompiles == 0, f"{recompiles} graph(s) compiled after warm-up: a shape or guard is not static"
-    return Measured(recompiles, warm_median, host_median, median)
 
 
 def env_float(name: str, default: float) -> float:

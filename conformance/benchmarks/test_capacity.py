@@ -24,7 +24,7 @@ import math
 import pytest
 import torch
 
-from conformance.benchmarks.backends import SdpaRunner
+from conformance.benchmarks.baseline_runners import SdpaRunner
 from conformance.benchmarks.grid import Case, u
 from conformance.benchmarks.harness import sync
 from conformance.benchmarks.workload import chat_requests, serve
@@ -162,17 +162,7 @@ def test_peak_memory_per_step(bench):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
 
-    # Contiguous baseline: 32 slots x max_len reserved up front; one decode step for its transient memory.
-    base = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    case = Case("decode", slots, u(MAX_LEN - 1), page, hq, hkv, d)
-    sdpa = SdpaRunner(case, [MAX_LEN - 64] * slots, dev)
-    q = torch.randn(slots, 1, hq, d, device=dev, dtype=dtype)
-    k = torch.randn(slots, 1, hkv, d, device=dev, dtype=dtype)
-    sdpa.step(q, k, k)
-    sync(dev)
-    contiguous_peak = torch.cuda.max_memory_allocated(dev) - base
-    del sdpa
+    contiguous_peak = _contiguous_peak(dev, slots, page, hq, hkv, d, dtype)
 
     record = {
         "slots": slots, "steps": len(per_step), "page_size": page, "pool_pages": num_pages, "max_len": MAX_LEN,
@@ -182,3 +172,19 @@ def test_peak_memory_per_step(bench):
     bench.results_path("peak_memory.json").write_text(json.dumps(record, indent=2))
     paged_peak = max(r["paged_peak_bytes"] for r in per_step)
     assert paged_peak < contiguous_peak, (paged_peak, contiguous_peak)
+
+
+def _contiguous_peak(dev: torch.device, slots: int, page: int, hq: int, hkv: int, d: int, dtype: torch.dtype) -> int:
+    """Peak bytes of the contiguous baseline: `slots` x MAX_LEN reserved up front, plus one decode step's transient
+    memory (its allocation is static, so one step measures it)."""
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    case = Case("decode", slots, u(MAX_LEN - 1), page, hq, hkv, d)
+    sdpa = SdpaRunner(case, [MAX_LEN - 64] * slots, dev)
+    q = torch.randn(slots, 1, hq, d, device=dev, dtype=dtype)
+    k = torch.randn(slots, 1, hkv, d, device=dev, dtype=dtype)
+    sdpa.step(q, k, k)
+    sync(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    del sdpa
+    return peak

@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from conformance.benchmarks.backends import pool_config
+from conformance.benchmarks.pools import pool_config
 from conformance.benchmarks.harness import sync, unique_graphs
 from conformance.benchmarks.workload import churn_trace
 from conformance.traces import Admit, Finish, Step
@@ -48,33 +48,12 @@ def test_no_recompiles_over_long_trace(bench):
 
     # ---- warm-up: one pass over the buckets the trace uses, on a scratch cache of the same spec
     g_start = unique_graphs()
-    for padded_batch, padded_q in shapes:
-        scratch = PagedKVCache(pool.spec(), policy="random", seed=1, kernel_options=bench.kernel_options)
-        ids = list(range(padded_batch))
-        for i in ids:
-            scratch.admit(i)
-        q_len = 1 if padded_q == 1 else padded_q
-        scratch.plan(ids, [q_len] * padded_batch)
-        scratch.run(0, *_inputs(gen, padded_batch, q_len, dev, pool.dtype))
-        del scratch
-    sync(dev)
+    _warm_up(bench, pool, shapes, gen)
     g_warm = unique_graphs()
 
     # ---- the trace, on a fresh cache
     cache = PagedKVCache(pool.spec(), policy="random", seed=2, kernel_options=bench.kernel_options)
-    admits = finishes = 0
-    finite = True
-    for op in ops:
-        if isinstance(op, Admit):
-            cache.admit(op.seq)
-            admits += 1
-        elif isinstance(op, Finish):
-            cache.finish(op.seq)
-            finishes += 1
-        else:
-            cache.plan(op.seqs, op.q_lens)
-            out = cache.run(0, *_inputs(gen, len(op.seqs), max(op.q_lens), dev, pool.dtype))
-            finite &= bool(torch.isfinite(out).all())
+    admits, finishes, finite = _replay(cache, ops, gen, dev, pool.dtype)
     sync(dev)
     new_graphs = unique_graphs() - g_warm
 
@@ -90,3 +69,36 @@ def test_no_recompiles_over_long_trace(bench):
     assert finite, "NaN/inf in the trace's outputs"
     assert new_graphs == 0, (f"{new_graphs} graph(s) compiled after warm-up over {shapes}: a shape or guard is not "
                              f"static (see {bench.results_path('recompiles.json')})")
+
+
+def _warm_up(bench, pool, shapes: list[tuple[int, int]], gen: torch.Generator) -> None:
+    """Compile every (padded batch, padded query length) of `shapes`: one step each on a scratch cache."""
+    for padded_batch, padded_q in shapes:
+        scratch = PagedKVCache(pool.spec(), policy="random", seed=1, kernel_options=bench.kernel_options)
+        ids = list(range(padded_batch))
+        for i in ids:
+            scratch.admit(i)
+        q_len = 1 if padded_q == 1 else padded_q
+        scratch.plan(ids, [q_len] * padded_batch)
+        scratch.run(0, *_inputs(gen, padded_batch, q_len, bench.device, pool.dtype))
+        del scratch
+    sync(bench.device)
+
+
+def _replay(cache: PagedKVCache, ops: list, gen: torch.Generator, dev: torch.device,
+            dtype: torch.dtype) -> tuple[int, int, bool]:
+    """Run the trace on `cache`, layer 0 attended per step; return (admits, finishes, every output finite)."""
+    admits = finishes = 0
+    finite = True
+    for op in ops:
+        if isinstance(op, Admit):
+            cache.admit(op.seq)
+            admits += 1
+        elif isinstance(op, Finish):
+            cache.finish(op.seq)
+            finishes += 1
+        else:
+            cache.plan(op.seqs, op.q_lens)
+            out = cache.run(0, *_inputs(gen, len(op.seqs), max(op.q_lens), dev, dtype))
+            finite &= bool(torch.isfinite(out).all())
+    return admits, finishes, finite

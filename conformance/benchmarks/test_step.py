@@ -27,6 +27,7 @@ import math
 import os
 import statistics
 import time
+from typing import Callable
 
 import pytest
 import torch
@@ -121,62 +122,15 @@ def test_model_decode_step(benchmark, bench, batch, mode):
     """Time whole decode steps of the 32-layer model (`mode`: op-by-op launches, or one CUDA graph)."""
     if mode != "eager" and not bench.cuda:
         pytest.skip("CUDA graphs need a GPU")
-    dev = bench.device
     setup = step_setup(bench, batch)
-    model = setup.model
     benchmark.group = f"model decode step B{batch}"
-
-    if mode == "eager":
-        run = model.forward
-        for _ in range(WARMUP_STEPS):                                              # compiles outside the timing
-            setup.plan()
-            run()
-    else:
-        setup.plan()
-        model.forward()                                                            # compiles outside the capture
-        graphed = GraphedStep(setup.cache, model.forward)
-        setup.plan()
-        graphed.capture()
-        run = graphed.replay
-        for _ in range(WARMUP_STEPS):
-            setup.plan()
-            run()
-    sync(dev)
-    if bench.cuda:                                                                 # no host-device sync anywhere
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            setup.plan()
-            run()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        sync(dev)
+    run = _warmed_step(bench, setup, mode)
 
     graphs_before = unique_graphs()
     weight_bytes, kv_bytes = setup.bytes_per_step()
-    plan_s, device_s = [], []
-    ev0 = ev1 = None
-    if bench.cuda:
-        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    ahead = mode == "graph-ahead"
-    if ahead:
-        setup.plan()                                  # the first timed step's plan; each round plans the next
-
-    def one_step() -> torch.Tensor:
-        if not ahead:
-            plan_s.append(setup.plan())
-        if ev0 is not None:
-            ev0.record()
-        logits = run()
-        if ev1 is not None:
-            ev1.record()
-        if ahead:
-            plan_s.append(setup.plan())               # stream-ordered after this step's kernels: safe to refill
-        sync(dev)
-        if ev0 is not None:
-            device_s.append(ev0.elapsed_time(ev1) / 1e3)
-        return logits
-
+    plan_s: list[float] = []
+    device_s: list[float] = []
+    one_step = _timed_step(bench, setup, run, mode == "graph-ahead", plan_s, device_s)
     logits = benchmark.pedantic(one_step, rounds=bench.rounds, warmup_rounds=0, iterations=1)
     recompiles = unique_graphs() - graphs_before
     assert torch.isfinite(logits.float()).all(), "the model produced non-finite logits"
@@ -199,3 +153,60 @@ def test_model_decode_step(benchmark, bench, batch, mode):
                     copy_fraction=round(gbps / copy, 4))
     benchmark.extra_info.update(info)
     assert recompiles == 0, f"{recompiles} graph(s) compiled during the timed steps"
+
+
+def _warmed_step(bench, setup: StepSetup, mode: str) -> Callable[[], torch.Tensor]:
+    """The step of `mode` (the model's forward, or the replay of its CUDA graph), compiled (and captured) and run
+    WARMUP_STEPS times; on CUDA one more step runs with host-device syncs raising."""
+    model = setup.model
+    if mode == "eager":
+        run = model.forward
+    else:
+        setup.plan()
+        model.forward()                                                            # compiles outside the capture
+        graphed = GraphedStep(setup.cache, model.forward)
+        setup.plan()
+        graphed.capture()
+        run = graphed.replay
+    for _ in range(WARMUP_STEPS):                                                  # compiles outside the timing
+        setup.plan()
+        run()
+    sync(bench.device)
+    if bench.cuda:                                                                 # no host-device sync anywhere
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            setup.plan()
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        sync(bench.device)
+    return run
+
+
+def _timed_step(bench, setup: StepSetup, run: Callable[[], torch.Tensor], ahead: bool, plan_s: list[float],
+                device_s: list[float]) -> Callable[[], torch.Tensor]:
+    """One benchmark round: plan + `run` + synchronize (with `ahead`, `run` then the NEXT step's plan). Appends
+    plan()'s host seconds to `plan_s` and, on CUDA, the device seconds of `run` to `device_s`."""
+    dev = bench.device
+    ev0 = ev1 = None
+    if bench.cuda:
+        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if ahead:
+        setup.plan()                                  # the first timed step's plan; each round plans the next
+
+    def one_step() -> torch.Tensor:
+        if not ahead:
+            plan_s.append(setup.plan())
+        if ev0 is not None:
+            ev0.record()
+        logits = run()
+        if ev1 is not None:
+            ev1.record()
+        if ahead:
+            plan_s.append(setup.plan())               # stream-ordered after this step's kernels: safe to refill
+        sync(dev)
+        if ev0 is not None:
+            device_s.append(ev0.elapsed_time(ev1) / 1e3)
+        return logits
+
+    return one_step

@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 
-from conformance.benchmarks.backends import pool_config
+from conformance.benchmarks.pools import pool_config
 from conformance.benchmarks.harness import measure
 from conformance.benchmarks.workload import chat_requests, refill, serve
 from paged import CacheSpec, PagedKVCache
