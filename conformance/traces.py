@@ -146,79 +146,106 @@ def traces(draw, device: str = "cpu", *, fork_weight: int = 1, use_mods: bool = 
     """
     lim = lim or limits()
     config = draw(configs(device, lim))
-    max_len = min(config.max_seq_len, lim.max_seq_len)
-    model = PageModel(config.num_pages, config.page_size)
-    prompt_left: dict[int, int] = {}
-    next_id = 0
-    ops: list[Op] = []
-    n_ops = draw(st.integers(lim.min_ops, lim.max_ops))
-    for _ in range(n_ops):
+    draft = _Draft(draw, lim, config, fork_weight, use_mods)
+    for _ in range(draw(st.integers(lim.min_ops, lim.max_ops))):
+        draft.next_op()
+    # Pressure: often end by growing every live sequence as fast as steps allow, into exhaustion: the
+    # backend must then refuse whole steps, and after finishes the freed pages must serve again.
+    if draw(st.booleans()):
+        draft.pressure()
+    seed = draw(st.integers(0, 2**31 - 1))
+    return Trace(config, tuple(draft.ops), seed)
+
+
+class _Draft:
+    """A trace being drawn: the operations so far and the page model they leave (steps that do not fit are kept
+    in the trace but change nothing, as a correct backend must refuse them)."""
+
+    def __init__(self, draw, lim: TraceLimits, config: TraceConfig, fork_weight: int, use_mods: bool) -> None:
+        self.draw, self.lim, self.fork_weight, self.use_mods = draw, lim, fork_weight, use_mods
+        self.max_len = min(config.max_seq_len, lim.max_seq_len)
+        self.model = PageModel(config.num_pages, config.page_size)
+        self.prompt_left: dict[int, int] = {}     # prompt tokens each sequence has still to store
+        self.next_id = 0
+        self.ops: list[Op] = []
+
+    def _new_id(self) -> int:
+        seq, self.next_id = self.next_id, self.next_id + 1
+        return seq
+
+    def _apply(self, seqs: list, q_lens: list[int], mod: object = None) -> bool:
+        """Append the step; apply it to the model if its pages fit. Returns whether it did."""
+        fits = self.model.pages_needed(seqs, q_lens) <= self.model.free_pages
+        if fits:
+            self.model.step(seqs, q_lens)
+        self.ops.append(Step(tuple(seqs), tuple(q_lens), mod))
+        return fits
+
+    def next_op(self) -> None:
+        """Draw what an engine would do next given the live sequences: admit, step, finish or fork."""
+        draw, model, lim = self.draw, self.model, self.lim
         live = sorted(model.seqs)
-        growable = [s for s in live if model.length(s) < max_len]
+        growable = [s for s in live if model.length(s) < self.max_len]
         kinds = ["admit"] * (3 if len(live) < lim.max_batch else 1)
         if growable:
             kinds += ["step"] * 6
         if live:
-            kinds += ["finish"] + ["fork"] * fork_weight
+            kinds += ["finish"] + ["fork"] * self.fork_weight
         kind = draw(st.sampled_from(kinds))
         if kind == "admit":
-            seq, next_id = next_id, next_id + 1
-            prompt_left[seq] = draw(st.integers(1, max_len))
+            seq = self._new_id()
+            self.prompt_left[seq] = draw(st.integers(1, self.max_len))
             model.admit(seq)
-            ops.append(Admit(seq))
+            self.ops.append(Admit(seq))
         elif kind == "finish":
             seq = draw(st.sampled_from(live))
             model.finish(seq)
-            ops.append(Finish(seq))
+            self.ops.append(Finish(seq))
         elif kind == "fork":
             parent = draw(st.sampled_from(live))
-            child, next_id = next_id, next_id + 1
-            prompt_left[child] = prompt_left.get(parent, 0)
+            child = self._new_id()
+            self.prompt_left[child] = self.prompt_left.get(parent, 0)
             model.fork(parent, child)
-            ops.append(Fork(parent, child))
+            self.ops.append(Fork(parent, child))
         else:
-            count = draw(st.integers(1, min(len(growable), lim.max_batch)))
-            members = draw(st.permutations(growable))[:count]
-            q_lens = []
-            for s in members:
-                room = max_len - model.length(s)
-                want = prompt_left.get(s, 0) or 1
-                chunk = min(want, room, draw(st.integers(1, lim.max_chunk)) if want > 1 else 1)
-                q_lens.append(chunk)
-            name = draw(st.sampled_from((None,) * 6 + lim.mods)) if use_mods and lim.mods else None
-            mod = None if name is None else mod_specs.parse(name)
-            if model.pages_needed(members, q_lens) <= model.free_pages:
-                model.step(members, q_lens)
-                for s, q in zip(members, q_lens):
-                    prompt_left[s] = max(0, prompt_left.get(s, 0) - q)
-            ops.append(Step(tuple(members), tuple(q_lens), mod))
-    # Pressure: often end by growing every live sequence as fast as steps allow, into exhaustion: the
-    # backend must then refuse whole steps, and after finishes the freed pages must serve again.
-    if draw(st.booleans()):
+            self._step(growable)
+
+    def _step(self, growable: list) -> None:
+        """A step of a drawn subset: prompt chunks for sequences with prompt left, else one decode token each."""
+        draw, lim = self.draw, self.lim
+        count = draw(st.integers(1, min(len(growable), lim.max_batch)))
+        members = draw(st.permutations(growable))[:count]
+        q_lens = []
+        for s in members:
+            room = self.max_len - self.model.length(s)
+            want = self.prompt_left.get(s, 0) or 1
+            chunk = min(want, room, draw(st.integers(1, lim.max_chunk)) if want > 1 else 1)
+            q_lens.append(chunk)
+        name = draw(st.sampled_from((None,) * 6 + lim.mods)) if self.use_mods and lim.mods else None
+        mod = None if name is None else mod_specs.parse(name)
+        if self._apply(members, q_lens, mod):
+            for s, q in zip(members, q_lens):
+                self.prompt_left[s] = max(0, self.prompt_left.get(s, 0) - q)
+
+    def pressure(self) -> None:
+        """Fill the batch, grow every live sequence by whole chunks into exhaustion, maybe finish one and step."""
+        draw, model, lim, max_len = self.draw, self.model, self.lim, self.max_len
         for _ in range(lim.max_batch - len(model.seqs)):
-            seq, next_id = next_id, next_id + 1
+            seq = self._new_id()
             model.admit(seq)
-            ops.append(Admit(seq))
+            self.ops.append(Admit(seq))
         for _ in range(draw(st.integers(2, 6))):
             live = [s for s in sorted(model.seqs) if model.length(s) < max_len][:lim.max_batch]
             if not live:
                 break
-            q_lens = [min(max_len - model.length(s), lim.max_chunk) for s in live]
-            if model.pages_needed(live, q_lens) <= model.free_pages:
-                model.step(live, q_lens)
-            ops.append(Step(tuple(live), tuple(q_lens)))
+            self._apply(live, [min(max_len - model.length(s), lim.max_chunk) for s in live])
         if model.seqs and draw(st.booleans()):
             victim = draw(st.sampled_from(sorted(model.seqs)))
             model.finish(victim)
-            ops.append(Finish(victim))
+            self.ops.append(Finish(victim))
             live = [s for s in sorted(model.seqs) if model.length(s) < max_len][:1]
             if live:
-                q = min(max_len - model.length(live[0]), lim.max_chunk)
-                if model.pages_needed(live, [q]) <= model.free_pages:
-                    model.step(live, [q])
-                ops.append(Step(tuple(live), (q,)))
-    seed = draw(st.integers(0, 2**31 - 1))
-    return Trace(config, tuple(ops), seed)
+                self._apply(live, [min(max_len - model.length(live[0]), lim.max_chunk)])
 
 
 def _model_after(trace: Trace) -> PageModel:

@@ -57,16 +57,7 @@ def write_tiny_llama_checkpoint(
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            "need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0, got "
-            f"hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
-        )
-    # FMS rebuilds the MLP width from the float ratio intermediate/hidden; refuse a size
-    # that does not survive the round trip rather than load mismatched shapes later.
-    if int(intermediate_size / hidden_size * hidden_size) != intermediate_size:
-        raise ValueError(f"intermediate_size={intermediate_size} does not round-trip through FMS")
-
+    _check_fms_shape(hidden_size, num_heads, num_kv_heads, intermediate_size)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(
@@ -89,17 +80,35 @@ def write_tiny_llama_checkpoint(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+    _save_seeded(LlamaForCausalLM, config, seed, dtype, out)
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    return out
+
+
+def _check_fms_shape(hidden_size: int, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
+    """Refuse a Llama shape FMS's HF adapter would not load back as written (ValueError)."""
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            "need hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0, got "
+            f"hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
+        )
+    # FMS rebuilds the MLP width from the float ratio intermediate/hidden; refuse a size
+    # that does not survive the round trip rather than load mismatched shapes later.
+    if int(intermediate_size / hidden_size * hidden_size) != intermediate_size:
+        raise ValueError(f"intermediate_size={intermediate_size} does not round-trip through FMS")
+
+
+def _save_seeded(model_class: type, config: object, seed: int, dtype: torch.dtype, out: Path) -> None:
+    """Build `model_class(config)` with weights drawn from `seed` (global RNG untouched), save it to `out`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model = model.to(dtype)
     model.config.architectures = ["LlamaForCausalLM"]
     model.save_pretrained(out)
     if not (out / "model.safetensors").is_file():
         raise RuntimeError(f"transformers did not write {out / 'model.safetensors'}")
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
-    return out
 
 
 def load_fms_llama(
