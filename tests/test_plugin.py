@@ -11,6 +11,10 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 import pytest
 import torch
 
+from conformance import cli
+
+pytest_plugins = ["pytester"]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,15 +23,28 @@ def _plugin_installed() -> bool:
     return any(ep.value == "conformance.plugin" for ep in entry_points(group="pytest11"))
 
 
-def run_pytest(tmp_path, body: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    (tmp_path / "test_probe.py").write_text(textwrap.dedent(body))
-    full_env = {k: v for k, v in os.environ.items() if k not in ("PAGED_REQUIRE_GPU", "PAGED_CONFORMANCE_BACKEND")}
-    full_env.update(PYTHONPATH=os.pathsep.join(filter(None, (REPO, os.environ.get("PYTHONPATH")))), **(env or {}))
-    # From a source tree (the GPU scripts put the repo on PYTHONPATH) the plugin is named the way users without
-    # an install would name it; test_plugin_is_registered_as_an_entry_point covers the installed route.
-    load = () if _plugin_installed() else ("-p", "conformance.plugin")
-    return subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider", *load,
-                           *args], capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=120)
+@pytest.fixture
+def run_pytest(pytester, monkeypatch):
+    """Run pytest in-process (pytester) on a probe test file `body` with the plugin loaded as an install loads it.
+
+    In-process: a subprocess per run (a fresh interpreter importing torch) cost 4-13 s each on the 2-core CI
+    machine; what these tests check (exit codes, messages, outcomes) is the same either way. The `python -m
+    conformance` tests below still start real processes.
+    """
+
+    def run(body: str, *args: str, env: dict | None = None):
+        pytester.makepyfile(test_probe=textwrap.dedent(body))
+        pytester.syspathinsert()
+        for name in ("PAGED_REQUIRE_GPU", "PAGED_CONFORMANCE_BACKEND"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        # From a source tree (the GPU scripts put the repo on PYTHONPATH) the plugin is named the way users without
+        # an install would name it; test_plugin_is_registered_as_an_entry_point covers the installed route.
+        load = () if _plugin_installed() else ("-p", "conformance.plugin")
+        return pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", *load, *args)
+
+    return run
 
 
 GPU_TEST = """
@@ -43,37 +60,40 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks behaviou
 
 
 @cpu_only
-def test_required_gpu_fails_instead_of_skipping(tmp_path):
-    done = run_pytest(tmp_path, GPU_TEST, env={"PAGED_REQUIRE_GPU": "1"})
-    assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout + done.stderr
-    assert "CUDA GPU was required" in done.stderr
+def test_required_gpu_fails_instead_of_skipping(run_pytest):
+    done = run_pytest(GPU_TEST, env={"PAGED_REQUIRE_GPU": "1"})
+    assert done.ret == pytest.ExitCode.USAGE_ERROR, done.stdout.str() + done.stderr.str()
+    assert "CUDA GPU was required" in done.stderr.str()
 
 
 @cpu_only
-def test_device_cuda_without_gpu_fails(tmp_path):
-    done = run_pytest(tmp_path, GPU_TEST, "--device", "cuda")
-    assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout + done.stderr
+def test_device_cuda_without_gpu_fails(run_pytest):
+    done = run_pytest(GPU_TEST, "--device", "cuda")
+    assert done.ret == pytest.ExitCode.USAGE_ERROR, done.stdout.str() + done.stderr.str()
 
 
 @cpu_only
-def test_gpu_marked_tests_skip_cleanly_on_cpu(tmp_path):
-    done = run_pytest(tmp_path, GPU_TEST, "-rs")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "1 passed, 1 skipped" in done.stdout and "needs a CUDA GPU" in done.stdout
+def test_gpu_marked_tests_skip_cleanly_on_cpu(run_pytest):
+    done = run_pytest(GPU_TEST, "-rs")
+    out = done.stdout.str()
+    assert done.ret == 0, out + done.stderr.str()
+    assert "1 passed, 1 skipped" in out and "needs a CUDA GPU" in out
 
 
-def test_unknown_backend_is_a_usage_error(tmp_path):
-    done = run_pytest(tmp_path, GPU_TEST, "--backend", "no-such-backend", "-k", "backend")
-    assert done.returncode == pytest.ExitCode.USAGE_ERROR
-    assert "unknown backend 'no-such-backend'" in done.stderr
+def test_unknown_backend_is_a_usage_error(run_pytest):
+    done = run_pytest(GPU_TEST, "--backend", "no-such-backend", "-k", "backend")
+    assert done.ret == pytest.ExitCode.USAGE_ERROR
+    assert "unknown backend 'no-such-backend'" in done.stderr.str()
 
 
-def test_backend_by_module_path_and_env_var(tmp_path):
-    by_option = run_pytest(tmp_path, GPU_TEST, "--backend", "oracle.cache:ContiguousOracle", "-k", "backend", "-s")
-    assert "BACKEND oracle.cache:ContiguousOracle" in by_option.stdout, by_option.stdout + by_option.stderr
-    by_env = run_pytest(tmp_path, GPU_TEST, "-k", "backend", "-s",
-                        env={"PAGED_CONFORMANCE_BACKEND": "conformance.adapters:oracle_backend"})
-    assert "BACKEND oracle ['chunked_prefill', 'fork', 'mixed_steps', 'mods']" in by_env.stdout, by_env.stdout
+def test_backend_by_module_path_and_env_var(run_pytest, capfd):
+    # -s: the probe prints through the in-process run's real stdout, which capfd reads
+    run_pytest(GPU_TEST, "--backend", "oracle.cache:ContiguousOracle", "-k", "backend", "-s")
+    by_option = capfd.readouterr().out
+    assert "BACKEND oracle.cache:ContiguousOracle" in by_option, by_option
+    run_pytest(GPU_TEST, "-k", "backend", "-s", env={"PAGED_CONFORMANCE_BACKEND": "conformance.adapters:oracle_backend"})
+    by_env = capfd.readouterr().out
+    assert "BACKEND oracle ['chunked_prefill', 'fork', 'mixed_steps', 'mods']" in by_env, by_env
 
 
 def test_plugin_is_registered_as_an_entry_point():
@@ -101,12 +121,18 @@ def run_cli(tmp_path, *args: str, env: dict | None = None) -> subprocess.Complet
     (("--backend", "os:sep"), "backend 'os:sep' is a str"),
     (("--backend", "no_such_module:factory"), "cannot load backend 'no_such_module:factory': ModuleNotFoundError"),
 ], ids=["unknown-backend", "unknown-profile", "factory-exits", "not-callable", "not-importable"])
-def test_cli_usage_errors_are_one_paragraph_and_nonzero(tmp_path, args, says):
-    """Issue 17: each used to end in a traceback, an INTERNALERROR with an empty report, or exit 0."""
-    done = run_cli(tmp_path, *args)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert says in done.stderr and "Traceback" not in done.stderr + done.stdout, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+def test_cli_usage_errors_are_one_paragraph_and_nonzero(tmp_path, monkeypatch, capsys, args, says):
+    """Issue 17: each used to end in a traceback, an INTERNALERROR with an empty report, or exit 0.
+
+    In-process (`conformance.cli.main`, what `python -m conformance` calls): an escaping exception would fail the
+    test as a traceback would have shown. The two tests below run `python -m conformance` as a process."""
+    for name in ("PAGED_REQUIRE_GPU", "PAGED_CONFORMANCE_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    code = cli.main(["--json", str(tmp_path / "report.json"), *args])
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    assert says in err and "Traceback" not in err + out, err
+    assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "report.json").exists(), "a run that did not happen must not write a report"
 
 
@@ -155,11 +181,11 @@ def test_crash():
 """
 
 
-def test_known_defects_are_strict_and_must_match(tmp_path):
+def test_known_defects_are_strict_and_must_match(run_pytest):
     """Issue 17: expected failures were xfail(strict=False): a fixed defect or a different failure went unnoticed."""
-    done = run_pytest(tmp_path, KNOWN_DEFECT_TESTS, "--backend", "test_probe:factory", "-rxXf")
-    out = done.stdout
-    assert "1 failed" not in out and "3 failed, 1 xfailed" in out, out + done.stderr
+    done = run_pytest(KNOWN_DEFECT_TESTS, "--backend", "test_probe:factory", "-rxXf")
+    out = done.stdout.str()
+    assert "1 failed" not in out and "3 failed, 1 xfailed" in out, out + done.stderr.str()
     assert "XFAIL test_probe.py::test_matching - known bug" in out
     for name in ("test_different", "test_fixed", "test_crash"):
         assert f"FAILED test_probe.py::{name}" in out, out
