@@ -255,7 +255,9 @@ def test_steps_the_kernel_does_not_take_use_flexattention(kernel_device):
                      device=kernel_device)
     cache = PagedKVCache(spec, decode_kernel="triton")
     cache.admit("a")
-    assert cache.plan(["a"], [5]).kernel == "flex"                                   # prefill
+    assert cache.plan(["a"], [5]).kernel == "sdpa_prefill"                           # a fresh prefill: SDPA
+    cache.run(0, *(torch.zeros(1, 5, 1, 16, device=kernel_device) for _ in range(3)))
+    assert cache.plan(["a"], [4]).kernel == "flex"                                   # a second chunk
     assert cache.plan(["a"], [1], mask_mod=mods.sliding_window(3)).kernel == "flex"  # a mask_mod
     assert cache.plan(["a"], [1], score_mod=mods.soft_cap(2.0)).kernel == "flex"     # a score_mod
     assert cache.plan(["a"], [1]).kernel == "triton"
@@ -358,7 +360,7 @@ def test_padded_batch_run_matches_the_unpadded_run(kernel_device):
 def test_padded_batch_is_refused_on_flexattention_steps(kernel_device):
     spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=16, num_pages=16, max_seq_len=64,
                      device=kernel_device)                     # CUDA caches take pages >= 16
-    cache = PagedKVCache(spec, decode_kernel="triton")
+    cache = PagedKVCache(spec, decode_kernel="triton", prefill_kernel="flex")
     for s in "abc":
         cache.admit(s)
     gen = torch.Generator().manual_seed(0)
