@@ -17,8 +17,8 @@ declare -A shard=(
   [t_fms_generate]="tests/fms/test_fms_generate.py"
   [t_fms_other]="tests/fms --ignore=tests/fms/test_fms_generate.py"
   [t_scenarios]="tests/test_scenarios.py"
-  [t_core]="tests/test_allocator.py tests/test_errors.py tests/test_public_api.py tests/test_plugin.py tests/test_host_table.py tests/test_kernel_options.py tests/test_cuda_graph.py tests/test_transfer.py"
-  [t_twins]="tests/test_cache_bookkeeping.py tests/test_eager_vs_compiled.py tests/test_peer_torch_paged.py"
+  [t_core]="tests/test_allocator.py tests/test_errors.py tests/test_run_errors.py tests/test_config_errors.py tests/test_public_api.py tests/test_plugin.py tests/test_host_table.py tests/test_kernel_options.py tests/test_cuda_graph.py tests/test_transfer.py"
+  [t_twins]="tests/test_cache_bookkeeping.py tests/test_eager_vs_compiled.py tests/test_peer_torch_paged.py tests/test_peer_torch_paged_defects.py"
   [t_triton]="tests/test_triton_decode.py tests/test_teeth.py -k triton_decode"
   [t_more]="tests/test_triton_worklist.py tests/test_sdpa_prefill.py tests/test_reliability.py tests/test_mods.py tests/test_oracle_rules.py"
 )

@@ -51,7 +51,7 @@ Where the peer's API cannot express the contract:
   input_pos = its logical position), never a padded (B, max_q_len) block.
 
 Known peer defects that the suite sees (listed in `expected_failures`, each reproduced in
-tests/test_peer_torch_paged.py):
+tests/test_peer_torch_paged_defects.py):
 
 * `erase(batch_idx)` clears `page_table`, `capacity` and `empty_pages` but not `physical_to_logical`:
   `self.physical_to_logical[batch_idx][:, pages] = -1` assigns into the copy that advanced indexing made
@@ -102,7 +102,7 @@ ERASE_BUG = (
     "peer bug: PagedAttention.erase() leaves physical_to_logical set (it assigns into an advanced-indexing "
     "copy), so a sequence that later takes the same batch row inherits stale logical pages; eager "
     "flex_attention reads only the converted mask_mod and attends to pages the sequence does not own. "
-    "Reproduced on torch 2.13 CPU: tests/test_peer_torch_paged.py::test_peer_bug_erase_keeps_inverse_table "
+    "Reproduced on torch 2.13 CPU: tests/test_peer_torch_paged_defects.py::test_peer_bug_erase_keeps_inverse_table "
     "and ::test_erase_bug_breaks_eager_twin")
 
 CAPABILITIES_OFFERED = frozenset({"mods", "chunked_prefill", "mixed_steps", "paging", "poison", "eager"})
