@@ -72,15 +72,18 @@ def test_no_recompiles_over_long_trace(bench):
 
 
 def _warm_up(bench, pool, shapes: list[tuple[int, int]], gen: torch.Generator) -> None:
-    """Compile every (padded batch, padded query length) of `shapes`: one step each on a scratch cache."""
+    """Compile every (padded batch, padded query length) of `shapes` on a scratch cache: a decode step, then (for
+    a prefill shape) a step of that length over rows that are no longer empty. A step whose rows are all empty goes
+    to the fresh-prefill kernel (`paged.kernels.choose`), which compiles nothing, while the trace's chunks over
+    stored tokens take compiled FlexAttention."""
     for padded_batch, padded_q in shapes:
         scratch = PagedKVCache(pool.spec(), policy="random", seed=1, kernel_options=bench.kernel_options)
         ids = list(range(padded_batch))
         for i in ids:
             scratch.admit(i)
-        q_len = 1 if padded_q == 1 else padded_q
-        scratch.plan(ids, [q_len] * padded_batch)
-        scratch.run(0, *_inputs(gen, padded_batch, q_len, bench.device, pool.dtype))
+        for q_len in ((1,) if padded_q == 1 else (1, padded_q)):
+            scratch.plan(ids, [q_len] * padded_batch)
+            scratch.run(0, *_inputs(gen, padded_batch, q_len, bench.device, pool.dtype))
         del scratch
     sync(bench.device)
 
