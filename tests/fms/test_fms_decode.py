@@ -230,15 +230,19 @@ def test_long_run_compiles_and_captures_nothing_after_warmup(model, device):
     assert gen.cache.memory().pages_in_use == 0
 
 
-class HalfDecode:
-    """A scheduler that decodes only every other running request per step (alternating halves): on the traced path
-    the step planned ahead must be the one it would pick between steps, over all running requests."""
+class _SubsetDecode:
+    """Continuous batching's admission and prefill; subclasses pick which running requests decode in a step."""
 
     def __init__(self) -> None:
         self.inner, self.turn = ContinuousBatching(), 0
 
     def admit(self, waiting, running, free_pages, pages_held):
         return self.inner.admit(waiting, running, free_pages, pages_held)
+
+
+class HalfDecode(_SubsetDecode):
+    """A scheduler that decodes only every other running request per step (alternating halves): on the traced path
+    the step planned ahead must be the one it would pick between steps, over all running requests."""
 
     def next_step(self, running):
         work = self.inner.next_step(running)
@@ -262,16 +266,10 @@ def test_a_partial_decode_scheduler_gives_the_same_tokens_traced(traced):
     assert traced.gen.cache.memory().pages_in_use == 0
 
 
-class SlidingPairs:
+class SlidingPairs(_SubsetDecode):
     """A scheduler that decodes two of the running requests per step, sliding by one: (0, 1), (1, 2), (2, 0), ...
     Each step shares one row with the step before, so its input mixes a token fed on the device (a pick the host
     has not read yet) with one the host read a step earlier."""
-
-    def __init__(self) -> None:
-        self.inner, self.turn = ContinuousBatching(), 0
-
-    def admit(self, waiting, running, free_pages, pages_held):
-        return self.inner.admit(waiting, running, free_pages, pages_held)
 
     def next_step(self, running):
         work = self.inner.next_step(running)
