@@ -8,6 +8,7 @@ session), without shrinking: only which check fails, and how, matters here.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conformance.cli import plugin_args
 from tests.broken_backends import BROKEN
@@ -60,7 +61,17 @@ NOT_CAUGHT_YET = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(BROKEN))
+def _slow_where_not_caught(name: str):
+    """A hole known on the CPU runs its whole check without a failure to stop it (12 traces under Triton's
+    interpreter: 8 s warm, 25 s with a cold compile cache on 2 cores), only to confirm that it is still open: `slow`
+    there (`tox -e slow`); on a GPU, where it is caught, it always runs."""
+    hole = NOT_CAUGHT_YET.get(name)
+    if hole is not None and hole[0] == "cpu" and not torch.cuda.is_available():
+        return pytest.param(name, marks=pytest.mark.slow)
+    return name
+
+
+@pytest.mark.parametrize("name", [_slow_where_not_caught(n) for n in sorted(BROKEN)])
 def test_suite_fails_on_broken_backend(name, device, capsys, request):
     hole = NOT_CAUGHT_YET.get(name)
     if hole is not None and device.type == hole[0]:
