@@ -1,27 +1,41 @@
 """`python -m conformance`: run the conformance suite against a backend and print/write the report.
 
     python -m conformance [--backend NAME|module:factory] [--device cpu|cuda] [--profile ci|dev|gpu|thorough|soak]
-                          [--json PATH] [--list] [-- extra pytest args]
+                          [--json PATH] [--time-budget S] [--list] [-- extra pytest args]
 Exit status 0 when every applicable check passes (known defects count as expected failures); 1 when a check
-fails; 2 for a bad command line (unknown backend or profile, no GPU for --device cuda), with a one-paragraph
-error and no report; 3 when pytest itself could not run the suite (no report either).
+fails (or a soak reaches fewer than 10^4 trace steps); 2 for a bad command line (unknown backend or profile, no GPU
+for --device cuda), with a one-paragraph error and no report; 3 when pytest itself could not run the suite (no
+report either); 4 when the run was interrupted (SIGINT or SIGTERM) after some trace completed: the report is
+written with status "interrupted", holds the traces that completed, and does not count as passed.
+
+--time-budget S: the checks share S seconds of wall clock; each gets an equal share of the time left when it
+starts and starts no new trace once its share is spent (the trace under way finishes), then the report is written
+as usual: a stopped check passed over the traces it ran and says so, and the soak's 10^4-step minimum is judged
+on those. Under a budget a failing trace is reported as found, without shrinking (--no-shrink). While the checks
+run, the --json report is rewritten (status "running") after each completed trace, at most every
+CHECKPOINT_SECONDS, so even a run killed outright (SIGKILL) leaves the figures of what completed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import time
 from importlib.metadata import entry_points
 
 import pytest
 
 from conformance.profiles import SOAK_MIN_STEPS
-from conformance.records import reset
+from conformance.records import LISTENERS, RECORDS, reset
 from conformance.report import ReportPlugin, format_report, write_json
 from conformance.selection import BackendNotFound, available_backends, resolve_backend
 
 PLUGIN_MODULE = "conformance.plugin"
+#: Least time between two checkpoint reports written while the checks run.
+CHECKPOINT_SECONDS = 5.0
 
 
 class UsageProblem(Exception):
@@ -45,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="Hypothesis profile: ci, dev, gpu, thorough or soak (default: $HYPOTHESIS_PROFILE, "
                              "else gpu on cuda, ci on cpu)")
     parser.add_argument("--json", default="conformance-report.json", help="where to write the JSON report")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="S",
+                        help="wall-clock seconds for the checks: each gets an equal share of the time left when it "
+                             "starts and starts no new trace once it is spent; the report covers what ran (failing "
+                             "traces are not shrunk under a budget)")
     parser.add_argument("--list", action="store_true", help="list the backends that can be selected")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     return parser
@@ -62,6 +80,8 @@ def _settle(args: argparse.Namespace):
                            f"(torch {torch.__version__}); run on a GPU machine or use --device cpu.")
     # The quick-start default: the bounded ci profile on a CPU, the gpu profile on a GPU.
     profile = args.profile or os.environ.get("HYPOTHESIS_PROFILE") or ("gpu" if device == "cuda" else "ci")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UsageProblem(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     try:
         check_profile(profile)
         factory = resolve_backend(args.backend)
@@ -83,25 +103,74 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reset()
     plugin = ReportPlugin()
-    code = pytest.main([*plugin_args(), "--pyargs", "conformance.suite", "--backend", args.backend or factory.name,
-                        "--device", device, "--profile", profile, "-q", "-p", "no:cacheprovider",
-                        *args.pytest_args], plugins=[plugin])
-    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or not plugin.results:
-        print(f"python -m conformance: error: pytest could not run the suite (exit status {int(code)}: "
-              f"{getattr(code, 'name', code)}); its own message is above. No check ran, so no report was written.",
+    budget_args = [] if args.time_budget is None else ["--time-budget", str(args.time_budget), "--no-shrink"]
+    checkpoint = _Checkpoint(plugin, args.json, (factory.name, device, profile))
+    LISTENERS.append(checkpoint)
+    try:
+        with _sigterm_interrupts():
+            code = pytest.main([*plugin_args(), "--pyargs", "conformance.suite", "--backend", args.backend or factory.name,
+                                "--device", device, "--profile", profile, "-q", "-p", "no:cacheprovider", *budget_args,
+                                *args.pytest_args], plugins=[plugin])
+    finally:
+        LISTENERS.remove(checkpoint)
+    interrupted = code == pytest.ExitCode.INTERRUPTED
+    if interrupted and (plugin.results or RECORDS):
+        _report(plugin.build(factory.name, device, profile, status="interrupted"), args.json)
+        print("python -m conformance: interrupted; the report holds what completed before the interruption.",
               file=sys.stderr)
+        return 4
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or not plugin.results:
+        what = "no trace completed" if interrupted else "no check ran"
+        print(f"python -m conformance: error: pytest could not run the suite (exit status {int(code)}: "
+              f"{getattr(code, 'name', code)}); its own message is above. {what.capitalize()}, so no report was "
+              "written.", file=sys.stderr)
         return 3
     report = plugin.build(factory.name, device, profile)
-    print()
-    print(format_report(report))
-    if args.json:
-        write_json(report, args.json)
-        print(f"report written to {args.json}")
+    _report(report, args.json)
     if profile == "soak" and report["total_steps"] < SOAK_MIN_STEPS and "PAGED_SOAK_EXAMPLES" not in os.environ:
         print(f"soak: only {report['total_steps']} trace steps, fewer than the {SOAK_MIN_STEPS} a soak run must reach")
         return 1
     return 0 if report["passed"] and code == pytest.ExitCode.OK else 1
 
+
+def _report(report: dict, path: str | None) -> None:
+    """Print the report and write it to `path` (if any)."""
+    print()
+    print(format_report(report))
+    if path:
+        write_json(report, path)
+        print(f"report written to {path}")
+
+
+class _Checkpoint:
+    """Rewrites the report (status "running") after a completed trace, at most every CHECKPOINT_SECONDS."""
+
+    def __init__(self, plugin: ReportPlugin, path: str | None, run: tuple[str, str, str]) -> None:
+        self.plugin, self.path, self.run = plugin, path, run
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        if not self.path or time.monotonic() - self.last < CHECKPOINT_SECONDS:
+            return
+        write_json(self.plugin.build(*self.run, status="running"), self.path)
+        self.last = time.monotonic()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (`timeout`'s default) interrupts like SIGINT, so pytest ends the session and the report is written."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:   # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 if __name__ == "__main__":
     sys.exit(main())

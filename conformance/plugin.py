@@ -4,6 +4,8 @@ Options:
     --backend NAME|module:factory   backend under test (default $PAGED_CONFORMANCE_BACKEND or "paged")
     --device cpu|cuda               where caches live (default $PAGED_DEVICE or cpu)
     --profile ci|dev|gpu|thorough|soak   Hypothesis profile (default $HYPOTHESIS_PROFILE, ci under CI, else dev)
+    --time-budget S                 wall-clock budget of the checks: each gets an equal share of the time left when
+                                    it starts and starts no new trace once it is spent (`conformance.budget`)
 Tests marked `gpu` are skipped without a CUDA GPU, unless PAGED_REQUIRE_GPU=1 (tox -e gpu), which fails them.
 """
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 from hypothesis import Phase, settings
 
+from conformance import budget
 from conformance.contract import KnownDefect
 from conformance.report import SELF_TEST_NOTE
 from conformance.profiles import check_profile, default_profile, register_profiles
@@ -30,6 +33,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--backend", default=None, help="backend under test: NAME or module:factory")
     group.addoption("--device", default=None, choices=("cpu", "cuda"), help="device for caches (default cpu)")
     group.addoption("--profile", default=None, help="Hypothesis profile: ci, dev, gpu, thorough, soak")
+    group.addoption("--time-budget", type=float, default=None, metavar="S",
+                    help="wall-clock seconds for the checks; a check whose share is spent starts no new trace")
     group.addoption("--no-shrink", action="store_true",
                     help="stop at the first failing trace without shrinking it (for pass/fail-only runs)")
 
@@ -57,6 +62,15 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("a CUDA GPU was required (--device cuda or PAGED_REQUIRE_GPU=1) but none is visible")
     config._paged_device = device
     _factory(config)  # an unknown backend is a usage error before anything is collected
+    seconds = config.getoption("--time-budget")
+    if seconds is not None and not seconds > 0:
+        raise pytest.UsageError(f"--time-budget must be a positive number of seconds, got {seconds}")
+    budget.start(seconds)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The checks that will run (after -k and deselection) share the time budget."""
+    budget.select([name for name in map(_runnable_check, session.items) if name])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -66,6 +80,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _runnable_check(item: pytest.Item) -> str | None:
+    """The item's check name if it is a check this backend and device will run, else None."""
+    marker = item.get_closest_marker("check")
+    if marker is None:
+        return None
+    factory = _factory(item.config)
+    if any(not factory.has(c) for c in marker.kwargs.get("needs", ())):
+        return None
+    return marker.args[0] if item.config._paged_device in factory.devices else None
 
 
 def _self_test(config: pytest.Config) -> bool:
@@ -126,6 +151,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         # raises=AssertionError: only a conformance failure (ConformanceError) counts, never a crash.
         item.add_marker(pytest.mark.xfail(reason=defect.reason, strict=True, raises=AssertionError))
         item.stash[_DEFECT] = defect
+    budget.begin_check(name)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("check")
+    if marker is not None:
+        budget.end_check(marker.args[0])
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from conformance import budget
 from conformance.contract import Backend, BackendFactory
 from conformance.model import PageModel
-from conformance.policy import compare
+from conformance.policy import compare_rows
 from conformance.snapshots import first_difference
 from conformance.mod_specs import backend_mods, oracle_mods
 from conformance.traces import Admit, Finish, Fork, Step, Trace
@@ -28,6 +29,10 @@ from paged.errors import OutOfPagesError
 
 class ConformanceError(AssertionError):
     """A backend broke the contract; the message names the operation and what was wrong."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        budget.note_failure()   # a check that failed never stops for the time budget (which would hide it)
 
 
 @dataclass
@@ -221,19 +226,24 @@ def _run_step(i, op: Step, trace, backend, gold, ref, model: PageModel, factory,
 
 
 def _compare_layer(i, op: Step, layer: int, out, want, plain, q, model: PageModel, trace, stats, tainted) -> None:
-    """One layer's output against the float64 oracle (`want`) and the same-dtype oracle (`plain`), row by row;
-    rows of tainted sequences are not judged."""
-    q_len = max(op.q_lens)
+    """One layer's output against the float64 oracle (`want`) and the same-dtype oracle (`plain`), row by row, in
+    row order (padding first, then values); rows of tainted sequences are not judged. The figures of every row
+    come to the host in one transfer (`compare_rows`)."""
     if tuple(out.shape) != tuple(q.shape):
         raise ConformanceError(f"op {i} ({op!r}) layer {layer}: output shape {tuple(out.shape)}, "
                                f"expected {tuple(q.shape)}")
-    for b, (seq, n) in enumerate(zip(op.seqs, op.q_lens)):
-        if seq in tainted:
-            continue                  # its own K/V are non-finite: only the others' outputs are judged
-        if n < q_len and bool(out[b, n:].ne(0).any()):
+    rows = [b for b, seq in enumerate(op.seqs) if seq not in tainted]  # tainted: own K/V non-finite, not judged
+    if not rows:
+        return
+    if len(rows) < len(op.seqs):
+        index = torch.tensor(rows, device=out.device)
+        out, want, plain = (t.index_select(0, index) for t in (out, want, plain))
+    verdicts = compare_rows(out, want, plain, [op.q_lens[b] for b in rows], trace.config.torch_dtype)
+    for b, (padding_zero, c) in zip(rows, verdicts):
+        seq, n = op.seqs[b], op.q_lens[b]
+        if not padding_zero:
             raise ConformanceError(f"op {i} ({op!r}) layer {layer}, sequence {seq}: output rows past its "
                                    f"{n} new token(s) are not 0 (padding must read as zeros)")
-        c = compare(out[b, :n], want[b, :n], plain[b, :n], trace.config.torch_dtype)
         stats.comparisons += 1
         stats.worst_error = max(stats.worst_error, c.error)
         stats.worst_ratio = max(stats.worst_ratio, c.error / c.bound if c.bound else 0.0)

@@ -10,6 +10,7 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition, rule
 
+from conformance import budget
 from conformance.contract import BackendFactory
 from conformance.profiles import limits
 from conformance.runner import ConformanceError, ReplayOptions, SideBySide, _check_memory
@@ -27,13 +28,21 @@ class _Rules(RuleBasedStateMachine):
         self.run: SideBySide | None = None
         self.next_id = 0
 
+    def _apply(self, op) -> None:
+        """One operation on the side-by-side run; a failure is noted so the time budget never hides it."""
+        try:
+            self.run.apply(op)
+        except Exception:
+            budget.note_failure()
+            raise
+
     def _live(self):
         return sorted(self.run.model.seqs)
 
     @rule(target=seqs)
     def admit(self):
         seq, self.next_id = self.next_id, self.next_id + 1
-        self.run.apply(Admit(seq))
+        self._apply(Admit(seq))
         return seq
 
     @precondition(lambda self: self.factory.has("fork"))
@@ -42,13 +51,13 @@ class _Rules(RuleBasedStateMachine):
         if parent not in self.run.model.seqs:
             return self.admit()
         child, self.next_id = self.next_id, self.next_id + 1
-        self.run.apply(Fork(parent, child))
+        self._apply(Fork(parent, child))
         return child
 
     @rule(seq=consumes(seqs))
     def finish(self, seq):
         if seq in self.run.model.seqs:
-            self.run.apply(Finish(seq))
+            self._apply(Finish(seq))
 
     @rule(data=st.data())
     def step(self, data):
@@ -60,16 +69,20 @@ class _Rules(RuleBasedStateMachine):
         members = data.draw(st.lists(st.sampled_from(room), min_size=1, max_size=lim.max_batch, unique=True))
         q_lens = [min(max_len - model.length(s), data.draw(st.sampled_from([1, 1, lim.max_chunk]) |
                                                            st.integers(1, lim.max_chunk))) for s in members]
-        self.run.apply(Step(tuple(members), tuple(q_lens)))
+        self._apply(Step(tuple(members), tuple(q_lens)))
 
     @invariant()
     def memory_matches_model(self):
         if self.run is not None and self.run.opts.check_memory:
-            _check_memory("a rule", self.run.backend, self.run.model)
+            _check_memory("a rule", self.run.backend, self.run.model)   # raises ConformanceError (noted)
 
     def teardown(self):
         if self.run is not None:
-            self.run.finish_all()
+            try:
+                self.run.finish_all()
+            except Exception:
+                budget.note_failure()
+                raise
 
 
 def machine_for(factory: BackendFactory, device: torch.device) -> type[RuleBasedStateMachine]:
@@ -78,6 +91,7 @@ def machine_for(factory: BackendFactory, device: torch.device) -> type[RuleBased
     class PagedCacheMachine(_Rules):
         @initialize(config=configs(device.type), seed=st.integers(0, 2**31 - 1))
         def start(self, config, seed):
+            budget.before_trace()   # under a time budget: no new machine once the check's share is spent
             trace = Trace(config, (), seed)
             self.run = SideBySide(trace, factory, device, ReplayOptions(check_memory=factory.has("paging")))
 
