@@ -87,3 +87,22 @@ def test_sdpa_prefill_reads_no_other_page(device):
         c.plan(["x", "y"], [20, 11])
         outs.append(c.run(0, q, k, v))
     assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
+
+
+def test_garbage_in_the_padding_reaches_no_real_output(device):
+    """run()'s contract: positions past a row's q_len may hold anything. NaN and Inf there (queries, keys, values)
+    leave the real outputs equal to those of zero padding, and the padding's outputs 0."""
+    spec = spec_for(device, torch.float32)
+    q, k, v = qkv(torch.Generator().manual_seed(2), 2, 20, torch.float32, device)
+    dirty = [x.clone() for x in (q, k, v)]
+    for x, value in zip(dirty, (float("nan"), float("inf"), float("-inf"))):
+        x[1, 11:] = value
+    outs = []
+    for inputs in ((q, k, v), dirty):
+        c = PagedKVCache(spec)
+        c.admit("x")
+        c.admit("y")
+        c.plan(["x", "y"], [20, 11])
+        outs.append(c.run(0, *inputs))
+    assert torch.isfinite(outs[1]).all() and not outs[1][1, 11:].any()
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)

@@ -54,6 +54,20 @@ class FedTokens:
     host: Sequence[int]
 
 
+def _check_fed(tokens: FedTokens, rows: int, device: torch.device) -> None:
+    """Host checks of FedTokens (an index out of range would be a device-side assert on CUDA, poisoning the context)."""
+    src = tokens.source
+    if not isinstance(src, torch.Tensor) or src.dim() != 1 or src.dtype != torch.long or src.device != device:
+        raise InvalidRequestError(f"FedTokens.source must be a 1-d int64 tensor on {device}, got "
+                                  f"{getattr(src, 'dtype', type(src).__name__)} {tuple(getattr(src, 'shape', ()))} "
+                                  f"on {getattr(src, 'device', '?')}")
+    if len(tokens.host) != rows:
+        raise InvalidRequestError(f"FedTokens: {len(tokens.host)} host tokens for {rows} rows")
+    bad = [j for j in tokens.index if j is not None and not (type(j) is int and 0 <= j < src.shape[0])]
+    if bad:
+        raise InvalidRequestError(f"FedTokens: source rows {bad[:4]} outside 0..{src.shape[0] - 1}")
+
+
 class PendingTokens:
     """A step's picks on their way to the host: `picks` (B,) copied into pinned memory (enqueued, no wait);
     `tolist()` waits for that copy only, not for work enqueued after it. On the CPU the picks themselves."""
@@ -238,6 +252,6 @@ class CompiledDecoder:
         n = len(tokens.index) if isinstance(tokens, FedTokens) else len(tokens)
         if n != plan.batch:
             raise InvalidRequestError(f"{n} tokens for a step of {plan.batch} rows")
-        if isinstance(tokens, FedTokens) and len(tokens.host) != n:
-            raise InvalidRequestError(f"FedTokens: {len(tokens.host)} host tokens for {n} rows")
+        if isinstance(tokens, FedTokens):
+            _check_fed(tokens, n, self.cache.spec.device)
         return plan

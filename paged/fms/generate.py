@@ -8,7 +8,8 @@ Each forward pass is one cache step (see :mod:`paged.fms.op`): the driver plans 
 attention layers store and attend through ``cache.run``. Who runs when is the scheduler's choice
 (:mod:`paged.fms.scheduler`; by default continuous batching: prompts are prefilled, optionally in chunks, then
 every running sequence decodes one token per step; a sequence that emits EOS or reaches ``max_new_tokens`` is
-finished at once, freeing its pages, and waiting prompts join). On CUDA, decode steps run compiled and replayed as
+finished as soon as no planned step holds it, freeing its pages (on the compiled decode path a row that emits EOS
+rides the one step already planned after it), and waiting prompts join). On CUDA, decode steps run compiled and replayed as
 CUDA graphs, one per batch bucket (:mod:`paged.fms.decode`); prefill steps run eagerly.
 
 Also here: :func:`forward_logits` and :func:`cache_spec_for` (from :mod:`paged.fms.forward`), and
@@ -49,8 +50,11 @@ class StepEvent:
         kind: "prefill" (prompt tokens, possibly a chunk) or "decode" (one token per running request).
         requests: indices (into the prompts list) of the requests in the step, in batch-row order.
         new_tokens: request index -> token sampled this step (prefill rows only on their last chunk).
-        finished: requests that stopped in this step; their pages are already free.
-        cache: the cache, for inspecting memory (``cache.memory()``) between steps.
+        finished: requests that stopped in this step; their pages are free, or (a stopped row outside the step
+            planned after this one, when the host chooses tokens: sampling, return_logits) freed once that step is
+            launched.
+        cache: the cache, for inspecting memory (``cache.memory()``) between steps; on the compiled greedy path the
+            next step is already planned and launched when the event comes.
     """
 
     step: int
@@ -166,7 +170,8 @@ class PagedGenerator:
             max_batch: at most this many requests running at once; others wait and are admitted as
                 running ones finish.
             progress: tqdm bar over generated tokens: True, False, or None for long runs (>= 1024) on a terminal.
-            callback: called with a :class:`StepEvent` after every step.
+            callback: called with a :class:`StepEvent` after every step, once its tokens are known: on the
+                compiled greedy path that is after the next step was planned and launched.
             return_logits: also return, per request, the (n_new, vocab) float32 logits each new token was
                 chosen from.
             scheduler: the batching policy (:mod:`paged.fms.scheduler`); default
@@ -182,12 +187,13 @@ class PagedGenerator:
         sampling = Sampling(do_sample, temperature, top_k, return_logits)
         bar = _progress_bar(sum(limits), progress)
         running: list[Request] = []
+        retiring: list[Request] = []                           # stopped, finished in the cache once no plan waits
         try:
-            self._run(scheduler, [r for r in requests if r.limit > 0], running, sampling, eos_token_id,
+            self._run(scheduler, [r for r in requests if r.limit > 0], running, retiring, sampling, eos_token_id,
                       lambda n: bar.update(n), callback)
         finally:
             bar.close()
-            for r in running:                                  # an error mid-run leaks nothing
+            for r in running + retiring:                       # an error mid-run leaks nothing
                 if r.seq_id in self.cache:
                     self.cache.finish(r.seq_id)
         outs = [r.out for r in requests]
@@ -195,8 +201,8 @@ class PagedGenerator:
             return outs, [torch.stack(r.logits) if r.logits else torch.empty(0) for r in requests]
         return outs
 
-    def _run(self, scheduler: Scheduler, waiting: list[Request], running: list[Request], sampling: Sampling,
-             eos_token_id: int | None, progress: Callable[[int], None],
+    def _run(self, scheduler: Scheduler, waiting: list[Request], running: list[Request], retiring: list[Request],
+             sampling: Sampling, eos_token_id: int | None, progress: Callable[[int], None],
              callback: Callable[[StepEvent], None] | None) -> None:
         """Step until every request is done: admit, pick the step's work, launch it (`_launch`), record its tokens
         (`_record`).
@@ -206,7 +212,7 @@ class PagedGenerator:
         host reads step t's picks only after launching step t+1, so the GPU never waits for the host's bookkeeping.
         """
         record = functools.partial(self._record, sampling=sampling, eos_token_id=eos_token_id, running=running,
-                                   progress=progress, callback=callback)
+                                   retiring=retiring, progress=progress, callback=callback)
         ahead: Ahead | None = None        # the next decode step, planned while this one ran on the GPU
         unread: Launched | None = None    # a launched decode step whose picks the host has not read yet
         for step_no in itertools.count():
@@ -214,6 +220,7 @@ class PagedGenerator:
                 if unread is not None:
                     record(unread)
                     unread = None
+                self._retire(retiring)
                 if not (waiting or running):
                     return
                 self._admit(scheduler, waiting, running)
@@ -223,6 +230,7 @@ class PagedGenerator:
             else:
                 work, step = ahead.work(), ahead.step
             launched = self._launch(step_no, work, step, sampling, unread)
+            self._retire(retiring)          # rows that stopped while this step's plan waited to launch
             if unread is not None:          # the step before: its picks are read while this one runs
                 record(unread)
                 unread = None
@@ -230,7 +238,7 @@ class PagedGenerator:
             if launched.lagging:
                 unread = launched
             else:
-                record(launched, planned=ahead.rows if ahead is not None else ())
+                record(launched, planned=frozenset(ahead.rows) if ahead is not None else None)
 
     def _launch(self, step_no: int, work: Work, step: PagedStep, sampling: Sampling,
                 unread: Launched | None) -> Launched:
@@ -254,18 +262,25 @@ class PagedGenerator:
                         lagging=False)
 
     def _record(self, launched: Launched, *, sampling: Sampling, eos_token_id: int | None,
-                running: list[Request], progress: Callable[[int], None], callback: Callable[[StepEvent], None] | None,
-                planned: Sequence[Request] = ()) -> None:
-        """Read (or sample) a launched step's tokens, append them, and finish the rows that stop (pages free now),
-        except rows of the step `planned` after it, which ride that step (their extra token is dropped) and are
-        finished after it: a plan cannot lose rows once made. Then progress and the step's event."""
+                running: list[Request], retiring: list[Request], progress: Callable[[int], None],
+                callback: Callable[[StepEvent], None] | None, planned: frozenset[Request] | None = None) -> None:
+        """Read (or sample) a launched step's tokens, append them, and finish the rows that stop (pages free now).
+        Then progress and the step's event.
+
+        `planned`: the rows of a step planned after this one and not launched yet (None: there is none). A stopped
+        row of that step rides it (its extra token is dropped) and is finished after it: a plan cannot lose rows
+        once made. Any other stopped row leaves `running` now, but `finish()` would drop that waiting plan, so it
+        goes to `retiring`, finished once the plan is launched.
+        """
         picking, logits = launched.picking, launched.logits
         new_tokens, finished = {}, []
         if picking:
             if launched.pending is not None:
                 tokens = launched.pending.tolist()
             else:
-                logits = logits.float()
+                # A graph's static output is overwritten by the bucket's next replay, and .float() of a float32
+                # tensor is that tensor: copy what return_logits keeps.
+                logits = logits.to(torch.float32, copy=launched.on_device and sampling.return_logits)
                 tokens = choose(logits, [r.rng for r in picking], sampling.do_sample, sampling.temperature,
                                 sampling.top_k)
             for i, (r, tok) in enumerate(zip(picking, tokens)):
@@ -275,16 +290,24 @@ class PagedGenerator:
                         r.logits.append(logits[i])
                     new_tokens[r.index] = tok
                     r.done = tok == eos_token_id or len(r.out) == r.limit
-                if r.done and r not in planned and r in running:
-                    if r.seq_id in self.cache:      # not finished when the step after this one was planned
-                        self.cache.finish(r.seq_id)
+                if r.done and (planned is None or r not in planned) and r in running:
                     running.remove(r)
                     finished.append(r.index)
+                    retiring.append(r)
+        if planned is None:
+            self._retire(retiring)
         progress(len(new_tokens))
         if callback is not None:
             work = launched.work
             callback(StepEvent(launched.step_no, work.kind, tuple(r.index for r in work.rows), new_tokens,
                                tuple(finished), self.cache))
+
+    def _retire(self, retiring: list[Request]) -> None:
+        """Finish the stopped requests' sequences (those not finished already, when their last step was planned)."""
+        for r in retiring:
+            if r.seq_id in self.cache:
+                self.cache.finish(r.seq_id)
+        retiring.clear()
 
     def _requests(self, prompts: list[list[int]], limits: list[int], do_sample: bool,
                   seed: int | None) -> list[Request]:

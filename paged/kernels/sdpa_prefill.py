@@ -4,8 +4,13 @@ history), causal, no mods.
 Such a row attends only to the new tokens the step hands in, contiguous in the step's (B, Lq) layout: attention over
 them needs no page table, so it is one causal SDPA call (FlashAttention on CUDA, whose key tiles are not bounded by the
 page size as FlexAttention's are over a paged pool) beside the store of the new K/V into their pages. Rows are right
-padded to the step's max q_len; real position i attends to positions <= i, all real, so a row's padding never reaches
-its real outputs (the padding's own outputs are zeroed). Reads nothing from the pool: no other sequence's memory.
+padded to the step's max q_len and the caller's padding may hold anything (NaN and Inf included): the padding K/V
+are zeroed before the call (a causal tile reaching past a short row's end multiplies them by 0, and 0 x Inf = NaN),
+and the padding's own outputs are zeroed after it. Reads nothing from the pool: no other sequence's memory.
+
+GQA: with fp16/bf16 CUDA inputs and head dim <= 256 the call passes enable_gqa, which FlashAttention takes as is;
+elsewhere (float32, the CPU, larger heads) the memory-efficient and math kernels would not, and the math kernel
+would materialise (B, Hq, L, L) scores, so K/V are repeated to Hq heads first.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from paged.kernels.base import KernelPlan, Pools, StepLayout
-from paged.kernels.store import store_new_tokens, zero_padding
+from paged.kernels.store import store_new_tokens, valid_positions, zero_padding
 from paged.plan import StepBuffers, StepPlan
 
 NAME = "sdpa_prefill"
@@ -32,12 +37,6 @@ class SdpaPrefillPlan(KernelPlan):
     """A fresh prefill step: nothing beyond the page bookkeeping every kernel reads from the StepPlan."""
 
     name: ClassVar[str] = NAME
-
-
-def fits(layout: StepLayout) -> bool:
-    """Whether a step is a fresh causal prefill: every row starts empty, more than one new token somewhere, no mods."""
-    return (layout.mask_mod is None and layout.score_mod is None and layout.max_q_len > 1
-            and not any(layout.start_lens))
 
 
 def plan(layout: StepLayout, buffers: StepBuffers) -> SdpaPrefillPlan:
@@ -56,12 +55,25 @@ def run(step: StepPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     Lq, Lq_in = step.max_q_len, q.shape[1]
     q, k, v = q[:, :Lq], k[:, :Lq], v[:, :Lq]
     dense = store_new_tokens(step, layer, k, v, pools)
+    if not dense:
+        valid = valid_positions(step.batch, Lq, step.buffers.q_len, q.device)[:, :, None, None]   # (B, Lq, 1, 1)
+        k, v = torch.where(valid, k, 0), torch.where(valid, v, 0)
+    gqa = q.shape[2] != k.shape[2]
+    if gqa and not _flash_takes_gqa(q):
+        group = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)        # (B, Lq, Hq, D)
+        gqa = False
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                         scale=scale, enable_gqa=q.shape[2] != k.shape[2])   # (B, Hq, Lq, D)
+                                         scale=scale, enable_gqa=gqa)                      # (B, Hq, Lq, D)
     out = out.transpose(1, 2)                                                        # (B, Lq, Hq, D)
     if not dense:
         out = zero_padding(out, step.buffers.q_len)
     return out if Lq_in == Lq else F.pad(out, (0, 0, 0, 0, 0, Lq_in - Lq))
+
+
+def _flash_takes_gqa(q: torch.Tensor) -> bool:
+    """Whether SDPA's FlashAttention kernel can serve this call with enable_gqa (fp16/bf16 on CUDA, head dim <= 256)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
 SdpaPrefillPlan.run = staticmethod(run)

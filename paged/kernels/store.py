@@ -26,8 +26,12 @@ def store_new_tokens(step: StepPlan, layer: int, k: torch.Tensor, v: torch.Tenso
     return dense
 
 
+def valid_positions(batch: int, q_len_max: int, q_len: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, Lq) bool: position j of row b is one of its q_len[b] new tokens (q_len (>= B,) int32 on `device`)."""
+    return torch.arange(q_len_max, device=device)[None, :] < q_len[:batch, None]
+
+
 def zero_padding(out: torch.Tensor, q_len: torch.Tensor) -> torch.Tensor:
     """out (B, Lq, Hq, D) with its positions past each row's q_len (q_len (>= B,) int32 on out's device) set to 0."""
-    B, Lq = out.shape[:2]
-    valid = torch.arange(Lq, device=out.device)[None, :] < q_len[:B, None]           # (B, Lq)
+    valid = valid_positions(out.shape[0], out.shape[1], q_len, out.device)          # (B, Lq)
     return torch.where(valid[:, :, None, None], out, 0)   # not a product: 0 x NaN of a garbage padding row is NaN

@@ -338,5 +338,31 @@ def test_fed_tokens_must_match_the_step(traced):
             gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long), [0, 1], [0, 0]))
         with pytest.raises(InvalidRequestError, match="host tokens"):
             gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long), [0], [0, 0]))
+        with pytest.raises(InvalidRequestError, match="outside 0..1"):
+            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long), [2], [0]))
+        with pytest.raises(InvalidRequestError, match="1-d int64"):
+            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.int32), [0], [0]))
+        assert gen.cache.current_plan is step.plan and not step.plan.layers_run     # refused before anything ran
     finally:
         gen.cache.finish("fed")
+
+
+@pytest.mark.parametrize("sampling", [dict(return_logits=True), dict(do_sample=True, seed=3, top_k=8)],
+                         ids=["return_logits", "sampling"])
+def test_host_chosen_tokens_with_a_subset_scheduler_and_eos(traced, sampling):
+    """When the host chooses tokens (sampling, logits asked for), the next step is planned before this one's tokens
+    are read; a row that stops outside that planned step must not drop its plan (finished once it is launched)."""
+    prompts, limits = prompts_of([4, 6, 5, 3], seed=15), [9, 9, 9, 9]
+    free = traced.eager.generate(prompts, limits, scheduler=SlidingPairs(), **sampling)
+    free = free[0] if sampling.get("return_logits") else free
+    # Row 2's 3rd token comes from the step (2, 3), after which (3, 0) is planned: row 2 stops outside the plan.
+    eos = free[2][2]
+    assert all(eos not in out[:3] for i, out in enumerate(free) if i != 2) and eos not in free[2][:2]
+    got = traced.gen.generate(prompts, limits, scheduler=SlidingPairs(), eos_token_id=eos, **sampling)
+    want = traced.eager.generate(prompts, limits, scheduler=SlidingPairs(), eos_token_id=eos, **sampling)
+    if sampling.get("return_logits"):
+        (got, got_logits), (want, want_logits) = got, want
+        for g, w in zip(got_logits, want_logits):
+            torch.testing.assert_close(g, w)
+    assert got == want and eos in got[2]
+    assert traced.gen.cache.memory().pages_in_use == 0 and not traced.gen.cache.seq_ids
