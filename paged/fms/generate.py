@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Callable, Hashable, Literal, Sequence
 
 import torch
 
 from paged.cache import PagedKVCache
-from paged.errors import InvalidRequestError, OutOfPagesError, SequenceTooLongError, UnsupportedConfigError
+from paged.errors import OutOfPagesError, SequenceTooLongError, UnsupportedConfigError
 from paged.fms.decode import CompiledDecoder
 from paged.fms.fms_loop import fms_generate, prepare_fms_generate
 from paged.fms.forward import _picked_logits, cache_spec_for, forward_logits
 from paged.fms.op import PagedStep, bind, plan_step
-from paged.fms.scheduler import ContinuousBatching, Request, Scheduler, Work
+from paged.fms.scheduler import Request, Scheduler, Work
+from paged.fms.generate_args import check_args, default_scheduler, progress_bar
 from paged.fms.steps import Ahead, Launched, Sampling, choose, feed
 from paged.spec import CacheSpec
 
@@ -181,21 +181,18 @@ class PagedGenerator:
         """
         prompts = [[int(t) for t in p] for p in prompts]
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        self._check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch, seed)
-        scheduler, requests = _scheduler(scheduler, max_batch, prefill_chunk), self._requests(prompts, limits,
+        check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch, seed)
+        scheduler, requests = default_scheduler(scheduler, max_batch, prefill_chunk), self._requests(prompts, limits,
                                                                                               do_sample, seed)
         sampling = Sampling(do_sample, temperature, top_k, return_logits)
-        bar = _progress_bar(sum(limits), progress)
-        running: list[Request] = []
-        retiring: list[Request] = []                           # stopped, finished in the cache once no plan waits
+        bar = progress_bar(sum(limits), progress)
+        running, retiring = [], []          # Requests running; stopped ones to finish in the cache once no plan waits
         try:
             self._run(scheduler, [r for r in requests if r.limit > 0], running, retiring, sampling, eos_token_id,
                       lambda n: bar.update(n), callback)
         finally:
             bar.close()
-            for r in running + retiring:                       # an error mid-run leaks nothing
-                if r.seq_id in self.cache:
-                    self.cache.finish(r.seq_id)
+            self._retire(running + retiring)                   # an error mid-run leaks nothing
         outs = [r.out for r in requests]
         if return_logits:
             return outs, [torch.stack(r.logits) if r.logits else torch.empty(0) for r in requests]
@@ -303,7 +300,8 @@ class PagedGenerator:
                                tuple(finished), self.cache))
 
     def _retire(self, retiring: list[Request]) -> None:
-        """Finish the stopped requests' sequences (those not finished already, when their last step was planned)."""
+        """Finish the requests' sequences (those not finished already, when their last step was planned); clear the
+        list."""
         for r in retiring:
             if r.seq_id in self.cache:
                 self.cache.finish(r.seq_id)
@@ -367,36 +365,3 @@ class PagedGenerator:
         step = plan_step(self.cache, [r.seq_id for r in nxt.rows], [1] * len(nxt.rows),
                          sliding_window=self.sliding_window)
         return Ahead(nxt.rows, step)
-
-    @staticmethod
-    def _check_args(prompts, limits, do_sample, temperature, top_k, prefill_chunk, max_batch, seed) -> None:
-        if len(limits) != len(prompts):
-            raise InvalidRequestError(f"{len(prompts)} prompts but {len(limits)} max_new_tokens")
-        for n in limits:
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise InvalidRequestError(f"max_new_tokens must be ints >= 0, got {n!r}")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise InvalidRequestError(f"prompt {i} is empty; a prompt needs at least one token")
-        if do_sample and not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-                              and math.isfinite(temperature) and temperature > 0):
-            raise InvalidRequestError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
-        for name, value in (("top_k", top_k), ("prefill_chunk", prefill_chunk), ("max_batch", max_batch),
-                            ("seed", seed)):
-            if value is not None and (type(value) is not int or (value < 1 and name != "seed")):
-                raise InvalidRequestError(f"{name} must be {'an int' if name == 'seed' else 'an int >= 1'} or None, "
-                                          f"got {value!r}")
-
-
-def _scheduler(scheduler: Scheduler | None, max_batch: int | None, prefill_chunk: int | None) -> Scheduler:
-    if scheduler is not None and (prefill_chunk is not None or max_batch is not None):
-        raise InvalidRequestError("pass prefill_chunk and max_batch to your scheduler, not to generate()")
-    return scheduler or ContinuousBatching(max_batch, prefill_chunk)
-
-
-def _progress_bar(total: int, progress: bool | None):
-    """tqdm over generated tokens: shown when asked, or (None) for long runs (>= 1024 tokens) on a terminal."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="tok", desc="generate", leave=False,
-                disable=(not progress) if progress is not None else (None if total >= 1024 else True))
