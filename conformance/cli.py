@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     reset()
     plugin = ReportPlugin()
     budget_args = [] if args.time_budget is None else ["--time-budget", str(args.time_budget), "--no-shrink"]
+    plugin.environment()   # imports optional packages (seconds): before the checks' time budget starts
     checkpoint = _Checkpoint(plugin, args.json, (factory.name, device, profile))
     LISTENERS.append(checkpoint)
     try:
-        with _sigterm_interrupts():
+        with checkpoint.interruptible():
             code = pytest.main([*plugin_args(), "--pyargs", "conformance.suite", "--backend", args.backend or factory.name,
                                 "--device", device, "--profile", profile, "-q", "-p", "no:cacheprovider", *budget_args,
                                 *args.pytest_args], plugins=[plugin])
@@ -127,10 +128,19 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     report = plugin.build(factory.name, device, profile)
     _report(report, args.json)
-    if profile == "soak" and report["total_steps"] < SOAK_MIN_STEPS and "PAGED_SOAK_EXAMPLES" not in os.environ:
-        print(f"soak: only {report['total_steps']} trace steps, fewer than the {SOAK_MIN_STEPS} a soak run must reach")
+    shortfall = soak_shortfall(report, os.environ)
+    if shortfall:
+        print(shortfall)
         return 1
     return 0 if report["passed"] and code == pytest.ExitCode.OK else 1
+
+
+def soak_shortfall(report: dict, environ) -> str | None:
+    """Why a soak run does not count (fewer than SOAK_MIN_STEPS trace steps over the checks that ran, a time budget
+    or not), or None; PAGED_SOAK_EXAMPLES (a deliberately brief soak) lifts the minimum."""
+    if report["profile"] != "soak" or report["total_steps"] >= SOAK_MIN_STEPS or "PAGED_SOAK_EXAMPLES" in environ:
+        return None
+    return f"soak: only {report['total_steps']} trace steps, fewer than the {SOAK_MIN_STEPS} a soak run must reach"
 
 
 def _report(report: dict, path: str | None) -> None:
@@ -143,34 +153,40 @@ def _report(report: dict, path: str | None) -> None:
 
 
 class _Checkpoint:
-    """Rewrites the report (status "running") after a completed trace, at most every CHECKPOINT_SECONDS."""
+    """Rewrites the report (status "running") after the first completed trace, then at most every CHECKPOINT_SECONDS.
+
+    Also where a lost interruption is delivered: a KeyboardInterrupt raised by the signal handler inside a gc callback
+    or a __del__ is swallowed by Python, so the handler also sets `signalled`, and the next completed trace raises it.
+    """
 
     def __init__(self, plugin: ReportPlugin, path: str | None, run: tuple[str, str, str]) -> None:
         self.plugin, self.path, self.run = plugin, path, run
-        self.last = time.monotonic()
+        self.last = -CHECKPOINT_SECONDS   # the first completed trace is written at once
+        self.signalled: int | None = None
 
     def __call__(self) -> None:
+        if self.signalled is not None:
+            raise KeyboardInterrupt(f"signal {self.signalled}")
         if not self.path or time.monotonic() - self.last < CHECKPOINT_SECONDS:
             return
         write_json(self.plugin.build(*self.run, status="running"), self.path)
         self.last = time.monotonic()
 
+    @contextlib.contextmanager
+    def interruptible(self):
+        """SIGINT and SIGTERM (`timeout`'s default) interrupt the run, so pytest ends the session and the report is
+        written with status "interrupted"."""
+        def interrupt(signum, frame):
+            self.signalled = signum
+            raise KeyboardInterrupt(f"signal {signum}")
 
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM (`timeout`'s default) interrupts like SIGINT, so pytest ends the session and the report is written."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:   # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-if __name__ == "__main__":
-    sys.exit(main())
+        try:
+            previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:   # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -6,9 +6,14 @@
     dev       a few more examples, random, for local work
     gpu       more and larger traces (bigger pools, batches, prompts), for the GPU
     thorough  nightly-sized
-    soak      long traces (up to 400 operations) for one long run: >= 10^4 trace steps over the checks on the
-              GPU (`python -m conformance --device cuda --profile soak`); PAGED_SOAK_EXAMPLES=N sets the
-              examples per check (e.g. 1 for a brief CPU run), default 60
+    soak      long traces (200-400 operations) for one long run: >= 10^4 trace steps over the checks on the
+              GPU (`python -m conformance --device cuda --profile soak --time-budget S`, scripts/gpu_soak.sh);
+              PAGED_SOAK_EXAMPLES=N sets the examples per check (e.g. 1 for a brief CPU run), default 60. On
+              the GPU it draws one configuration and the gpu profile's two mods: every (configuration, padded
+              batch, padded query length, mod) is one FlexAttention compile (~5 s on an H200), and the five
+              configurations with four mods reach ~250 of them in 10^4 steps (21 minutes of compiling, and
+              the recompile limit of 256); one configuration with two mods reaches ~32. Shape coverage is
+              the gpu and thorough profiles' job; the soak's is length (pool exhaustion, reuse, forks).
 Trace sizes per profile live in `TRACE_LIMITS` and are read by `conformance.traces`.
 """
 
@@ -33,6 +38,7 @@ class TraceLimits:
     small_configs: bool   # draw configurations from a short fixed list (few compiled shapes on CPU)
     mods: tuple[str, ...] = ("sliding_window_5", "prefix_lm_6", "alibi", "soft_cap_2")  # attention mods drawn
     min_ops: int = 3      # fewest operations per trace (a soak wants every trace long, its first one included)
+    gpu_configs: tuple[int, ...] = ()   # indices of traces.GPU_CONFIGS drawn from on CUDA (small_configs); () = all
 
 
 TRACE_LIMITS = {
@@ -43,7 +49,8 @@ TRACE_LIMITS = {
     "gpu": TraceLimits(max_ops=30, max_batch=8, max_chunk=32, max_seq_len=512, small_configs=True,
                        mods=("sliding_window_5", "alibi")),
     "thorough": TraceLimits(max_ops=80, max_batch=32, max_chunk=128, max_seq_len=2048, small_configs=False),
-    "soak": TraceLimits(max_ops=400, max_batch=8, max_chunk=32, max_seq_len=512, small_configs=True, min_ops=200),
+    "soak": TraceLimits(max_ops=400, max_batch=8, max_chunk=32, max_seq_len=512, small_configs=True, min_ops=200,
+                       mods=("sliding_window_5", "alibi"), gpu_configs=(0,)),
 }
 TRACE_LIMITS["ci-lite"] = TRACE_LIMITS["ci"]
 

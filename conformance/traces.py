@@ -121,7 +121,8 @@ def configs(draw, device: str = "cpu", lim: TraceLimits | None = None) -> TraceC
     if device != "cuda":
         return draw(st.sampled_from(CPU_CONFIGS))
     if lim.small_configs:
-        return draw(st.sampled_from(GPU_CONFIGS))
+        chosen = tuple(GPU_CONFIGS[i] for i in lim.gpu_configs) or GPU_CONFIGS
+        return draw(st.sampled_from(chosen))
     page = draw(st.sampled_from([16, 32, 64, 128]))
     kv = draw(st.sampled_from([1, 2, 4, 8]))
     group = draw(st.sampled_from([1, 2, 4]))
