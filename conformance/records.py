@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable
 
+from conformance import budget
 from conformance.runner import ReplayStats
 
 RECORDS: dict[str, ReplayStats] = defaultdict(ReplayStats)
@@ -14,11 +15,12 @@ LISTENERS: list[Callable[[], None]] = []
 
 
 def record(check: str, stats: ReplayStats) -> None:
-    """A trace of `check` passed: add its figures."""
+    """A trace of `check` passed: add its figures; under a time budget the check may end here (`budget.after_trace`)."""
     RECORDS[check].merge(stats)
     TRACES[check] += 1
     for listener in LISTENERS:
         listener()
+    budget.after_trace()
 
 
 def reset() -> None:

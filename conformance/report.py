@@ -103,7 +103,7 @@ class ReportPlugin:
         entry = {"check": result.name, "outcome": result.outcome, "detail": result.detail, **result.figures}
         stop = stopped.get(key)
         if stop is not None and result.outcome == "skipped":
-            entry.update(outcome="passed" if stop["traces_started"] else "skipped", detail=stop["reason"],
+            entry.update(outcome="passed" if stop["traces"] else "skipped", detail=stop["reason"],
                          stopped_by_budget=True)
         return entry
 

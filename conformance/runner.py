@@ -11,6 +11,7 @@ one and prints it as pasteable Python.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,10 @@ class SideBySide:
 
     def __init__(self, trace: Trace, factory: BackendFactory, device: torch.device | str,
                  options: ReplayOptions | None = None, keep_outputs: bool = False) -> None:
+        with _noting_failures():
+            self._build(trace, factory, device, options, keep_outputs)
+
+    def _build(self, trace, factory, device, options, keep_outputs) -> None:
         self.opts = options or ReplayOptions()
         self.device = torch.device(device)
         self.trace, self.factory, self.keep_outputs = trace, factory, keep_outputs
@@ -108,6 +113,11 @@ class SideBySide:
         self.tainted = set(self.opts.taint)   # their outputs are not compared; everyone else's must stay right
 
     def apply(self, op: Any) -> None:
+        """Perform `op` on the backend, the oracles and the model, and check the backend."""
+        with _noting_failures():
+            self._apply(op)
+
+    def _apply(self, op: Any) -> None:
         i, opts, backend, model = self.ops_done, self.opts, self.backend, self.model
         self.ops_done += 1
         if opts.before_op:
@@ -143,6 +153,10 @@ class SideBySide:
 
     def finish_all(self) -> None:
         """Finish every live sequence; with memory checks on, nothing may remain in use (no leak)."""
+        with _noting_failures():
+            self._finish_all()
+
+    def _finish_all(self) -> None:
         for seq in list(self.model.seqs):
             self.backend.finish(seq)
             self.model.finish(seq)
@@ -150,6 +164,17 @@ class SideBySide:
             mem = self.backend.memory()
             if mem.live_sequences != 0 or mem.tokens_stored != 0 or (self.paging and mem.pages_in_use != 0):
                 raise ConformanceError(f"after finishing every sequence the backend still holds memory (leak): {mem}")
+
+
+@contextlib.contextmanager
+def _noting_failures():
+    """Anything failing inside turns the running check's time-budget stop off (`conformance.budget`), so the
+    failing trace is replayed and reported, never hidden behind a stop."""
+    try:
+        yield
+    except BaseException as exc:
+        budget.note_failure_of(exc)
+        raise
 
 
 def replay(trace: Trace, factory: BackendFactory, device: torch.device | str,

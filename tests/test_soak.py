@@ -102,16 +102,20 @@ def clock(monkeypatch):
 def test_each_check_gets_a_share_of_what_is_left(clock):
     budget.start(90)
     budget.select(["a", "b", "c"])
-    budget.begin_check("a")
-    budget.before_trace()                       # within a's 30 s: runs
+    budget.begin_check("a")                     # 30 s: a third of what is left
+    budget.after_trace()                        # within its share: goes on
     clock[0] += 31
-    with pytest.raises(pytest.skip.Exception, match=f"^{budget.REASON}.* after 1 trace"):
-        budget.before_trace()
+    with pytest.raises(pytest.skip.Exception, match=f"^{budget.REASON}.* after 2 trace"):
+        budget.after_trace()                    # the trace under way when the share ran out completes, counts
     budget.end_check("a")
     budget.begin_check("b")                     # 59 s left over 2 checks
     clock[0] += 29
-    budget.before_trace()
-    assert budget.stopped()["a"]["traces_started"] == 1 and "b" not in budget.stopped()
+    budget.after_trace()
+    assert budget.stopped()["a"]["traces"] == 2 and "b" not in budget.stopped()
+    budget.end_check("b")
+    clock[0] += 60                              # the whole budget spent: c runs nothing
+    with pytest.raises(pytest.skip.Exception, match="before this check started"):
+        budget.begin_check("c")
 
 
 def test_a_failed_check_never_stops_for_the_budget(clock):
@@ -119,16 +123,22 @@ def test_a_failed_check_never_stops_for_the_budget(clock):
     budget.start(10)
     budget.select(["a"])
     budget.begin_check("a")
-    budget.note_failure()
+    budget.note_failure_of(pytest.skip.Exception("control flow, not a failure"))
     clock[0] += 60
-    budget.before_trace()
+    with pytest.raises(pytest.skip.Exception):
+        budget.after_trace()
+    budget.start(10)
+    budget.begin_check("a")
+    budget.note_failure_of(AssertionError("a mismatch"))
+    clock[0] += 60
+    budget.after_trace()
 
 
 def test_without_a_budget_nothing_stops(clock):
     budget.start(None)
     budget.begin_check("a")
     clock[0] += 10**6
-    budget.before_trace()
+    budget.after_trace()
 
 
 @pytest.fixture

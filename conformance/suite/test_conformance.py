@@ -1,9 +1,5 @@
 """The conformance checks. Each test replays Hypothesis-generated serving traces on the backend under test
 (--backend) and the oracle side by side; a failure prints the minimal trace as pasteable Python.
-
-Under a time budget (`--time-budget`) a check whose share is spent starts no further trace: each body calls
-`before_trace()` once its trace is drawn, and is `@budgeted` (innermost, under @given) so that a failure turns the
-stop off (`conformance.budget`). Without a budget neither does anything.
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conformance.bad_requests import request_errors, run_errors
-from conformance.budget import before_trace, budgeted
 from conformance.policy import CEILING
 from conformance.profiles import active_profile
 from conformance.records import record
@@ -31,45 +26,37 @@ def _forks(factory, weight: int = 1) -> int:
 
 @given(trace=st.data())
 @pytest.mark.check("outputs_match_oracle")
-@budgeted
 def test_outputs_match_oracle(backend_factory, device, trace):
     """Every output of every step, layer and sequence matches the float64 oracle (correctness policy)."""
     t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory)), label="trace")
-    before_trace()
     record("outputs_match_oracle", replay(t, backend_factory, device, ReplayOptions()))
 
 
 @pytest.mark.check("fragmentation", needs=("paging",))
 @given(trace=st.data())
-@budgeted
 def test_fragmentation(backend_factory, device, trace):
     """Pages in use == pages the live sequences need (shared once); waste <= (P-1) per sequence; a step
     needing k pages succeeds iff k are free (no external fragmentation) and a refusal changes nothing;
     after everything finishes, no page is in use (no leak)."""
     t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory), use_mods=False), label="trace")
-    before_trace()
     record("fragmentation", replay(t, backend_factory, device, ReplayOptions(compare_outputs=False, check_memory=True)))
 
 
 @pytest.mark.check("isolation_poison", needs=("poison",))
 @given(trace=st.data())
-@budgeted
 def test_isolation_poison(backend_factory, device, trace):
     """Free pages are NaN-poisoned after every operation; no output is ever NaN or wrong."""
     t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory), use_mods=False), label="trace")
-    before_trace()
     record("isolation_poison", replay(t, backend_factory, device, ReplayOptions(poison=True)))
 
 
 @pytest.mark.check("isolation_nonfinite")
 @given(trace=st.data())
-@budgeted
 def test_isolation_nonfinite(backend_factory, device, trace):
     """The real configuration (no debug zeroing or poisoning): some sequences store only NaN/+-Inf K/V (as a
     broken fp16 request would). While they live, and after they finish and their pages hold those values for
     the next owner, every other sequence's output is finite and matches the oracle."""
     t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory)), label="trace")
-    before_trace()
     admitted = sorted(op.seq for op in t.ops if isinstance(op, Admit))
     taint = trace.draw(st.sets(st.sampled_from(admitted), min_size=1, max_size=max(1, len(admitted) // 2)),
                        label="sequences with non-finite K/V")
@@ -79,22 +66,18 @@ def test_isolation_nonfinite(backend_factory, device, trace):
 
 @pytest.mark.check("isolation_fork", needs=("fork",))
 @given(trace=st.data())
-@budgeted
 def test_isolation_fork(backend_factory, device, trace):
     """Fork-heavy traces (parallel sampling, beam search): a fork and its parent never see each other's
     later tokens (the oracle copies on fork; every output is compared)."""
     t = trace.draw(traces(device.type, fork_weight=5, use_mods=False), label="trace")
-    before_trace()
     record("isolation_fork", replay(t, backend_factory, device, ReplayOptions(check_memory=backend_factory.has("paging"))))
 
 
 @pytest.mark.check("eager_matches_compiled", needs=("eager",))
 @given(trace=st.data())
-@budgeted
 def test_eager_matches_compiled(backend_factory, device, trace):
     """The eager twin (which reads only the mask_mod) matches the oracle and the compiled backend."""
     t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory)), label="trace")
-    before_trace()
     eager = replay(t, backend_factory, device, ReplayOptions(eager=True), keep_outputs=True)
     compiled = replay(t, backend_factory, device, ReplayOptions(), keep_outputs=True)
     ceiling = CEILING[t.config.torch_dtype]
@@ -107,11 +90,9 @@ def test_eager_matches_compiled(backend_factory, device, trace):
 
 @pytest.mark.check("errors_leave_state_unchanged")
 @given(trace=st.data(), choice=st.data())
-@budgeted
 def test_errors_leave_state_unchanged(backend_factory, device, trace, choice):
     """Bad requests injected mid-trace raise their specific exception and leave snapshot() unchanged."""
     t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory), use_mods=False), label="trace")
-    before_trace()
     paging = backend_factory.has("paging")
 
     def expect(bad, target):
@@ -139,11 +120,9 @@ def test_errors_leave_state_unchanged(backend_factory, device, trace, choice):
 
 @pytest.mark.check("determinism")
 @given(trace=st.data())
-@budgeted
 def test_determinism(backend_factory, device, trace):
     """The same trace twice on fresh backends gives bit-identical outputs."""
     t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory)), label="trace")
-    before_trace()
     first = replay(t, backend_factory, device, ReplayOptions(compare_outputs=False), keep_outputs=True)
     second = replay(t, backend_factory, device, ReplayOptions(compare_outputs=False), keep_outputs=True)
     for i, (a, b) in enumerate(zip(first.outputs, second.outputs)):
