@@ -13,7 +13,7 @@ near and into exhaustion, and pages freed and reused.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 from hypothesis import strategies as st
@@ -249,10 +249,12 @@ class _Draft:
                 self._apply(live, [min(max_len - model.length(live[0]), lim.max_chunk)])
 
 
-def _model_after(trace: Trace) -> PageModel:
-    """The page model after every operation of `trace` (steps that do not fit are refused, as a backend must)."""
+def replay(trace: Trace) -> Iterator[tuple[object, PageModel, bool]]:
+    """Each operation of `trace` with the page model after it and whether it was accepted (a step that does not fit
+    is refused, as a backend must; admits, forks and finishes always are)."""
     model = PageModel(trace.config.num_pages, trace.config.page_size)
     for op in trace.ops:
+        accepted = True
         if isinstance(op, Admit):
             model.admit(op.seq)
         elif isinstance(op, Finish):
@@ -261,6 +263,16 @@ def _model_after(trace: Trace) -> PageModel:
             model.fork(op.parent, op.child)
         elif model.pages_needed(op.seqs, op.q_lens) <= model.free_pages:
             model.step(op.seqs, op.q_lens)
+        else:
+            accepted = False
+        yield op, model, accepted
+
+
+def _model_after(trace: Trace) -> PageModel:
+    """The page model after every operation of `trace`."""
+    model = PageModel(trace.config.num_pages, trace.config.page_size)
+    for _, model, _ in replay(trace):
+        pass
     return model
 
 

@@ -27,3 +27,13 @@ def dtype(request, device) -> torch.dtype:
     if dt not in dtypes_for(device):
         pytest.skip(f"{request.param} is exercised on the GPU only")
     return dt
+
+
+@pytest.fixture
+def kernel_device(device) -> torch.device:
+    """`device`, where the Triton decode kernel can run (the CPU: under Triton's interpreter); else the test skips."""
+    from paged.kernels import triton_sizing
+
+    if not triton_sizing.available(device):
+        pytest.skip(f"the Triton kernel cannot run on {device} here (CPU: TRITON_INTERPRET=1 before import)")
+    return device

@@ -24,14 +24,13 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from conformance import budget, cli
-from conformance.model import PageModel
 from conformance.policy import compare, compare_rows
 from conformance.profiles import SOAK_MIN_STEPS, TRACE_LIMITS
 from conformance.records import RECORDS, TRACES
 from conformance.report import CheckResult, ReportPlugin
 from conformance.runner import ReplayStats
 from conformance.snapshots import first_difference
-from conformance.traces import GPU_CONFIGS, Admit, Finish, Fork, traces
+from conformance.traces import GPU_CONFIGS, Step, replay, traces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,20 +218,13 @@ def test_soak_traces_keep_every_kind_of_operation():
     draw()
     for trace in drawn:
         assert trace.config == GPU_CONFIGS[0] and lim.min_ops <= len(trace.ops)
-        model = PageModel(trace.config.num_pages, trace.config.page_size)
-        for op in trace.ops:
+        for op, _, accepted in replay(trace):
             seen[type(op).__name__] += 1
-            if isinstance(op, Admit):
-                model.admit(op.seq)
-            elif isinstance(op, Finish):
-                model.finish(op.seq)
-            elif isinstance(op, Fork):
-                model.fork(op.parent, op.child)
-            elif model.pages_needed(op.seqs, op.q_lens) <= model.free_pages:
-                model.step(op.seqs, op.q_lens)
+            if isinstance(op, Step):
+                if not accepted:
+                    seen["refused"] += 1
+                    continue
                 seen["decode" if max(op.q_lens) == 1 else "chunk"] += 1
                 seen[op.mods] += 1
-            else:
-                seen["refused"] += 1
     assert all(seen[kind] for kind in ("Admit", "Step", "Fork", "Finish", "decode", "chunk", "refused")), seen
     assert {m for m in seen if isinstance(m, tuple)} == {("sliding_window", 5), ("alibi",)}, seen

@@ -24,13 +24,6 @@ if triton_decode.triton is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
 
-@pytest.fixture
-def kernel_device(device) -> torch.device:
-    if not triton_decode.available(device):
-        pytest.skip(f"the Triton kernel cannot run on {device} here (CPU: TRITON_INTERPRET=1 before import)")
-    return device
-
-
 def reference(q, k_pool, v_pool, table, lens, page, scale, dtype=torch.float64) -> torch.Tensor:
     """softmax(q K^T * scale) V over each row's first lens[b] keys, gathered through its page table, computed in
     `dtype` on the CPU: (B, Hq, D)."""

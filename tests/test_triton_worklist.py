@@ -25,13 +25,6 @@ from paged.kernels import triton_worklist  # noqa: E402
 from paged.kernels.triton_worklist import decode_balanced, work_list  # noqa: E402
 
 
-@pytest.fixture
-def kernel_device(device) -> torch.device:
-    if not triton_decode.available(device):
-        pytest.skip(f"the Triton kernel cannot run on {device} here (CPU: TRITON_INTERPRET=1 before import)")
-    return device
-
-
 def _pages(lens: list[int], page: int, gen: torch.Generator, pad_rows: int = 1) -> tuple[torch.Tensor, int]:
     """A page table (B + pad_rows, W) with each row's pages at random in a pool of 8 spare pages; the pool's pages."""
     need = [math.ceil(n / page) for n in lens]

@@ -245,9 +245,9 @@ class PagedGenerator:
         if decoder is not None:
             logits, picks = decoder(step, feed(work, unread))                      # (B, V), (B,) enqueued
             if sampling.do_sample or sampling.return_logits:   # read after planning ahead, before the next launch
-                return Launched(step_no, work, work.rows, logits, None, None, on_device=True, lagging=False)
+                return Launched(step_no, work, work.rows, logits, None, None, on_device=True)
             pending = decoder.read_later(picks)
-            return Launched(step_no, work, work.rows, None, picks, pending, on_device=True, lagging=True)
+            return Launched(step_no, work, work.rows, None, picks, pending, on_device=True)
         rows = [(b, len(c) - 1, r) for b, (r, c) in enumerate(zip(work.rows, work.chunks))]
         if work.kind == "prefill":
             for _, j, r in rows:
@@ -255,8 +255,7 @@ class PagedGenerator:
             rows = [x for x in rows if not x[2].prefilling]               # rows whose prompt is now stored
         logits = _picked_logits(self.model, step, work.chunks, [(b, j) for b, j, _ in rows],
                                 self.pad_token_id)                       # (k, V)
-        return Launched(step_no, work, tuple(r for _, _, r in rows), logits, None, None, on_device=False,
-                        lagging=False)
+        return Launched(step_no, work, tuple(r for _, _, r in rows), logits, None, None, on_device=False)
 
     def _record(self, launched: Launched, *, sampling: Sampling, eos_token_id: int | None,
                 running: list[Request], retiring: list[Request], progress: Callable[[int], None],

@@ -39,7 +39,7 @@ class Launched:
             is now stored). logits: (k, V) the picking rows' logits, when the host chooses (eager path, sampling,
             return_logits); None when the picks come from the device. picks: (B,) the device's greedy picks, or
             None. pending: their copy to the host, or None. on_device: the decoder ran it (the GPU may still be
-            running it). lagging: its picks are read after the next step is launched.
+            running it).
     """
 
     step_no: int
@@ -49,7 +49,11 @@ class Launched:
     picks: torch.Tensor | None
     pending: PendingTokens | None
     on_device: bool
-    lagging: bool
+
+    @property
+    def lagging(self) -> bool:
+        """Its picks are read after the next step is launched (greedy picks on their way to the host)."""
+        return self.pending is not None
 
 
 def feed(work: Work, unread: Launched | None) -> Sequence[int] | FedTokens:
