@@ -38,7 +38,21 @@ from paged.fms.op import CACHE_KWARG, OP_NAME, PagedStep, bind
 from paged.ops import register
 from paged.transfer import PackedStaging
 
-__all__ = ["CompiledDecoder", "FedTokens", "PendingTokens"]
+__all__ = ["CompiledDecoder", "FedTokens", "PendingTokens", "counting_backend"]
+
+
+def counting_backend(backend: str, owner):
+    """torch.compile backend `backend`, adding 1 to `owner.compiles` per graph it compiles (a recompile after
+    warm-up is a slow step, and the tests count them)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner = lookup_backend(backend)
+
+    def compile_and_count(graph_module, example_inputs):
+        owner.compiles += 1
+        return inner(graph_module, example_inputs)
+
+    return compile_and_count
 
 
 @dataclass(frozen=True)
@@ -154,7 +168,7 @@ class CompiledDecoder:
         self.compiles = 0                                     # graphs torch.compile made of the decode forward
         self.captures = 0                                     # CUDA graphs captured so far (one per bucket)
         self.replays = 0
-        self._forward = (torch.compile(self._traced_forward, backend=self._counting(backend)) if compile
+        self._forward = (torch.compile(self._traced_forward, backend=counting_backend(backend, self)) if compile
                          else self._traced_forward)
         self._buckets: dict[int, _Bucket] = {}
         self._pinned: list[torch.Tensor | None] = [None, None]   # read_later's two alternating host buffers
@@ -171,18 +185,6 @@ class CompiledDecoder:
         if buf is None or buf.numel() < picks.shape[0]:     # this slot only: the other one may still be read
             buf = self._pinned[slot] = torch.empty(max(picks.shape[0], 64), dtype=torch.long, pin_memory=True)
         return PendingTokens(picks, buf)
-
-    def _counting(self, backend: str):
-        """`backend`, counting its compiles in `self.compiles` (a recompile after warm-up is a slow step)."""
-        from torch._dynamo.backends.registry import lookup_backend
-
-        inner = lookup_backend(backend)
-
-        def compile_and_count(graph_module, example_inputs):
-            self.compiles += 1
-            return inner(graph_module, example_inputs)
-
-        return compile_and_count
 
     def _traced_forward(self, ids: torch.Tensor, q_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, 1) int64, q_start (B,) int32 (each row's stored length = its new token's position) ->

@@ -10,7 +10,8 @@ attention layers store and attend through ``cache.run``. Who runs when is the sc
 every running sequence decodes one token per step; a sequence that emits EOS or reaches ``max_new_tokens`` is
 finished as soon as no planned step holds it, freeing its pages (on the compiled decode path a row that emits EOS
 rides the one step already planned after it), and waiting prompts join). On CUDA, decode steps run compiled and replayed as
-CUDA graphs, one per batch bucket (:mod:`paged.fms.decode`); prefill steps run eagerly.
+CUDA graphs, one per batch bucket (:mod:`paged.fms.decode`); prefill steps run compiled, without graphs
+(:mod:`paged.fms.prefill`).
 
 Also here: :func:`forward_logits` and :func:`cache_spec_for` (from :mod:`paged.fms.forward`), and
 :func:`fms_generate` (from :mod:`paged.fms.fms_loop`), FMS's own generation loop on the cache.
@@ -31,6 +32,7 @@ from paged.fms.decode import CompiledDecoder
 from paged.fms.fms_loop import fms_generate, prepare_fms_generate
 from paged.fms.forward import _picked_logits, cache_spec_for, forward_logits
 from paged.fms.op import PagedStep, bind, plan_step
+from paged.fms.prefill import CompiledPrefill
 from paged.fms.scheduler import Request, Scheduler, Work
 from paged.fms.generate_args import check_args, default_scheduler, progress_bar
 from paged.fms.steps import Ahead, Launched, Sampling, choose, feed
@@ -80,10 +82,12 @@ class PagedGenerator:
             Llama and Mistral attend causally without a window, so leave it None to match them.
         pad_token_id: id written into padding positions (never attended, any valid id works).
         cuda_graphs: replay decode steps as CUDA graphs, one per batch bucket (:mod:`paged.fms.decode`);
-            None: on for a CUDA cache with attention="compiled". Prefill steps always run eagerly.
+            None: on for a CUDA cache with attention="compiled".
         compile_decode: trace decode steps with torch.compile (the model's forward, the cache as a custom
             op); None: as `cuda_graphs` resolved (on for CUDA, off on the CPU, where the first compile of a
             model takes tens of seconds).
+        compile_prefill: run prefill steps (and prefill chunks) through torch.compile with dynamic shapes
+            (:mod:`paged.fms.prefill`; never graphed); None: as `cuda_graphs` resolved.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class PagedGenerator:
         pad_token_id: int = 0,
         cuda_graphs: bool | None = None,
         compile_decode: bool | None = None,
+        compile_prefill: bool | None = None,
     ) -> None:
         self.model = model
         nlayers = bind(model)
@@ -122,7 +127,9 @@ class PagedGenerator:
         graphs_possible = spec.device.type == "cuda" and attention == "compiled" and sliding_window is None
         self.cuda_graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs)
         self.compile_decode = self.cuda_graphs if compile_decode is None else bool(compile_decode)
+        self.compile_prefill = self.cuda_graphs if compile_prefill is None else bool(compile_prefill)
         self._decoder: CompiledDecoder | None = None
+        self._prefiller: CompiledPrefill | None = None
 
     @property
     def decoder(self) -> CompiledDecoder | None:
@@ -133,6 +140,15 @@ class PagedGenerator:
             self._decoder = CompiledDecoder(self.model, self.cache, cuda_graphs=self.cuda_graphs,
                                             compile=self.compile_decode)
         return self._decoder
+
+    @property
+    def prefiller(self) -> CompiledPrefill | None:
+        """The compiled prefill path of this generator's cache, or None when prefill steps run eagerly."""
+        if not self.compile_prefill or self.sliding_window is not None:
+            return None
+        if self._prefiller is None or self._prefiller.cache is not self.cache:
+            self._prefiller = CompiledPrefill(self.model, self.cache)
+        return self._prefiller
 
     def forward_logits(self, seq_ids: Sequence[Hashable], token_chunks: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """:func:`forward_logits` on this generator's model and cache."""
@@ -240,7 +256,8 @@ class PagedGenerator:
     def _launch(self, step_no: int, work: Work, step: PagedStep, sampling: Sampling,
                 unread: Launched | None) -> Launched:
         """Enqueue one planned step of `work`. On the decoder's path the model's step is only enqueued (picks and
-        logits stay on the device); otherwise the picking rows' logits are computed (eagerly) for `_record`."""
+        logits stay on the device); otherwise the picking rows' logits are computed (a prefill compiled when the
+        prefiller is on, other steps eagerly) for `_record`."""
         decoder = self.decoder if work.kind == "decode" else None
         if decoder is not None:
             logits, picks = decoder(step, feed(work, unread))                      # (B, V), (B,) enqueued
@@ -253,8 +270,10 @@ class PagedGenerator:
             for _, j, r in rows:
                 r.fed += j + 1
             rows = [x for x in rows if not x[2].prefilling]               # rows whose prompt is now stored
-        logits = _picked_logits(self.model, step, work.chunks, [(b, j) for b, j, _ in rows],
-                                self.pad_token_id)                       # (k, V)
+        prefill = self.prefiller if work.kind == "prefill" else None
+        picks = [(b, j) for b, j, _ in rows]
+        logits = (prefill(step, work.chunks, picks, self.pad_token_id) if prefill is not None
+                  else _picked_logits(self.model, step, work.chunks, picks, self.pad_token_id))   # (k, V)
         return Launched(step_no, work, tuple(r for _, _, r in rows), logits, None, None, on_device=False)
 
     def _record(self, launched: Launched, *, sampling: Sampling, eos_token_id: int | None,
