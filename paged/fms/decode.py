@@ -255,5 +255,5 @@ class CompiledDecoder:
         if n != plan.batch:
             raise InvalidRequestError(f"{n} tokens for a step of {plan.batch} rows")
         if isinstance(tokens, FedTokens):
-            _check_fed(tokens, n, self.cache.spec.device)
+            _check_fed(tokens, n, self.cache.k_pool.device)     # the pools' device: "cuda:0", never bare "cuda"
         return plan

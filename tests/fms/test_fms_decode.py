@@ -200,8 +200,10 @@ def test_decoder_refuses_what_it_cannot_run(model, device):
 def test_graphed_decode_matches_eager_paged_and_fms_default(model, device):
     if device.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
-    graphed = PagedGenerator(model, token_budget=BUDGET)              # the CUDA default: compiled + graphs
-    assert graphed.cuda_graphs and graphed.compile_decode
+    # The CUDA default: compiled + graphs. A bare "cuda" (no index, as the benchmark passes it) must work too: the
+    # device-fed step once compared the fed tokens' "cuda:0" with the spec's "cuda" and refused every step.
+    graphed = PagedGenerator(model, token_budget=BUDGET, device=torch.device(device.type))
+    assert graphed.cuda_graphs and graphed.compile_decode and graphed.compile_prefill
     eager = PagedGenerator(model, token_budget=BUDGET, cuda_graphs=False, compile_decode=False)
     ours = continuous_batching(graphed)
     assert ours == continuous_batching(eager)
