@@ -336,14 +336,17 @@ def test_fed_tokens_must_match_the_step(traced):
     try:
         forward_logits(gen.model, gen.cache, ["fed"], [[5, 6, 7]])
         step = plan_step(gen.cache, ["fed"], [1])
+        dev = gen.cache.k_pool.device
         with pytest.raises(InvalidRequestError, match="tokens for a step of 1 rows"):
-            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long), [0, 1], [0, 0]))
+            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long, device=dev), [0, 1], [0, 0]))
         with pytest.raises(InvalidRequestError, match="host tokens"):
-            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long), [0], [0, 0]))
+            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long, device=dev), [0], [0, 0]))
         with pytest.raises(InvalidRequestError, match="outside 0..1"):
-            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long), [2], [0]))
+            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long, device=dev), [2], [0]))
         with pytest.raises(InvalidRequestError, match="1-d int64"):
-            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.int32), [0], [0]))
+            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.int32, device=dev), [0], [0]))
+        with pytest.raises(InvalidRequestError, match=f"on {dev}, got .* on meta"):     # tokens on another device
+            gen.decoder(step, FedTokens(torch.zeros(2, dtype=torch.long, device="meta"), [0], [0]))
         assert gen.cache.current_plan is step.plan and not step.plan.layers_run     # refused before anything ran
     finally:
         gen.cache.finish("fed")

@@ -88,8 +88,19 @@ def test_registering_twice_is_harmless(gqa, device):
     model, gold = gqa
     op.register()
     op.register()
-    reloaded = importlib.reload(op)               # re-executes the module, including its registration
-    reloaded.register()
+    saved = dict(vars(op))
+    try:
+        reloaded = importlib.reload(op)           # re-executes the module, including its registration
+        reloaded.register()
+        _check_registered_once(model, gold, reloaded, device)
+    finally:
+        # The reload made new classes (PagedStep, ...) under the same names; modules that imported the old ones
+        # (prefill, decode) would no longer recognise the steps plan_step makes. Put the old namespace back.
+        vars(op).clear()
+        vars(op).update(saved)
+
+
+def _check_registered_once(model, gold, reloaded, device) -> None:
     assert get_attention_type(attn_name=OP_NAME)["compute_prefill"]._pagetable_op
     # Binding twice (and after the reload) hooks each attention module once.
     bind(model)
