@@ -171,7 +171,7 @@ def test_unknown_policy_rejected():
         PageAllocator(N, "best")
 
 
-@pytest.mark.parametrize("policy", [None, 5, 1.0, object()], ids=repr)
+@pytest.mark.parametrize("policy", [None, 5, 1.0, object()], ids=["None", "5", "1.0", "object"])
 def test_a_policy_that_is_neither_a_name_nor_a_policy_object_is_rejected(policy):
     """Used to be accepted and fail at the first allocation with AttributeError."""
     with pytest.raises(UnsupportedConfigError, match=r"policy must be one of \['fifo', 'lifo', 'lowest', 'random'\] "
