@@ -21,7 +21,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 def _run(argv: list[str]) -> tuple[int, float, str]:
     t0 = time.monotonic()
-    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    except OSError as exc:                                  # e.g. no such program: a failure of that command only
+        return 127, time.monotonic() - t0, f"{exc}\n"
     return done.returncode, time.monotonic() - t0, done.stdout
 
 
