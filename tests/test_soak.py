@@ -61,7 +61,10 @@ def test_budget_stops_a_soak_and_writes_its_report(tmp_path):
     for c in checks.values():
         assert c["outcome"] == "passed" and c["stopped_by_budget"], c
         assert c["detail"].startswith(budget.REASON) and 1 <= c["traces"] < 60, c
-    assert report["total_steps"] == sum(c["steps"] for c in checks.values()) > 0
+    # Not "> 0": on a loaded machine the share may run out in the first trace, and Hypothesis's first (simplest)
+    # trace can hold no step at all (seen on 2 cores beside a second test process). Counting is pinned by
+    # test_an_interrupted_report_holds_what_completed_and_does_not_pass below.
+    assert report["total_steps"] == sum(c["steps"] for c in checks.values())
     assert f"fewer than the {SOAK_MIN_STEPS}" in done.stdout
 
 
