@@ -24,15 +24,16 @@ import torch
 from paged import CacheSpec, PagedKVCache
 
 
-def build(batch: int, rounds: int, device: torch.device) -> tuple[PagedKVCache, list[int]]:
+def build(batch: int, rounds: int, device: torch.device,
+          decode_kernel: str = "auto") -> tuple[PagedKVCache, list[int]]:
     gen = torch.Generator().manual_seed(batch)
     lens = torch.randint(512, 4096, (batch,), generator=gen).tolist()
     page, steps = 64, 3 * rounds + 8
-    pages = sum(math.ceil((n + steps) / page) for n in lens) + batch
+    pages = max(sum(math.ceil((n + steps) / page) for n in lens) + batch, math.ceil((4096 + steps) / page))
     spec = CacheSpec(num_layers=1, num_kv_heads=8, head_dim=128, page_size=page, num_pages=pages,
                      max_seq_len=4096 + steps, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                      device=device)
-    cache = PagedKVCache(spec, policy="random", seed=batch)
+    cache = PagedKVCache(spec, policy="random", seed=batch, decode_kernel=decode_kernel)
     ids = list(range(batch))
     for i in ids:
         cache.admit(i)

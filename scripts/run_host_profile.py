@@ -7,45 +7,21 @@ Issue 16 asks for <= 25 us of host time per run() at batch 64; the H200 host mea
 kernel and the merge) are replaced by a no-op, so what is timed is everything else run() does on a plain decode
 step: the input checks (`StepPlan.fits`), the bucket's launch state, the output's allocation. It runs on any
 machine, the CPU included (TRITON_INTERPRET=1 only makes the Triton kernel selectable there; nothing is
-interpreted). Layout of the host-overhead benchmark on CUDA: 32/8 heads, head dim 128, page 64, contexts 512-4096 at
-random, bf16, one layer. plan() of the same step is timed beside it (host work only: on the CPU its page zeroing
+interpreted). Layout of `scripts/plan_profile.py` (the host-overhead benchmark's on CUDA): 32/8 heads, head dim 128,
+page 64, contexts 512-4096 at random, one layer (float32 on the CPU). plan() of the same step is timed beside it (host work only: on the CPU its page zeroing
 is real memory work, on CUDA two enqueued fills). Medians, torch single-threaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
 import torch
 
 import paged.kernels.triton_decode as triton_decode
-from paged import CacheSpec, PagedKVCache
-
-PAGE, STEPS = 64, 5000
-
-
-def build(batch: int) -> tuple[PagedKVCache, list[int]]:
-    gen = torch.Generator().manual_seed(batch)
-    lens = torch.randint(512, 4096, (batch,), generator=gen).tolist()
-    pages = max(sum(math.ceil((n + STEPS) / PAGE) for n in lens) + batch, math.ceil((4096 + STEPS) / PAGE))
-    spec = CacheSpec(num_layers=1, num_kv_heads=8, head_dim=128, page_size=PAGE, num_pages=pages,
-                     max_seq_len=4096 + STEPS, dtype=torch.bfloat16, device=torch.device("cpu"))
-    cache = PagedKVCache(spec, policy="random", seed=batch, decode_kernel="triton")
-    ids = list(range(batch))
-    for i in ids:
-        cache.admit(i)
-    left = dict(zip(ids, lens))
-    while any(left.values()):                                   # the contexts, in bounded chunks
-        step = [i for i in ids if left[i]]
-        chunk = [min(1024, left[i]) for i in step]
-        cache.plan(step, chunk)
-        for i, n in zip(step, chunk):
-            left[i] -= n
-    return cache, ids
-
+from plan_profile import build          # the host-overhead layout (this script's folder is on sys.path)
 
 def median_us(fn, rounds: int, setup) -> float:
     times = []
@@ -66,7 +42,7 @@ def main() -> None:
     launches = []
     triton_decode.launch_items = lambda *a: (launches.append(1), a[13])[1]     # no kernel: `out` comes back as is
     for batch in args.batches:
-        cache, ids = build(batch)
+        cache, ids = build(batch, args.rounds, torch.device("cpu"), decode_kernel="triton")
         ones = [1] * batch
 
         def plan_done():
@@ -75,8 +51,8 @@ def main() -> None:
 
         plan_us = median_us(lambda: cache.plan(ids, ones), min(args.rounds, 300), plan_done)
         plan = cache.plan(ids, ones)
-        q = torch.randn(batch, 1, 32, 128).bfloat16()
-        k, v = torch.randn(batch, 1, 8, 128).bfloat16(), torch.randn(batch, 1, 8, 128).bfloat16()
+        q = torch.randn(batch, 1, 32, 128)                                    # (B, 1, Hq, D)
+        k, v = torch.randn(batch, 1, 8, 128), torch.randn(batch, 1, 8, 128)    # (B, 1, Hkv, D)
         run_us = median_us(lambda: cache.run(0, q, k, v), args.rounds, plan.layers_run.clear)
         assert launches and plan.kernel == "triton", "run() did not reach the Triton kernel's launch"
         print(f"batch {batch:4d}: plan() {plan_us:7.1f} us   run() without its two kernel launches {run_us:6.1f} us")
