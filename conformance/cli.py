@@ -1,7 +1,7 @@
 """`python -m conformance`: run the conformance suite against a backend and print/write the report.
 
     python -m conformance [--backend NAME|module:factory] [--device cpu|cuda] [--profile ci|dev|gpu|thorough|soak]
-                          [--json PATH] [--time-budget S] [--list] [-- extra pytest args]
+                          [--json PATH] [--time-budget S] [--jobs N] [--list] [-- extra pytest args]
 Exit status 0 when every applicable check passes (known defects count as expected failures); 1 when a check
 fails (or a soak reaches fewer than 10^4 trace steps); 2 for a bad command line (unknown backend or profile, no GPU
 for --device cuda), with a one-paragraph error and no report; 3 when pytest itself could not run the suite (no
@@ -14,6 +14,9 @@ as usual: a stopped check passed over the traces it ran and says so, and the soa
 on those. Under a budget a failing trace is reported as found, without shrinking (--no-shrink). While the checks
 run, the --json report is rewritten (status "running") after each completed trace, at most every
 CHECKPOINT_SECONDS, so even a run killed outright (SIGKILL) leaves the figures of what completed.
+
+--jobs N: every check in its own process, N at a time, one merged report (`conformance.jobs`; not with
+--time-budget). For a many-core machine: a GPU run is mostly host-side compilation.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="wall-clock seconds for the checks: each gets an equal share of the time left when it "
                              "starts and starts no new trace once it is spent; the report covers what ran (failing "
                              "traces are not shrunk under a budget)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run each check in its own process, N at a time, and merge their reports")
     parser.add_argument("--list", action="store_true", help="list the backends that can be selected")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     return parser
@@ -82,6 +87,11 @@ def _settle(args: argparse.Namespace):
     profile = args.profile or os.environ.get("HYPOTHESIS_PROFILE") or ("gpu" if device == "cuda" else "ci")
     if args.time_budget is not None and not args.time_budget > 0:
         raise UsageProblem(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
+    if args.jobs < 1:
+        raise UsageProblem(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and args.time_budget is not None:
+        raise UsageProblem("--jobs and --time-budget cannot be combined: the budget is shared by the checks of one "
+                           "process; run with --jobs 1 (the default) for a budgeted run")
     try:
         check_profile(profile)
         factory = resolve_backend(args.backend)
@@ -101,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).rstrip().rstrip(".")
         print(f"python -m conformance: error: {message}. Nothing was run and no report was written.", file=sys.stderr)
         return 2
+    if args.jobs > 1:
+        return _run_jobs(args, factory.name, device, profile)
     reset()
     plugin = ReportPlugin()
     budget_args = [] if args.time_budget is None else ["--time-budget", str(args.time_budget), "--no-shrink"]
@@ -133,6 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         print(shortfall)
         return 1
     return 0 if report["passed"] and code == pytest.ExitCode.OK else 1
+
+
+def _run_jobs(args: argparse.Namespace, backend: str, device: str, profile: str) -> int:
+    """--jobs N: each check in its own process (`conformance.jobs`), the merged report printed and written."""
+    from conformance.jobs import run_checks
+
+    forward = ["--backend", args.backend or backend, "--device", device, "--profile", profile]
+    report, code = run_checks(forward, args.pytest_args, args.jobs)
+    _report(report, args.json)
+    shortfall = soak_shortfall(report, os.environ)
+    if shortfall:
+        print(shortfall)
+    return 0 if code == 0 and report["passed"] and not shortfall else max(code, 1)
 
 
 def soak_shortfall(report: dict, environ) -> str | None:

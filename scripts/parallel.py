@@ -13,19 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 
-
-def _run(argv: list[str]) -> tuple[int, float, str]:
-    t0 = time.monotonic()
-    try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-    except OSError as exc:                                  # e.g. no such program: a failure of that command only
-        return 127, time.monotonic() - t0, f"{exc}\n"
-    return done.returncode, time.monotonic() - t0, done.stdout
+from conformance.jobs import run_commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,18 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.jobs < 1:
         p.error("--jobs must be >= 1")
     commands = [shlex.split(c) + extra for c in opts.commands]
-    failed = []
-    with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        running = {pool.submit(_run, c): shlex.join(c) for c in commands}
-        for fut in as_completed(running):
-            code, seconds, output = fut.result()
-            print(f"===== {running[fut]}  (exit {code}, {seconds:.0f} s)", flush=True)
-            print(output, end="" if output.endswith("\n") else "\n", flush=True)
-            if code != 0:
-                failed.append((code, running[fut]))
-    for code, line in failed:
-        print(f"FAILED (exit {code}): {line}", flush=True)
-    return 1 if failed else 0
+    codes = run_commands(commands, opts.jobs)
+    for code, command in zip(codes, commands):
+        if code != 0:
+            print(f"FAILED (exit {code}): {shlex.join(command)}", flush=True)
+    return 1 if any(codes) else 0
 
 
 if __name__ == "__main__":

@@ -102,12 +102,20 @@ def test_plan_host_time(benchmark, bench, batch, kernel):
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
 
 
+@pytest.mark.parametrize("launch", ["cached", "plain"])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_run_host_time(benchmark, bench, batch, kernel):
-    """run() of one layer of a decode step: input checks and the kernel's launches (plus, on the CPU, its work)."""
+def test_run_host_time(benchmark, bench, batch, kernel, launch, monkeypatch):
+    """run() of one layer of a decode step: input checks and the kernel's launches (plus, on the CPU, its work).
+    Triton: `cached` launches through paged.kernels.triton_launch (the default), `plain` through `kernel[grid]`
+    (the A/B of that module, in the same run)."""
     if kernel == "triton" and not bench.cuda:
         pytest.skip("the Triton kernel runs on the CPU only under Triton's interpreter: nothing to time there")
+    if kernel != "triton" and launch == "plain":
+        pytest.skip("only the Triton kernel has a cached launch")
+    from paged.kernels import triton_launch
+
+    monkeypatch.setattr(triton_launch, "ENABLED", launch == "cached")
     rounds = _rounds(bench)
     cache, ids = _cache(bench, batch, kernel, rounds)
     plan = cache.plan(ids, [1] * batch)
@@ -127,5 +135,6 @@ def test_run_host_time(benchmark, bench, batch, kernel):
         setup()
         target()
     assert plan.kernel == kernel
-    benchmark.extra_info.update(batch=batch, kernel=kernel, device=str(bench.device), what="run() host time")
+    benchmark.extra_info.update(batch=batch, kernel=kernel, launch=launch, device=str(bench.device),
+                                what="run() host time")
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from paged.kernels.triton_partition import merge_slice_keys, min_slice_keys, partition, target_items
+from paged.kernels.triton_launch import CachedLauncher
 from paged.kernels.triton_sizing import _next_pow2, launch_options, triton
 from paged.kernels.triton_tiles import attend_new, attend_pages
 
@@ -116,14 +117,17 @@ if triton is not None:
 
 
 def items_meta(dtype: torch.dtype, device: torch.device, hq: int, hkv: int, head_dim: int, page_size: int,
-               block_n: int, num_warps: int, num_stages: int, num_items: int, *, write_new: bool) -> tuple[dict, dict]:
-    """The compile-time constants and launch options of the item kernel and of the merge (per bucket)."""
+               block_n: int, num_warps: int, num_stages: int, num_items: int, *,
+               write_new: bool) -> tuple[CachedLauncher, CachedLauncher]:
+    """The launchers of the item kernel and of the merge, with their compile-time constants and launch options
+    (per bucket and query head count)."""
     d_pad = _next_pow2(max(head_dim, 16))
     split = dict(GROUP=hq // hkv, GROUP_PAD=max(16, _next_pow2(hq // hkv)), HEAD_DIM=head_dim, D_PAD=d_pad,
                  PAGE=page_size, BLOCK_N=block_n, F32_DOT=dtype == torch.float32 or device.type == "cpu",
-                 WRITE_NEW=write_new, num_warps=num_warps, num_stages=num_stages)
-    merge = dict(HEAD_DIM=head_dim, D_PAD=d_pad, ITEMS=min(ITEM_TILE, _next_pow2(num_items)), num_warps=4)
-    return split, merge
+                 WRITE_NEW=write_new)
+    merge = dict(HEAD_DIM=head_dim, D_PAD=d_pad, ITEMS=min(ITEM_TILE, _next_pow2(num_items)))
+    return (CachedLauncher(_item_kernel, split, dict(num_warps=num_warps, num_stages=num_stages)),
+            CachedLauncher(_merge_kernel, merge, dict(num_warps=4)))
 
 
 def item_partials(num_items: int, hq: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +136,8 @@ def item_partials(num_items: int, hq: int, head_dim: int, device: torch.device) 
             torch.empty(num_items, hq, dtype=torch.float32, device=device))
 
 
-def launch_items(meta: tuple[dict, dict], q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                 k_new: torch.Tensor | None, v_new: torch.Tensor | None, page_table: torch.Tensor,
+def launch_items(launchers: tuple[CachedLauncher, CachedLauncher], q: torch.Tensor, k_pool: torch.Tensor,
+                 v_pool: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None, page_table: torch.Tensor,
                  q_start: torch.Tensor, q_len: torch.Tensor, items: torch.Tensor, row_first: torch.Tensor,
                  row_count: torch.Tensor, scale: float, out: torch.Tensor, part_out: torch.Tensor,
                  part_lse: torch.Tensor) -> torch.Tensor:
@@ -145,17 +149,17 @@ def launch_items(meta: tuple[dict, dict], q: torch.Tensor, k_pool: torch.Tensor,
     (>= B,) int32; items (3, M) int32 (`partition`, rows < B); part_out / part_lse from `item_partials(M, ...)`.
     Returns out.
     """
-    split_meta, merge_meta = meta
+    item_launcher, merge_launcher = launchers
     B, Hq = q.shape[0], q.shape[-2]
     M = items.shape[1]
     k_src, v_src = (q, q) if k_new is None else (k_new, v_new)  # unused when not writing
-    _item_kernel[(k_pool.shape[-3], M)](
-        q, k_pool, v_pool, k_src, v_src, page_table, q_start, q_len, items, row_count, out, part_out, part_lse,
-        q.stride(0), q.stride(-2), k_pool.stride(-3), k_pool.stride(-2), k_src.stride(0), k_src.stride(-2),
-        v_src.stride(0), v_src.stride(-2), page_table.stride(0), out.stride(0), out.stride(-2), M, Hq,
-        scale * 1.4426950408889634, **split_meta)
-    _merge_kernel[(B, Hq)](part_out, part_lse, out, row_first, row_count, out.stride(0), out.stride(-2), Hq,
-                           **merge_meta)
+    item_launcher((k_pool.shape[-3], M),
+                  (q, k_pool, v_pool, k_src, v_src, page_table, q_start, q_len, items, row_count, out, part_out,
+                   part_lse),
+                  (q.stride(0), q.stride(-2), k_pool.stride(-3), k_pool.stride(-2), k_src.stride(0), k_src.stride(-2),
+                   v_src.stride(0), v_src.stride(-2), page_table.stride(0), out.stride(0), out.stride(-2), M, Hq,
+                   scale * 1.4426950408889634))
+    merge_launcher((B, Hq), (part_out, part_lse, out, row_first, row_count), (out.stride(0), out.stride(-2), Hq))
     return out
 
 

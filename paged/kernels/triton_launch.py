@@ -1,0 +1,85 @@
+"""Launch a Triton kernel again with less host time than `kernel[grid](...)`.
+
+`kernel[grid](*args, **constexprs)` binds and specializes every argument, builds a string key from them and looks
+the compiled kernel up, on every call: tens of microseconds of Python per launch on a server host, paid twice per
+layer by a decode step, whose launches specialize the same way step after step. `CachedLauncher` sends the first
+launch of each *specialization key* through Triton (which compiles if it must and returns the compiled kernel) and
+the later ones straight to that compiled kernel's launcher (`CompiledKernel[grid]`, Triton's own runner).
+
+The key holds everything Triton specializes a launch on, read cheaply: every tensor's dtype and its address modulo 16
+(Triton specializes pointers on 16-byte alignment), every int's value (Triton specializes ints on == 1, divisibility
+by 16 and bit width: keying on the value is stricter), the grid and the current device. Floats are never specialized
+(the key holds only that they are floats); constexprs and launch options are fixed per launcher.
+
+The plain launch is used instead under Triton's interpreter (no compiled kernel), while a launch hook is set (a
+profiler's: the cached path would not call it), when `PAGED_TRITON_CACHED_LAUNCH=0` was set before import or
+`ENABLED` is False (the A/B of `conformance/benchmarks/test_host_overhead.py`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from paged.kernels.triton_sizing import triton
+
+#: Use the cached path where it applies (module switch; the env var sets its start value).
+ENABLED = os.environ.get("PAGED_TRITON_CACHED_LAUNCH", "1") != "0"
+
+if triton is not None:
+    from triton.runtime import driver
+    try:
+        from triton import knobs                                # Triton >= 3.3
+
+        def _launch_hook():
+            return knobs.runtime.launch_enter_hook
+    except ImportError:
+        from triton.compiler import CompiledKernel
+
+        def _launch_hook():
+            return getattr(CompiledKernel, "launch_enter_hook", None)
+
+
+def _plain_only() -> bool:
+    """Whether this launch must go through Triton's own path: interpreter on, or a launch hook set."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or _launch_hook() is not None
+
+
+class CachedLauncher:
+    """One Triton kernel with fixed constexprs and launch options, launched as `launcher(grid, tensors, scalars)`.
+
+    The kernel's parameters must be its tensors first, then its scalars (ints, floats), then its constexprs: the
+    order of `tensors` + `scalars` is the kernel's own. Runners are kept per key for the launcher's life (a decode
+    bucket sees one or two keys: one per layout of q/k/v).
+    """
+
+    def __init__(self, kernel, constexprs: dict, options: dict) -> None:
+        self.kernel = kernel
+        self.constexprs = constexprs
+        self.options = options
+        names = list(kernel.arg_names)
+        tail = names[len(names) - len(constexprs):]
+        if sorted(tail) != sorted(constexprs):
+            raise ValueError(f"{kernel.__name__}: the constexprs {sorted(constexprs)} must be its last parameters, "
+                             f"not {tail}")
+        self._tail = tuple(constexprs[n] for n in tail)         # constexprs in parameter order
+        self._runners: dict[tuple, object] = {}
+        self.cached_launches = 0                                 # launches that skipped Triton's binder (tests)
+
+    def __call__(self, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...], scalars: tuple) -> None:
+        if not ENABLED or _plain_only():
+            self.kernel[grid](*tensors, *scalars, **self.constexprs, **self.options)
+            return
+        device = driver.active.get_current_device()
+        key = (device, grid, tuple([t.data_ptr() & 15 for t in tensors]), tuple([t.dtype for t in tensors]),
+               tuple([float if type(s) is float else s for s in scalars]))
+        runner = self._runners.get(key)
+        if runner is None:
+            compiled = self.kernel[grid](*tensors, *scalars, **self.constexprs, **self.options)
+            if hasattr(compiled, "result"):                     # Triton versions whose compiles may be futures
+                compiled = compiled.result()
+            self._runners[key] = compiled[grid]
+            return
+        runner(*tensors, *scalars, *self._tail, stream=driver.active.get_current_stream(device))
+        self.cached_launches += 1
