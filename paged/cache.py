@@ -245,10 +245,8 @@ class PagedKVCache:
         Raises (before any change): UnknownSequenceError, DuplicateSequenceError, InvalidRequestError,
             SequenceTooLongError, OutOfPagesError.
         """
-        seq_ids, q_lens = check_step(self._length_of_live, self._seqs, seq_ids, q_lens, self.spec.max_seq_len,
-                                     mask_mod, score_mod)
+        seq_ids, q_lens, states = check_step(self._seqs, seq_ids, q_lens, self.spec.max_seq_len, mask_mod, score_mod)
         P = self.spec.page_size
-        states = [self._seqs[s] for s in seq_ids]
 
         buf = self._buffers_for(bucket(len(seq_ids)), padded_query_len(max(q_lens)))  # may allocate: before the commit
 
@@ -296,9 +294,6 @@ class PagedKVCache:
                 pool[:, :, fresh * P:(fresh + 1) * P] = pool[:, :, old * P:(old + 1) * P]
         if freed:
             self._mark_free(freed)
-
-    def _length_of_live(self, seq_id: Hashable) -> int:
-        return self._seqs[seq_id].length
 
     def _buffers_for(self, padded_batch: int, padded_q: int) -> StepBuffers:
         key = (padded_batch, padded_q)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Hashable, Mapping, Sequence
+from operator import add, attrgetter
+from typing import Hashable, Mapping, Sequence
 
 import torch
 
@@ -35,32 +36,31 @@ def lookup(live: Mapping[Hashable, object], seq_id: Hashable):
 
 
 def check_step(
-    lengths: Callable[[Hashable], int],
     live: Mapping[Hashable, object],
     seq_ids: Sequence[Hashable],
     q_lens: Sequence[int],
     max_seq_len: int,
     mask_mod: object,
     score_mod: object,
-) -> tuple[tuple, tuple[int, ...]]:
-    """Validate one step's (sequence, new-token count) pairs; return them as tuples."""
+) -> tuple[tuple, tuple[int, ...], list]:
+    """Validate one step's (sequence, new-token count) pairs; return them as tuples, and the sequences' states
+    (`live`'s values: objects with `.length` and `.missing_layers`) in step order."""
     seq_ids, q_lens = tuple(seq_ids), tuple(q_lens)
     if not seq_ids:
         raise InvalidRequestError("a step needs at least one sequence")
     if len(seq_ids) != len(q_lens):
         raise InvalidRequestError(f"{len(seq_ids)} sequence ids but {len(q_lens)} query lengths")
-    # A valid step (every step of a serving loop) passes these few whole-batch checks; anything else takes the
-    # loops below, which name the first bad entry.
+    # A valid step (every step of a serving loop) passes these whole-batch checks, each one pass at C speed (plan()'s
+    # host time is a per-step cost: issue 16); anything else takes the loops below, which name the first bad entry.
     try:
-        valid = len(set(seq_ids)) == len(seq_ids) and all(s in live for s in seq_ids)
-    except TypeError:                                         # an unhashable id
+        states = [live[s] for s in seq_ids]
+        valid = len(set(seq_ids)) == len(seq_ids)
+    except (KeyError, TypeError):                             # an unknown or unhashable id
         valid = False
-    if valid and all(type(q) is int for q in q_lens) and min(q_lens) >= 1 and all(
-            lengths(s) + q <= max_seq_len for s, q in zip(seq_ids, q_lens)):
-        for s in seq_ids:
-            check_complete(s, live[s])
+    if (valid and set(map(type, q_lens)) == {int} and min(q_lens) >= 1
+            and max(map(add, map(_length, states), q_lens)) <= max_seq_len and not any(map(_missing, states))):
         check_mods(mask_mod, score_mod)
-        return seq_ids, q_lens
+        return seq_ids, q_lens, states
     seen = set()
     for s in seq_ids:
         lookup(live, s)
@@ -70,13 +70,17 @@ def check_step(
     for s, q in zip(seq_ids, q_lens):
         if not isinstance(q, int) or isinstance(q, bool) or q < 1:
             raise InvalidRequestError(f"sequence {s!r}: new token count must be an int >= 1, got {q!r}")
-        if lengths(s) + q > max_seq_len:
+        if live[s].length + q > max_seq_len:
             raise SequenceTooLongError(
-                f"sequence {s!r}: {lengths(s)} stored + {q} new tokens exceeds max_seq_len {max_seq_len}")
+                f"sequence {s!r}: {live[s].length} stored + {q} new tokens exceeds max_seq_len {max_seq_len}")
     for s in seq_ids:
         check_complete(s, live[s])
     check_mods(mask_mod, score_mod)
-    return seq_ids, q_lens
+    return seq_ids, q_lens, [live[s] for s in seq_ids]
+
+
+_length = attrgetter("length")
+_missing = attrgetter("missing_layers")
 
 
 # Mods already probed (by identity and equality, as the cache keys its wrappers): a serving loop passes the same
