@@ -276,6 +276,33 @@ def _model_after(trace: Trace) -> PageModel:
     return model
 
 
+def _next_id(ops: list) -> int:
+    return 1 + max((op.seq if isinstance(op, Admit) else op.child for op in ops if isinstance(op, (Admit, Fork))),
+                   default=-1)
+
+
+def exhausted(trace: Trace) -> Trace:
+    """`trace`, then sequences grown as far as the pool allows, ending with a step that asks for one page more than
+    is free: a backend must refuse it and change nothing (a drawn trace may never run out of pages, as the GPU
+    configurations' larger pools mostly do not)."""
+    cfg, model, ops = trace.config, _model_after(trace), list(trace.ops)
+    next_id, P = _next_id(ops), cfg.page_size
+    for _ in range(2 * cfg.num_pages + 2):                  # an accepted step takes >= 1 page; an admit, none
+        room = [s for s in model.seqs if model.length(s) + P <= cfg.max_seq_len]
+        if not room:
+            model.admit(next_id)
+            ops.append(Admit(next_id))
+            next_id += 1
+            continue
+        seq = room[-1]
+        q = min(cfg.max_seq_len - model.length(seq), P * (model.free_pages + 1))
+        ops.append(Step((seq,), (q,)))
+        if model.pages_needed([seq], [q]) > model.free_pages:
+            break                                           # refused: the trace ends on it
+        model.step([seq], [q])
+    return Trace(cfg, tuple(ops), trace.seed)
+
+
 def recycled(trace: Trace, finish: frozenset, chunk: int = 3) -> Trace:
     """`trace`, then: finish the live sequences in `finish`, and fill the whole pool with fresh sequences grown
     `chunk` tokens per step (so their last pages are partly filled). Every page the finished sequences held is
@@ -284,8 +311,7 @@ def recycled(trace: Trace, finish: frozenset, chunk: int = 3) -> Trace:
     for seq in sorted(s for s in model.seqs if s in finish):
         model.finish(seq)
         ops.append(Finish(seq))
-    next_id = 1 + max((op.seq if isinstance(op, Admit) else op.child for op in ops if isinstance(op, (Admit, Fork))),
-                      default=-1)
+    next_id = _next_id(ops)
     fresh: list[int] = []
     for _ in range(4 * cfg.num_pages):
         growable = [s for s in fresh if model.length(s) < cfg.max_seq_len][:4]

@@ -15,7 +15,7 @@ from conformance.profiles import active_profile
 from conformance.records import record
 from conformance.runner import ConformanceError, ReplayOptions, replay
 from conformance.snapshots import first_difference
-from conformance.traces import Admit, Step, recycled, traces
+from conformance.traces import Admit, Step, exhausted, recycled, traces
 from paged.errors import OutOfPagesError
 
 
@@ -36,9 +36,9 @@ def test_outputs_match_oracle(backend_factory, device, trace):
 @given(trace=st.data())
 def test_fragmentation(backend_factory, device, trace):
     """Pages in use == pages the live sequences need (shared once); waste <= (P-1) per sequence; a step
-    needing k pages succeeds iff k are free (no external fragmentation) and a refusal changes nothing;
-    after everything finishes, no page is in use (no leak)."""
-    t = trace.draw(traces(device.type, fork_weight=_forks(backend_factory), use_mods=False), label="trace")
+    needing k pages succeeds iff k are free (no external fragmentation) and a refusal changes nothing (every trace
+    ends by running the pool out: `exhausted`); after everything finishes, no page is in use (no leak)."""
+    t = exhausted(trace.draw(traces(device.type, fork_weight=_forks(backend_factory), use_mods=False), label="trace"))
     record("fragmentation", replay(t, backend_factory, device, ReplayOptions(compare_outputs=False, check_memory=True)))
 
 

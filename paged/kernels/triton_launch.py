@@ -42,8 +42,12 @@ if triton is not None:
 
 
 def _plain_only() -> bool:
-    """Whether this launch must go through Triton's own path: interpreter on, or a launch hook set."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or _launch_hook() is not None
+    """Whether this launch must go through Triton's own path: interpreter on, or a launch hook set (Triton >= 3.5
+    keeps an always-present, usually empty `HookChain` there; earlier versions None or a function)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    hook = _launch_hook()
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 class CachedLauncher:
