@@ -83,7 +83,7 @@ class CachedLauncher:
             compiled = self.kernel[grid](*tensors, *scalars, **self.constexprs, **self.options)
             if hasattr(compiled, "result"):                     # Triton versions whose compiles may be futures
                 compiled = compiled.result()
-            self._runners[key] = compiled[grid]
+            self._runners[key] = compiled[tuple(grid) + (1,) * (3 - len(grid))]   # the runner reads grid[0..2]
             return
         runner(*tensors, *scalars, *self._tail, stream=driver.active.get_current_stream(device))
         self.cached_launches += 1
