@@ -370,3 +370,23 @@ def test_padded_batch_is_refused_on_flexattention_steps(kernel_device):
     with pytest.raises(InvalidRequestError):
         cache.run(0, q.to(torch.float64), k, v)
     cache.run(0, q, k, v)
+
+
+def test_a_step_without_split_rows_skips_the_merge_and_stays_right(kernel_device, monkeypatch):
+    """The merge launch runs only for a step with a split row (or padding rows): a step of one-item rows is written
+    by the item kernel alone. Both kinds of step, in float32, against the oracle; the merge counted per layer."""
+    spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, page_size=16, num_pages=32, max_seq_len=320,
+                     device=kernel_device)
+    t = Twins(spec, seed=5, attentions=("compiled",), policy="random", decode_kernel="triton")
+    cache = t.paged["compiled"]
+    merges = []
+    real_launch = triton_decode.launch_items
+    monkeypatch.setattr(triton_decode, "launch_items", lambda *a: (merges.append(a[-1]), real_launch(*a))[1])
+    for s in "ab":
+        t.do("admit", s)
+    t.checked_step(["a", "b"], [200, 3])                      # fresh prefill (not this kernel)
+    t.checked_step(["a", "b"], [1, 1])                        # a's 201 keys: split (slices of >= 128 keys)
+    assert cache._plan.kernel_plan.split and merges == [True, True]
+    t.do("finish", "a")
+    t.checked_step(["b"], [1])                                # 5 keys: one item, no merge
+    assert not cache._plan.kernel_plan.split and merges == [True, True, False, False]

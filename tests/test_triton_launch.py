@@ -124,11 +124,11 @@ def test_only_a_present_hook_counts_as_set(monkeypatch):
         def __init__(self, calls):
             self.calls = calls
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_launch, "INTERPRETED", False)
     for hook, plain in ((None, False), (Chain([]), False), (Chain([print]), True), (print, True)):
         monkeypatch.setattr(triton_launch, "_launch_hook", lambda hook=hook: hook)
         assert triton_launch._plain_only() is plain, hook
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_launch, "INTERPRETED", True)
     assert triton_launch._plain_only()
 
 

@@ -87,7 +87,8 @@ class TritonDecodePlan(KernelPlan):
 
     Attributes:
         bucket: the bucket's fixed launch state; page_size, head_dim, dtype, device: the cache's;
-        scale_default: 1 / sqrt(head_dim); items: work-list items used this step.
+        scale_default: 1 / sqrt(head_dim); items: work-list items used this step; split: whether a row of the step
+        is split over several items (its partials need the merge).
     """
 
     name: ClassVar[str] = NAME
@@ -98,6 +99,7 @@ class TritonDecodePlan(KernelPlan):
     device: torch.device
     scale_default: float
     items: int = 0
+    split: bool = True
 
 
 def plan(layout: StepLayout, buffers: StepBuffers) -> TritonDecodePlan:
@@ -107,11 +109,11 @@ def plan(layout: StepLayout, buffers: StepBuffers) -> TritonDecodePlan:
     state = _bucket(layout.settings, buffers)
     h = buffers.packed.host_np
     lengths = h["q_start"][:len(layout.q_lens)].astype(np.int64) + 1        # (B,) keys with the new token
-    used, _ = partition(lengths, h["work_items"], h["row_first"], h["row_count"], state.target,
-                        state.options["block_n"], state.min_keys, state.merge_keys)
+    used, chunk = partition(lengths, h["work_items"], h["row_first"], h["row_count"], state.target,
+                            state.options["block_n"], state.min_keys, state.merge_keys)
     buffers.packed.send(last="new_logical")
     return TritonDecodePlan(state, spec.page_size, spec.head_dim, spec.dtype, layout.page_logical.device,
-                            spec.head_dim ** -0.5, used)
+                            spec.head_dim ** -0.5, used, bool(len(lengths)) and int(lengths.max()) > chunk)
 
 
 def _launch_state(kp: TritonDecodePlan, hq: int, hkv: int) -> tuple:
@@ -140,8 +142,12 @@ def run(step: StepPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     state = kp.bucket.by_heads.get(Hq) or _launch_state(kp, Hq, k.shape[2])
     out = torch.empty((B, 1, Hq, D), dtype=kp.dtype, device=kp.device)                  # (B, 1, Hq, D)
     buf = step.buffers
+    # The merge only combines split rows and zeroes padding rows: a step with neither skips its launch, unless a
+    # CUDA graph is being captured (its replays serve later steps of the bucket, which may split).
+    merge = kp.split or B != step.batch or (q.is_cuda and torch.cuda.is_current_stream_capturing())
     launch_items(state[0], q, pools.k_layers[layer], pools.v_layers[layer], k, v, buf.page_table, buf.q_start,
-                 buf.q_len, *kp.bucket.work, kp.scale_default if scale is None else scale, out, state[1], state[2])
+                 buf.q_len, *kp.bucket.work, kp.scale_default if scale is None else scale, out, state[1], state[2],
+                 merge)
     return out if Lq == 1 else F.pad(out, (0, 0, 0, 0, 0, Lq - 1))
 
 

@@ -26,6 +26,8 @@ from paged.kernels.triton_sizing import triton
 
 #: Use the cached path where it applies (module switch; the env var sets its start value).
 ENABLED = os.environ.get("PAGED_TRITON_CACHED_LAUNCH", "1") != "0"
+#: Triton's interpreter is on (read once, as Triton does: it must be set before Triton is imported).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 if triton is not None:
     from triton.runtime import driver
@@ -44,7 +46,7 @@ if triton is not None:
 def _plain_only() -> bool:
     """Whether this launch must go through Triton's own path: interpreter on, or a launch hook set (Triton >= 3.5
     keeps an always-present, usually empty `HookChain` there; earlier versions None or a function)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if INTERPRETED:
         return True
     hook = _launch_hook()
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -76,8 +78,8 @@ class CachedLauncher:
             self.kernel[grid](*tensors, *scalars, **self.constexprs, **self.options)
             return
         device = driver.active.get_current_device()
-        key = (device, grid, tuple([t.data_ptr() & 15 for t in tensors]), tuple([t.dtype for t in tensors]),
-               tuple([float if type(s) is float else s for s in scalars]))
+        key = (device, grid, *[(t.data_ptr() & 15, t.dtype) for t in tensors],
+               *[float if type(s) is float else s for s in scalars])
         runner = self._runners.get(key)
         if runner is None:
             compiled = self.kernel[grid](*tensors, *scalars, **self.constexprs, **self.options)

@@ -140,14 +140,15 @@ def launch_items(launchers: tuple[CachedLauncher, CachedLauncher], q: torch.Tens
                  v_pool: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None, page_table: torch.Tensor,
                  q_start: torch.Tensor, q_len: torch.Tensor, items: torch.Tensor, row_first: torch.Tensor,
                  row_count: torch.Tensor, scale: float, out: torch.Tensor, part_out: torch.Tensor,
-                 part_lse: torch.Tensor) -> torch.Tensor:
+                 part_lse: torch.Tensor, merge: bool = True) -> torch.Tensor:
     """Launch the item kernel over the work list and the merge over q's B rows.
 
     Shapes: q (B, Hq, D) or (B, L, Hq, D) with the token at position 0 (out likewise; only [:, 0] is read or
     written), last dims contiguous; pools (Hkv, N * P, D) or (1, Hkv, N * P, D); k_new / v_new (B, [L,] Hkv, D)
     or None (the pool holds the new token); page_table (>= B, W) int32; q_start, q_len, row_first, row_count
     (>= B,) int32; items (3, M) int32 (`partition`, rows < B); part_out / part_lse from `item_partials(M, ...)`.
-    Returns out.
+    merge=False skips the merge: right only when every one of the B rows is a row of one item (no split row, no
+    padding row, which the merge zeroes). Returns out.
     """
     item_launcher, merge_launcher = launchers
     B, Hq = q.shape[0], q.shape[-2]
@@ -159,7 +160,8 @@ def launch_items(launchers: tuple[CachedLauncher, CachedLauncher], q: torch.Tens
                   (q.stride(0), q.stride(-2), k_pool.stride(-3), k_pool.stride(-2), k_src.stride(0), k_src.stride(-2),
                    v_src.stride(0), v_src.stride(-2), page_table.stride(0), out.stride(0), out.stride(-2), M, Hq,
                    scale * 1.4426950408889634))
-    merge_launcher((B, Hq), (part_out, part_lse, out, row_first, row_count), (out.stride(0), out.stride(-2), Hq))
+    if merge:
+        merge_launcher((B, Hq), (part_out, part_lse, out, row_first, row_count), (out.stride(0), out.stride(-2), Hq))
     return out
 
 
