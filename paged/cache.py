@@ -21,7 +21,7 @@ from paged.allocator import PageAllocator, PlacementPolicy
 from paged.attention import AttentionMode
 from paged.errors import InvalidRequestError, UnsupportedConfigError
 from paged.host_table import HostPageTable
-from paged.kernels import KernelSettings, Pools, StepLayout, choose
+from paged.kernels import KernelSettings, Pools, StepLayout, choose, step_fields
 from paged.kernels import decode_kernel as decode_kernel_for
 from paged.kernels import prefill_kernel as prefill_kernel_for
 from paged.mods import MaskMod, ScoreMod
@@ -300,10 +300,9 @@ class PagedKVCache:
         if key not in self._buffers:
             # The query block must be a multiple of the GPU kernels' row tile: FlexDecoding's is
             # max(16, next_pow2(GQA group)) even for one query row, so decode steps get a 128-row block too.
-            fields = getattr(self._decode, "step_fields", None)     # the decode kernel's own per-step fields
             buf = StepBuffers(padded_batch, padded_q, 128 if padded_q == 1 else min(padded_q, 128),
                               self._table_width, self.spec.page_size, self.spec.device, self._block_width,
-                              fields(padded_batch, padded_q, self.spec) if fields else ())
+                              step_fields(self._decode, padded_batch, padded_q, self.spec))  # the kernels' own
             self._buffers[key] = buf
         return self._buffers[key]
 

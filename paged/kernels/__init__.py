@@ -10,13 +10,16 @@ A kernel module provides:
                                   module's run)
     run(step: StepPlan, layer, q, k, v, pools: Pools, scale) -> Tensor
                                   per layer, on inputs the cache validated
-    step_fields(padded_batch, padded_q_len, spec) -> [(name, shape, dtype, fill)]     (optional, decode kernels)
+    step_fields(padded_batch, padded_q_len, spec) -> [(name, shape, dtype, fill)]     (optional, Triton kernels)
                                   the kernel's own per-step device fields, packed into every bucket's StepBuffers
-                                  (so a step still costs one host->device copy); plan() fills `packed.host_np[name]`
+                                  (so a step still costs one host->device copy); plan() fills `packed.host_np[name]`;
+                                  the cache asks `step_fields` here (its decode kernel's, and its mixed kernel's)
 Kernels: `flex` (FlexAttention: every step), `triton_decode` (plain causal decode steps, compiled attention),
-`sdpa_prefill` (fresh causal prefill steps, every row empty before the step, compiled attention). A further kernel
-is a module here plus its case in `choose` (and a chooser like `decode_kernel`, if users may ask for it by name).
-`triton_decode` imports Triton, so it is imported only where it may run.
+`triton_mixed` (causal steps with history and more than one new token in some row, i.e. mixed prefill+decode and
+later prefill chunks, in a cache whose decode kernel is `triton_decode`), `sdpa_prefill` (fresh causal prefill steps,
+every row empty before the step, compiled attention). A further kernel is a module here plus its case in `choose`
+(and a chooser like `decode_kernel`, if users may ask for it by name). The Triton kernels import Triton, so they
+are imported only where they may run.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from paged.errors import UnsupportedConfigError
 from paged.kernels import flex, sdpa_prefill
 from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
 from paged.mods import MaskMod, ScoreMod
+from paged.spec import CacheSpec
 
-__all__ = ["KernelPlan", "KernelSettings", "Pools", "StepLayout", "choose", "decode_kernel", "flex", "prefill_kernel",
-           "sdpa_prefill"]
+__all__ = ["KernelPlan", "KernelSettings", "Pools", "StepLayout", "choose", "decode_kernel", "flex", "mixed_kernel",
+           "prefill_kernel", "sdpa_prefill", "step_fields"]
 
 DECODE_KERNELS = ("auto", "flex", "triton")
 PREFILL_KERNELS = ("auto", "flex", "sdpa")
@@ -41,6 +45,29 @@ def _triton() -> ModuleType:
     from paged.kernels import triton_decode  # imports Triton: only where it may run
 
     return triton_decode
+
+
+def mixed_kernel(decode: ModuleType) -> ModuleType | None:
+    """The kernel module of a cache's mixed steps (more than one new token in some row, history in some row, no
+    mods): `triton_mixed` beside the Triton decode kernel (which already settled that Triton runs here), else None
+    (FlexAttention)."""
+    if decode.NAME != "triton":
+        return None
+    from paged.kernels import triton_mixed  # imports Triton: only where it may run
+
+    return triton_mixed
+
+
+def step_fields(decode: ModuleType, padded_batch: int, padded_q_len: int, spec: CacheSpec) -> list[tuple]:
+    """The kernels' own per-step device fields of a (padded batch, padded query length) bucket of a cache whose
+    decode kernel is `decode`: the decode kernel's and the mixed kernel's `step_fields` (each empty for the other's
+    buckets), for `StepBuffers`."""
+    fields = []
+    for kernel in (decode, mixed_kernel(decode)):
+        of = getattr(kernel, "step_fields", None)
+        if of is not None:
+            fields += of(padded_batch, padded_q_len, spec)
+    return fields
 
 
 def decode_kernel(choice: str, attention: str, device: torch.device) -> ModuleType:
@@ -92,10 +119,14 @@ def choose(decode: ModuleType, max_q_len: int, mask_mod: MaskMod | None = None, 
            *, prefill: ModuleType = flex, fresh: bool = False) -> ModuleType:
     """The kernel module of one step: `decode` (from `decode_kernel`) for a plain causal decode step (every row one
     new token, no mods), `prefill` (from `prefill_kernel`) for a `fresh` step (every row empty before it) with more
-    than one new token and no mods, FlexAttention for everything else."""
+    than one new token and no mods, `mixed_kernel(decode)` for any other step without mods (Triton's mixed kernel
+    beside Triton's decode kernel), FlexAttention for everything else."""
     if mask_mod is None and score_mod is None:
         if max_q_len == 1:
             return decode
         if fresh:
             return prefill
+        mixed = mixed_kernel(decode)
+        if mixed is not None:
+            return mixed
     return flex
