@@ -25,7 +25,8 @@ from paged.kernels import KernelSettings, Pools, StepLayout, choose, step_fields
 from paged.kernels import decode_kernel as decode_kernel_for
 from paged.kernels import prefill_kernel as prefill_kernel_for
 from paged.mods import MaskMod, ScoreMod
-from paged.plan import StepBuffers, StepPlan, bucket, commit_pages, copies_needed, fill_step, padded_query_len
+from paged.plan import (StepBuffers, StepPlan, bucket, commit_pages, copies_needed, fill_step, padded_query_len,
+                        page_growth)
 from paged.spec import CacheSpec
 from paged.stats import MemoryStats
 from paged.transfer import to_device
@@ -246,26 +247,26 @@ class PagedKVCache:
             SequenceTooLongError, OutOfPagesError.
         """
         seq_ids, q_lens, states = check_step(self._seqs, seq_ids, q_lens, self.spec.max_seq_len, mask_mod, score_mod)
-        P = self.spec.page_size
+        P, max_q = self.spec.page_size, max(q_lens)
 
-        buf = self._buffers_for(bucket(len(seq_ids)), padded_query_len(max(q_lens)))  # may allocate: before the commit
+        buf = self._buffers_for(bucket(len(seq_ids)), padded_query_len(max_q))  # may allocate: before the commit
 
         # Pages to add, and shared partly filled last pages that must be copied before they are written.
-        grow = [-(-(st.length + q) // P) - len(st.pages) for st, q in zip(states, q_lens)]
+        start_lens = tuple([st.length for st in states])
+        grow = page_growth(start_lens, q_lens, P)
         cow = copies_needed(states, self.allocator, P)
         new_pages = self.allocator.allocate(sum(grow) + sum(cow), what=f"step of {len(seq_ids)} sequence(s)")
 
         # ---- from here on nothing can fail on bad input: commit
         self._plan = None
-        start_lens = tuple(st.length for st in states)
         assigned, assigned_logical, assigned_rows, copies, freed = commit_pages(states, q_lens, grow, cow, new_pages,
                                                                               self.allocator)
         self._host_table.write(assigned_rows, assigned_logical, assigned)
 
         rounds = buf.packed.rounds
         try:
-            plan = self._build_plan(buf, seq_ids, q_lens, start_lens, states, assigned, assigned_logical, mask_mod,
-                                    score_mod)
+            plan = self._build_plan(buf, seq_ids, q_lens, max_q, start_lens, states, assigned, assigned_logical,
+                                    mask_mod, score_mod)
         finally:  # also when building the plan failed: the device must follow the committed host state
             sent = buf.packed.rounds != rounds
             self._update_device_pages(buf if sent else None, assigned, assigned_logical, copies, freed)
@@ -306,15 +307,15 @@ class PagedKVCache:
             self._buffers[key] = buf
         return self._buffers[key]
 
-    def _build_plan(self, buf, seq_ids, q_lens, start_lens, states, assigned, assigned_logical, mask_mod,
+    def _build_plan(self, buf, seq_ids, q_lens, max_q, start_lens, states, assigned, assigned_logical, mask_mod,
                     score_mod) -> StepPlan:
         """The step's page bookkeeping into the bucket's host buffers, then ONE kernel plan (which sends them)."""
-        T = fill_step(buf, self._host_table, [st.row for st in states], q_lens, start_lens, assigned,
+        T = fill_step(buf, self._host_table, [st.row for st in states], q_lens, max_q, start_lens, assigned,
                       assigned_logical, self.spec.page_size)
-        kernel = choose(self._decode, max(q_lens), mask_mod, score_mod, prefill=self._prefill, fresh=not any(start_lens))
+        kernel = choose(self._decode, max_q, mask_mod, score_mod, prefill=self._prefill, fresh=not any(start_lens))
         layout = StepLayout(self._settings, self.page_logical, seq_ids, q_lens, start_lens, mask_mod, score_mod)
         batches = (len(seq_ids), buf.padded_batch) if kernel.PADDED_BATCH else (len(seq_ids),)
-        return StepPlan(seq_ids, q_lens, start_lens, max(q_lens), buf, buf.slots[:T], buf.token_rows[:T],
+        return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, buf.slots[:T], buf.token_rows[:T],
                         kernel.plan(layout, buf), set(), self._expect + (batches,))
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

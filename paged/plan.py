@@ -248,15 +248,25 @@ def copies_needed(states: Sequence[SequenceState], allocator: PageAllocator, pag
     return cow
 
 
+def page_growth(start_lens: Sequence[int], q_lens: Sequence[int], page_size: int) -> list[int]:
+    """Pages each row of a step adds: ceil((start + q) / P) - ceil(start / P) (a sequence of n stored tokens holds
+    exactly ceil(n / P) pages), written with floors: ceil(n / P) = (n - 1) // P + 1 for n >= 0."""
+    P = page_size
+    return [(n + q - 1) // P - (n - 1) // P for n, q in zip(start_lens, q_lens)]
+
+
 def commit_pages(states: Sequence[SequenceState], q_lens: Sequence[int], grow: Sequence[int], cow: Sequence[bool],
                  new_pages: list[int], allocator: PageAllocator) -> tuple[list, list, list, list, list]:
     """Hand a step's freshly allocated pages to its sequences (copies on write first, then growth) and advance
-    their lengths. Returns (pages, their logical indices, their host-table rows, (old, fresh) copies, freed pages).
+    their lengths. grow: the pages each row adds (`page_growth`). Returns (pages, their logical indices, their
+    host-table rows, (old, fresh) copies, freed pages). Only rows that take a page are visited one by one.
     """
     it = iter(new_pages)
     assigned, assigned_logical, assigned_rows, copies, freed = [], [], [], [], []
-    for st, q, g, c in zip(states, q_lens, grow, cow):
-        if c:
+    busy = [i for i, g in enumerate(grow) if g] if not any(cow) else [i for i, c in enumerate(cow) if c or grow[i]]
+    for i in busy:                                                                      # in step order
+        st = states[i]
+        if cow[i]:
             old, fresh = st.pages[-1], next(it)
             copies.append((old, fresh))
             freed += allocator.release([old])
@@ -264,29 +274,31 @@ def commit_pages(states: Sequence[SequenceState], q_lens: Sequence[int], grow: S
             assigned.append(fresh)
             assigned_logical.append(len(st.pages) - 1)
             assigned_rows.append(st.row)
-        for _ in range(g):
+        for _ in range(grow[i]):
             assigned.append(next(it))
             assigned_logical.append(len(st.pages))
             assigned_rows.append(st.row)
             st.pages.append(assigned[-1])
+    for st, q in zip(states, q_lens):
         st.length += q
     return assigned, assigned_logical, assigned_rows, copies, freed
 
 
-def fill_step(buffers: StepBuffers, table: HostPageTable, rows: list[int], q_lens: tuple[int, ...],
+def fill_step(buffers: StepBuffers, table: HostPageTable, rows: list[int], q_lens: tuple[int, ...], max_q: int,
               start_lens: tuple[int, ...], assigned: list[int], assigned_logical: list[int], page_size: int) -> int:
     """Write a step's page bookkeeping into the bucket's host buffers (its pinned twin on CUDA; the step's kernel
     plan sends them): lengths, page table (from `table`'s `rows`, which already hold the step's new pages), the
-    new pages and their logical indices, and the slot and input row of every new token. Returns T = sum(q_lens).
+    new pages and their logical indices, and the slot and input row of every new token. max_q = max(q_lens).
+    Returns T = sum(q_lens).
     """
-    P, B, max_q = page_size, len(q_lens), max(q_lens)
+    P, B = page_size, len(q_lens)
     h = buffers.packed.host_np
     # Every tensor of the step goes into the bucket's pinned twin, then to the GPU in ONE copy that never
     # waits for it (transfer.PackedStaging); begin() waits only if the host is a whole round ahead.
     buffers.packed.begin()
     q_start, q_len, page_table = h["q_start"], h["q_len"], h["page_table"]   # (Bp,), (Bp,), (Bp, W)
     q_start[:B], q_start[B:] = start_lens, 0
-    q_len[:B], q_len[B:] = q_lens, 0
+    q_len[:B], q_len[B:] = (1 if max_q == 1 else q_lens), 0
     table.gather_np(rows, page_table)
     if assigned:
         h["new_pages"][:len(assigned)] = assigned
