@@ -220,7 +220,7 @@ def test_launch_options_follow_the_measured_rule_on_hopper():
 
 def test_cache_decode_steps_match_the_oracle(kernel_device, dtype):
     """decode_kernel="triton": growth across pages, a fork sharing pages (copy-on-write), a finished sequence
-    whose pages are reused, mixed steps (prefill on FlexAttention); every output within the oracle policy."""
+    whose pages are reused, mixed steps (on the Triton mixed kernel); every output within the oracle policy."""
     page = 16 if kernel_device.type == "cuda" else 4                    # CUDA caches take pages >= 16
     spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, page_size=page, num_pages=64, max_seq_len=32 * page,
                      dtype=dtype, device=kernel_device)
@@ -237,8 +237,8 @@ def test_cache_decode_steps_match_the_oracle(kernel_device, dtype):
     t.checked_step(["d", "b", "c"], [1, 1, 1])          # d and b copy-on-write their shared partial page
     t.do("finish", "a")                                  # a's pages are poisoned (NaN) and free
     t.do("admit", "e")
-    t.checked_step(["e", "d"], [6, 1])                  # mixed step: FlexAttention
-    assert cache._plan.kernel == "flex"
+    t.checked_step(["e", "d"], [6, 1])                  # mixed step: the Triton mixed kernel
+    assert cache._plan.kernel == "triton_mixed"
     for _ in range(5):
         t.checked_step(["e", "d", "b", "c"], [1, 1, 1, 1])
 
@@ -250,7 +250,7 @@ def test_steps_the_kernel_does_not_take_use_flexattention(kernel_device):
     cache.admit("a")
     assert cache.plan(["a"], [5]).kernel == "sdpa_prefill"                           # a fresh prefill: SDPA
     cache.run(0, *(torch.zeros(1, 5, 1, 16, device=kernel_device) for _ in range(3)))
-    assert cache.plan(["a"], [4]).kernel == "flex"                                   # a second chunk
+    assert cache.plan(["a"], [4]).kernel == "triton_mixed"                           # a second chunk
     assert cache.plan(["a"], [1], mask_mod=mods.sliding_window(3)).kernel == "flex"  # a mask_mod
     assert cache.plan(["a"], [1], score_mod=mods.soft_cap(2.0)).kernel == "flex"     # a score_mod
     assert cache.plan(["a"], [1]).kernel == "triton"
