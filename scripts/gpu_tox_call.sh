@@ -2,7 +2,8 @@
 # One device call, from the repository root of a tree sent to the offline GPU machine:
 #   1. run()'s host time with its real launches, and a cProfile of it (scripts/run_host_profile.py)
 #   2. the host-overhead benchmark (run(): cached vs Triton's own launch, in the same run; plan())
-#   3. the decode classes of issue 19 (scripts/gpu_decode_classes.sh, DECODE_BUDGET_S, 0 skips it)
+#   3. the decode classes of issue 19 (scripts/gpu_decode_classes.sh, DECODE_BUDGET_S, 0 skips it), and its mixed
+#      prefill+decode steps (scripts/gpu_mixed_steps.py, MIXED_BUDGET_S, 0 skips it)
 #   4. `tox -e gpu` itself (tox-current-env: this machine's torch lives in a venv tox cannot see), timed
 #   bash scripts/gpu_tox_call.sh OUTDIR [TOX_LIMIT_S]
 # Needs ./.whl from `bash ../shared/tools/device-wheels.sh --peers` and `--tox`, plus the pytest-xdist and execnet
@@ -31,9 +32,13 @@ stage host 90 "$PY" -m pytest conformance/benchmarks/test_host_overhead.py --dev
 if [ "${DECODE_BUDGET_S:-0}" != 0 ]; then
   stage decode_classes $(( DECODE_BUDGET_S + 80 )) bash scripts/gpu_decode_classes.sh "$out/decode" "$DECODE_BUDGET_S"
 fi
+if [ "${MIXED_BUDGET_S:-0}" != 0 ]; then
+  stage mixed_steps $(( MIXED_BUDGET_S + 90 )) "$PY" scripts/gpu_mixed_steps.py "$out/mixed" --budget-s "$MIXED_BUDGET_S"
+fi
 PYTHONPATH="/tmp/toxsite:$PYTHONPATH" stage tox-gpu "$limit" "$PY" -m tox -e gpu --current-env
 cp results/conformance-gpu.json "$out/" 2>/dev/null
 grep -E "^=====|passed|failed|^FAILED|^ERROR|PASSED|conformance report" "$out/tox-gpu.log" | cut -c1-250 | tail -40
 cat "$out/run_profile.log" | head -60
 grep -E "test_|Name" "$out/host.log" | head -30
 cat "$out/decode/decode_classes.md" 2>/dev/null | head -60
+if [ -f "$out/mixed/mixed_steps.md" ]; then head -40 "$out/mixed/mixed_steps.md"; else tail -n 30 "$out/mixed_steps.log" 2>/dev/null; fi
