@@ -38,6 +38,13 @@ from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
 from paged.kernels.triton_launch import CachedLauncher
 from paged.kernels.triton_mixed_source import _mixed_kernel
 from paged.kernels.triton_sizing import CTAS_PER_SM, _next_pow2, _sm_count, available, launch_options  # noqa: F401
+from paged.kernels.triton_sizing import triton
+
+if triton is not None:
+    from triton.runtime.errors import OutOfResources
+else:  # never raised: the module only imports without Triton
+    class OutOfResources(Exception):
+        pass
 from paged.plan import StepBuffers, StepPlan
 from paged.spec import CacheSpec
 
@@ -206,7 +213,19 @@ def launch(state: tuple, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
                page_table.stride(0), out.stride(0), out.stride(1), out.stride(2))
     for section in sections:
         launcher, grid, first = state[section]
-        launcher(grid, tensors, (*strides, first, tiles.stride(0), scale * 1.4426950408889634))
+        _call(launcher, grid, tensors, (*strides, first, tiles.stride(0), scale * 1.4426950408889634))
+
+
+def _call(launcher: CachedLauncher, grid: tuple, tensors: tuple, scalars: tuple) -> None:
+    """Launch; a first launch whose stages do not fit the card's shared memory (the sizing is not measured yet:
+    three pipelined key loops) is compiled again with one stage fewer, down to one."""
+    try:
+        launcher(grid, tensors, scalars)
+    except OutOfResources:
+        if launcher.options["num_stages"] <= 1:
+            raise
+        launcher.options["num_stages"] -= 1
+        _call(launcher, grid, tensors, scalars)
 
 
 def mixed_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor,
