@@ -290,14 +290,22 @@ def test_finish_of_a_forked_parent_keeps_shared_pages(device):
     check_memory(cache)
 
 
-@pytest.mark.parametrize("fails_in", ["fill_block_lists", "physical_mods"])
-def test_a_plan_that_fails_after_its_commit_still_updates_the_device(device, fails_in, monkeypatch):
+@pytest.mark.parametrize("kernel, fails_in", [("flex", "fill_block_lists"), ("flex", "physical_mods"),
+                                              ("triton_mixed", "fill_tiles")])
+def test_a_plan_that_fails_after_its_commit_still_updates_the_device(device, kernel, fails_in, monkeypatch):
     """plan() commits pages on the host before it builds the step's device tensors. If building them fails (out
-    of memory, an interrupt; injected here before the step's copy, in fill_block_lists, or after it, in
-    physical_mods) the device page -> logical table, the poison and the copy-on-write copy must still follow."""
-    import paged.kernels.flex
+    of memory, an interrupt; injected here before the step's copy, in flex's fill_block_lists or the mixed kernel's
+    fill_tiles, or after it, in flex's physical_mods) the device page -> logical table, the poison and the
+    copy-on-write copy must still follow."""
+    import importlib
 
-    cache = PagedKVCache(make_spec(device), poison_free_pages=True)
+    from paged.kernels import triton_sizing
+
+    if kernel == "triton_mixed" and not triton_sizing.available(device):
+        pytest.skip(f"the Triton kernels cannot run on {device} here (CPU: TRITON_INTERPRET=1 before import)")
+    module = importlib.import_module(f"paged.kernels.{kernel}")
+    cache = PagedKVCache(make_spec(device), poison_free_pages=True,
+                         decode_kernel="triton" if kernel == "triton_mixed" else "flex")
     cache.admit("a")
     cache.plan(["a"], [20])                                 # 20 tokens: the second page holds 4
     for pool in (cache.k_pool, cache.v_pool):               # stand-in K/V for them
@@ -309,9 +317,10 @@ def test_a_plan_that_fails_after_its_commit_still_updates_the_device(device, fai
     def boom(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(paged.kernels.flex, fails_in, boom)
+    monkeypatch.setattr(module, fails_in, boom)
     with pytest.raises(RuntimeError, match="injected"):
         cache.plan(["a", "b"], [1, 5])                      # a copies the shared page first, b writes in place
+    assert cache.current_plan is None
     monkeypatch.undo()
     check_invariants(cache)
     free = [p for p in range(cache.spec.num_pages) if cache.allocator.refcount(p) == 0]
