@@ -67,7 +67,8 @@ def paged_triton_backend() -> BackendFactory:
     return BackendFactory(
         name="paged-triton", make=partial(_make_paged, decode_kernel="triton"),
         make_eager=partial(_make_paged, attention="eager"),
-        description="paged.PagedKVCache, decode steps on the Triton paged-decode kernel, random page placement")
+        description="paged.PagedKVCache, decode steps on the Triton paged-decode kernel, steps with history and "
+                    "chunks on the Triton mixed kernel, random page placement")
 
 
 def paged_flex_backend() -> BackendFactory:

@@ -75,15 +75,17 @@ class PagedKVCache:
         decode_kernel: the kernel of plain causal decode steps (one new token per row, no mods): "flex"
             (FlexAttention, as every other step), "triton" (`paged.triton_decode`: key tiles across pages,
             split-KV over each row's own length, longer rows in more slices), or "auto", the default:
-            "triton" on CUDA where Triton imports, else "flex". Prefill, mods and attention="eager" always use
-            FlexAttention. "triton" on the CPU runs Triton's interpreter (TRITON_INTERPRET=1 before Triton is
-            imported): for tests only.
+            "triton" on CUDA where Triton imports, else "flex". With "triton", steps with history and more than
+            one new token in some row (later prefill chunks, chunks beside decode rows) run on the Triton mixed
+            kernel (`paged.kernels.triton_mixed`, the K/V store fused); with "flex" on FlexAttention. Mods and
+            attention="eager" always use FlexAttention. "triton" on the CPU runs Triton's interpreter
+            (TRITON_INTERPRET=1 before Triton is imported): for tests only.
         prefill_kernel: the kernel of fresh prefill steps (every row empty before the step, more than one new token,
             no mods): "sdpa" (`paged.kernels.sdpa_prefill`: one causal scaled_dot_product_attention over the step's
             own new K/V, which it also stores into their pages; FlashAttention on CUDA, key tiles not bounded by the
             page size), "flex" (FlexAttention over the pool, as every other prefill), or "auto", the default: "sdpa"
-            with attention="compiled", else "flex". Chunks after the first, mods and attention="eager" always use
-            FlexAttention.
+            with attention="compiled", else "flex". Chunks after the first follow decode_kernel; mods and
+            attention="eager" always use FlexAttention.
 
     Pools: `k_pool`, `v_pool` of shape (num_layers, Hkv, N * P, D), allocated once; their shapes never change.
     A freed page keeps what its last owner wrote (NaN/Inf included); every page plan() hands out is zeroed in all

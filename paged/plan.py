@@ -191,7 +191,8 @@ class StepPlan:
 
     @property
     def kernel(self) -> str:
-        """The step's kernel: "flex" (FlexAttention) or "triton" (the Triton decode kernel)."""
+        """The step's kernel: "flex" (FlexAttention), "triton" (the Triton decode kernel), "triton_mixed" (the Triton
+        mixed prefill+decode kernel) or "sdpa_prefill" (fresh prefill on SDPA)."""
         return self.kernel_plan.name
 
     @property

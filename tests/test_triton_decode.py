@@ -243,7 +243,7 @@ def test_cache_decode_steps_match_the_oracle(kernel_device, dtype):
         t.checked_step(["e", "d", "b", "c"], [1, 1, 1, 1])
 
 
-def test_steps_the_kernel_does_not_take_use_flexattention(kernel_device):
+def test_each_kind_of_step_takes_its_kernel(kernel_device):
     spec = CacheSpec(num_layers=1, num_kv_heads=1, head_dim=16, page_size=16, num_pages=16, max_seq_len=64,
                      device=kernel_device)
     cache = PagedKVCache(spec, decode_kernel="triton")
