@@ -6,6 +6,8 @@ Options:
     --profile ci|dev|gpu|thorough|soak   Hypothesis profile (default $HYPOTHESIS_PROFILE, ci under CI, else dev)
     --time-budget S                 wall-clock budget of the checks: each gets an equal share of the time left when
                                     it starts and starts no new trace once it is spent (`conformance.budget`)
+    --configs I,J,...               draw trace configurations only from these indices of the fixed list
+                                    (`conformance.traces.CPU_CONFIGS` on the CPU, GPU_CONFIGS on CUDA)
 Tests marked `gpu` are skipped without a CUDA GPU, unless PAGED_REQUIRE_GPU=1 (tox -e gpu), which fails them.
 """
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 from hypothesis import Phase, settings
 
-from conformance import budget
+from conformance import budget, traces
 from conformance.contract import KnownDefect
 from conformance.report import SELF_TEST_NOTE
 from conformance.profiles import check_profile, default_profile, register_profiles
@@ -37,6 +39,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="wall-clock seconds for the checks; a check whose share is spent starts no new trace")
     group.addoption("--no-shrink", action="store_true",
                     help="stop at the first failing trace without shrinking it (for pass/fail-only runs)")
+    group.addoption("--configs", default=None, metavar="I,J",
+                    help="draw trace configurations only from these indices of the fixed list (CPU_CONFIGS on the "
+                         "CPU, GPU_CONFIGS on CUDA)")
 
 
 def gpu_required() -> bool:
@@ -66,6 +71,25 @@ def pytest_configure(config: pytest.Config) -> None:
     if seconds is not None and not seconds > 0:
         raise pytest.UsageError(f"--time-budget must be a positive number of seconds, got {seconds}")
     budget.start(seconds)
+    traces.only_configs(_config_indices(config.getoption("--configs"), device))
+
+
+def _config_indices(option: str | None, device: str) -> tuple[int, ...] | None:
+    """--configs I,J as indices checked against the device's fixed configuration list (a usage error if not)."""
+    if option is None:
+        return None
+    fixed = traces.GPU_CONFIGS if device == "cuda" else traces.CPU_CONFIGS
+    try:
+        indices = tuple(int(i) for i in option.split(","))
+    except ValueError:
+        indices = ()
+    if not indices or any(not 0 <= i < len(fixed) for i in indices):
+        raise pytest.UsageError(f"--configs takes indices in 0..{len(fixed) - 1} separated by commas, got {option!r}")
+    return indices
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    traces.only_configs(None)  # a session run in-process (pytest.main) must not narrow the caller's draws
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

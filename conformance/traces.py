@@ -114,15 +114,35 @@ GPU_CONFIGS = (
 )
 
 
+#: Indices into the device's fixed configuration list that `configs` draws from (`only_configs`); None: all.
+_only: tuple[int, ...] | None = None
+
+
+def only_configs(indices: tuple[int, ...] | None) -> None:
+    """Draw configurations only from these indices of the fixed list (CPU_CONFIGS on the CPU, GPU_CONFIGS on CUDA
+    under a small-configuration profile, in place of the profile's own `gpu_configs`), e.g. to aim a check at the
+    shapes that can show a bug; None: the profile's. The plugin's `--configs` sets it for a session and clears it
+    after. An index out of the list's range raises ValueError when a configuration is drawn."""
+    global _only
+    _only = tuple(indices) if indices is not None else None
+
+
+def _fixed(configs_list: tuple[TraceConfig, ...], indices: tuple[int, ...]) -> tuple[TraceConfig, ...]:
+    """configs_list at `indices` (all of it when there are none); ValueError naming the range otherwise."""
+    if any(not 0 <= i < len(configs_list) for i in indices):
+        raise ValueError(f"configuration indices {list(indices)} must be in 0..{len(configs_list) - 1}")
+    return tuple(configs_list[i] for i in indices) or configs_list
+
+
 @st.composite
 def configs(draw, device: str = "cpu", lim: TraceLimits | None = None) -> TraceConfig:
-    """A cache configuration: a fixed short list on small profiles, drawn freely otherwise."""
+    """A cache configuration: a fixed short list on small profiles (narrowed by `only_configs`), drawn freely
+    otherwise."""
     lim = lim or limits()
     if device != "cuda":
-        return draw(st.sampled_from(CPU_CONFIGS))
-    if lim.small_configs:
-        chosen = tuple(GPU_CONFIGS[i] for i in lim.gpu_configs) or GPU_CONFIGS
-        return draw(st.sampled_from(chosen))
+        return draw(st.sampled_from(_fixed(CPU_CONFIGS, _only or ())))
+    if lim.small_configs:  # --configs overrides the profile's own choice
+        return draw(st.sampled_from(_fixed(GPU_CONFIGS, _only or lim.gpu_configs)))
     page = draw(st.sampled_from([16, 32, 64, 128]))
     kv = draw(st.sampled_from([1, 2, 4, 8]))
     group = draw(st.sampled_from([1, 2, 4]))

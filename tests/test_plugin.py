@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conformance import cli
+from conformance.traces import CPU_CONFIGS
 
 pytest_plugins = ["pytester"]
 
@@ -84,6 +85,35 @@ def test_unknown_backend_is_a_usage_error(run_pytest):
     done = run_pytest(GPU_TEST, "--backend", "no-such-backend", "-k", "backend")
     assert done.ret == pytest.ExitCode.USAGE_ERROR
     assert "unknown backend 'no-such-backend'" in done.stderr.str()
+
+
+CONFIG_TEST = """
+from hypothesis import given, settings
+from conformance import traces
+@settings(max_examples=25, database=None, derandomize=True)
+@given(traces.configs())
+def test_draws_only_the_second(config):
+    assert config == traces.CPU_CONFIGS[1]
+"""
+
+
+@cpu_only
+def test_configs_option_narrows_the_drawn_configurations_for_one_session(run_pytest):
+    """--configs 1 draws only CPU_CONFIGS[1]; without it the same test sees the others; the narrowing ends with the
+    session (test_teeth runs sessions in-process: a leftover would narrow the caller's draws)."""
+    from conformance import traces
+
+    assert run_pytest(CONFIG_TEST, "--configs", "1").ret == pytest.ExitCode.OK
+    assert traces._only is None
+    assert run_pytest(CONFIG_TEST).ret == pytest.ExitCode.TESTS_FAILED
+
+
+@cpu_only
+@pytest.mark.parametrize("value", ["9", "a", "0,", "-1"])
+def test_configs_option_refuses_what_is_not_an_index(run_pytest, value):
+    done = run_pytest(GPU_TEST, "--configs", value)
+    assert done.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"--configs takes indices in 0..{len(CPU_CONFIGS) - 1}" in done.stderr.str()
 
 
 def test_backend_by_module_path_and_env_var(run_pytest, capfd):
