@@ -46,8 +46,8 @@ class StepBuffers:
     pool), Qb = query blocks, Lqp = padded query length):
         q_start: (Bp,) int32, logical position of each row's first new token (its length before the step).
         q_len: (Bp,) int32, new tokens per row (0 for padding rows).
-        kernel fields: those the decode kernel declares (`step_fields` of its module, `paged.kernels`), e.g. the
-            Triton kernel's work list; read them as `packed.dev[name]` (host: `host[name]`, `packed.host_np[name]`).
+        kernel fields: those the cache's kernels declare (`paged.kernels.step_fields`), e.g. the Triton decode
+            kernel's work list, the mixed kernel's tile list; read them as `packed.dev[name]` (host: `host[name]`, `packed.host_np[name]`).
         page_table: (Bp, W) int32, physical page of each logical page, -1 past the sequence's pages.
         slots, token_rows: (Bp * Lqp,) int64; a step's slot mapping and token rows are their first T entries.
         new_pages, new_logical: (Bp * (ceil(Lqp / P) + 1),) int64 / int32: the pages a step hands out and their
@@ -56,8 +56,8 @@ class StepBuffers:
         kv_num_blocks, full_kv_num_blocks: (Bp, 1, Qb) int32, masked / unmasked pages per query block.
         kv_indices, full_kv_indices: (Bp, 1, Qb, Wb) int32, those pages, left-aligned.
         host: the pinned twins of all of these (on the CPU the tensors themselves): plan() writes a step's values
-            there and `send()`s them in one copy (`transfer.PackedStaging`); a Triton decode step sends only the
-            fields up to new_logical.
+            there and `send()`s them in one copy (`transfer.PackedStaging`); a Triton decode or mixed step sends
+            only the fields up to new_logical.
     Every tensor keeps its storage for the cache's lifetime, so a CUDA graph captured over `run()` calls
     reads the next step's plan when replayed after the next `plan()` (same batch and query length).
     """
@@ -152,7 +152,8 @@ class StepPlan:
         slot_mapping: (T,) int64, pool slot (page * P + offset) of each new token, T = sum(q_lens).
         token_rows: (T,) int64, row of each new token in the caller's flattened (B * max_q_len) inputs.
             It is the identity exactly when T == B * max_q_len (every row full), and `run` relies on that.
-        kernel_plan: the step's kernel's typed plan (`paged.kernels`: `FlexPlan`, `TritonDecodePlan`), set by
+        kernel_plan: the step's kernel's typed plan (`paged.kernels`: `FlexPlan`, `TritonDecodePlan`,
+            `TritonMixedPlan`, `SdpaPrefillPlan`), set by
             plan() after the page bookkeeping; `kernel` is its name.
         layers_run: the layers run so far under this plan.
         expect: (num_layers, dtype, device, Hkv, D, accepted batch sizes) for `fits`, set by the cache.

@@ -373,8 +373,10 @@ def test_padded_batch_is_refused_on_flexattention_steps(kernel_device):
 
 
 def test_a_step_without_split_rows_skips_the_merge_and_stays_right(kernel_device, monkeypatch):
-    """The merge launch runs only for a step with a split row (or padding rows): a step of one-item rows is written
-    by the item kernel alone. Both kinds of step, in float32, against the oracle; the merge counted per layer."""
+    """The merge launch runs only for a step with a split row (or padding rows), for a merge never launched yet (its
+    first launch loads its binary: it must not fall inside a later CUDA graph capture), and while a graph is
+    captured; otherwise a step of one-item rows is written by the item kernel alone. Both kinds of step, in
+    float32, against the oracle; the merge counted per layer."""
     spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, page_size=16, num_pages=32, max_seq_len=320,
                      device=kernel_device)
     t = Twins(spec, seed=5, attentions=("compiled",), policy="random", decode_kernel="triton")
@@ -384,9 +386,14 @@ def test_a_step_without_split_rows_skips_the_merge_and_stays_right(kernel_device
     monkeypatch.setattr(triton_decode, "launch_items", lambda *a: (merges.append(a[-1]), real_launch(*a))[1])
     for s in "ab":
         t.do("admit", s)
-    t.checked_step(["a", "b"], [200, 3])                      # fresh prefill (not this kernel)
-    t.checked_step(["a", "b"], [1, 1])                        # a's 201 keys: split (slices of >= 128 keys)
-    assert cache._plan.kernel_plan.split and merges == [True, True]
-    t.do("finish", "a")
-    t.checked_step(["b"], [1])                                # 5 keys: one item, no merge
-    assert not cache._plan.kernel_plan.split and merges == [True, True, False, False]
+    t.checked_step(["a", "b"], [3, 200])                      # fresh prefill (not this kernel)
+    t.checked_step(["a"], [1])                                # 4 keys, one item: the merge's first launch only
+    assert not cache._plan.kernel_plan.split and merges == [True, False]
+    t.checked_step(["a", "b"], [1, 1])                        # b's 201 keys: split (slices of >= 128 keys)
+    assert cache._plan.kernel_plan.split and merges[2:] == [True, True]
+    t.do("finish", "b")
+    t.checked_step(["a"], [1])                                # one item again: no merge
+    assert merges[4:] == [False, False]
+    monkeypatch.setattr(triton_decode, "capturing", lambda t: True)   # as under a CUDA graph capture
+    t.checked_step(["a"], [1])
+    assert merges[6:] == [True, True]

@@ -77,7 +77,8 @@ class PagedGenerator:
         token_budget: pool size in tokens (all sequences together), rounded up to whole pages.
         page_size, max_seq_len, dtype, device: see :func:`cache_spec_for`.
         attention: "compiled" (fused FlexAttention) or "eager"; policy, kernel_options, prefill_kernel: see
-            PagedKVCache (by default a prompt's first chunk attends through SDPA, later chunks through FlexAttention).
+            PagedKVCache (by default a prompt's first chunk attends through SDPA, later chunks through the Triton mixed kernel on
+            CUDA, FlexAttention elsewhere).
         sliding_window: attend to the last `sliding_window` positions only (None: full causal). FMS's
             Llama and Mistral attend causally without a window, so leave it None to match them.
         pad_token_id: id written into padding positions (never attended, any valid id works).

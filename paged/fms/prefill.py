@@ -8,8 +8,9 @@ Why: an eager FMS forward spends a large share of a long prefill outside the mat
 float32 copies of q and k by a (B, L, H, D/2, 2, 2) broadcast of its rotation matrices, and RMSNorm, SiLU and the
 residual adds each read and write the whole (B, L, E) activations. At 64 prompts of 2048 tokens every such pass
 is a round trip through a gigabyte of HBM per layer. Compiled, each group of them is one kernel. Attention stays
-the cache's own (`paged.ops` custom op: SDPA for a fresh prompt, FlexAttention for later chunks), opaque to the
-compiler. No CUDA graph: a prefill step is long enough that launch gaps do not matter.
+the cache's own (`paged.ops` custom op: SDPA for a fresh prompt; later chunks on the Triton mixed kernel beside
+the Triton decode kernel, else FlexAttention), opaque to the compiler. No CUDA graph: a prefill step is long enough
+that launch gaps do not matter.
 
 Shapes are dynamic: one graph serves every batch > 1 and every chunk length > 1, one more serves batch 1 (dynamo
 specialises a size of 1). A chunk of one token runs eagerly instead of compiling a third graph for it.

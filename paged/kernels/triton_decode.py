@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
+from paged.kernels.triton_launch import capturing
 from paged.kernels.triton_partition import (MERGE_KEYS_PER_QHEAD, max_items, merge_slice_keys,  # noqa: F401
                                             min_slice_keys, partition, target_items)
 from paged.kernels.triton_sizing import (CTAS_PER_SM, MAX_SPLITS, MIN_SPLIT_KEYS, SMALL_TILE_MAX_CTAS_PER_SM,  # noqa: F401
@@ -143,8 +144,9 @@ def run(step: StepPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     out = torch.empty((B, 1, Hq, D), dtype=kp.dtype, device=kp.device)                  # (B, 1, Hq, D)
     buf = step.buffers
     # The merge only combines split rows and zeroes padding rows: a step with neither skips its launch, unless a
-    # CUDA graph is being captured (its replays serve later steps of the bucket, which may split).
-    merge = kp.split or B != step.batch or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    # CUDA graph is being captured (its replays serve later steps of the bucket, which may split) or the merge was
+    # never launched (its first launch, which loads its binary, must not fall inside a later capture).
+    merge = kp.split or B != step.batch or not state[0][1].launched or capturing(q)
     launch_items(state[0], q, pools.k_layers[layer], pools.v_layers[layer], k, v, buf.page_table, buf.q_start,
                  buf.q_len, *kp.bucket.work, kp.scale_default if scale is None else scale, out, state[1], state[2],
                  merge)

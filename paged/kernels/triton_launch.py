@@ -43,6 +43,12 @@ if triton is not None:
             return getattr(CompiledKernel, "launch_enter_hook", None)
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of t's device (never on the CPU): launches a
+    step would skip must then be recorded all the same, for the replays of later steps."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _plain_only() -> bool:
     """Whether this launch must go through Triton's own path: interpreter on, or a launch hook set (Triton >= 3.5
     keeps an always-present, usually empty `HookChain` there; earlier versions None or a function)."""
@@ -72,10 +78,15 @@ class CachedLauncher:
         self._tail = tuple(constexprs[n] for n in tail)         # constexprs in parameter order
         self._runners: dict[tuple, object] = {}
         self.cached_launches = 0                                 # launches that skipped Triton's binder (tests)
+        #: Launched at least once (either path), so its binary is loaded: a caller that skips launches when they
+        #: would do nothing must not skip one never launched, or its first launch may fall inside a CUDA graph
+        #: capture, where loading a module is not permitted.
+        self.launched = False
 
     def __call__(self, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...], scalars: tuple) -> None:
         if not ENABLED or _plain_only():
             self.kernel[grid](*tensors, *scalars, **self.constexprs, **self.options)
+            self.launched = True
             return
         device = driver.active.get_current_device()
         key = (device, grid, *[(t.data_ptr() & 15, t.dtype) for t in tensors],
@@ -86,6 +97,7 @@ class CachedLauncher:
             if hasattr(compiled, "result"):                     # Triton versions whose compiles may be futures
                 compiled = compiled.result()
             self._runners[key] = compiled[tuple(grid) + (1,) * (3 - len(grid))]   # the runner reads grid[0..2]
+            self.launched = True
             return
         runner(*tensors, *scalars, *self._tail, stream=driver.active.get_current_stream(device))
         self.cached_launches += 1

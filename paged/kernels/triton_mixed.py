@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
-from paged.kernels.triton_launch import CachedLauncher
+from paged.kernels.triton_launch import CachedLauncher, capturing
 from paged.kernels.triton_mixed_source import _mixed_kernel
 from paged.kernels.triton_sizing import CTAS_PER_SM, _next_pow2, _sm_count, available, launch_options  # noqa: F401
 from paged.kernels.triton_sizing import triton
@@ -269,9 +269,11 @@ def run(step: StepPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     state = bucket.by_heads.get(Hq) or _launch_state(kp, Hq, k.shape[2])
     out = torch.zeros(q.shape, dtype=kp.dtype, device=kp.device)                      # (B, Lq, Hq, D)
     buf = step.buffers
-    # Under CUDA graph capture both launches are recorded whatever this step uses: replays serve later steps.
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    sections = tuple(s for s, n in enumerate((kp.chunk_tiles, kp.decode_tiles)) if n or capturing)
+    # A section without tiles is skipped, unless a CUDA graph is being captured (replays serve later steps) or its
+    # launcher never ran (its first launch loads its binary, which must not fall inside a later capture).
+    graph = capturing(q)
+    sections = tuple(s for s, n in enumerate((kp.chunk_tiles, kp.decode_tiles))
+                     if n or graph or not state[s][0].launched)
     launch(state, q, pools.k_layers[layer], pools.v_layers[layer], k, v, buf.page_table, buf.q_start, buf.q_len,
            bucket.tiles, bucket.used, kp.scale_default if scale is None else scale, out, sections)
     return out

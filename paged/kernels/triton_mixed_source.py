@@ -2,7 +2,7 @@
 against the row's history (through the page table) and its own new keys (from the inputs), with the tile's new K/V
 stored into the pool in the same launch.
 
-    grid (Hkv x SUB, P)   CTA (h, sub, p) takes the section's tiles p, p + P, p + 2P, ... < used[SECTION] (a
+    grid (Hkv x SUB, NP)  CTA (h, sub, p) takes the section's tiles p, p + NP, p + 2NP, ... < used[SECTION] (a
                           persistent loop: the section's fixed length never costs idle CTAs). Tile i is row
                           Tiles[0, first_tile + i], queries [q0, q0 + TOKENS) of its new tokens, q0 = Tiles[1, ...].
 

@@ -141,7 +141,7 @@ def launch_items(launchers: tuple[CachedLauncher, CachedLauncher], q: torch.Tens
                  q_start: torch.Tensor, q_len: torch.Tensor, items: torch.Tensor, row_first: torch.Tensor,
                  row_count: torch.Tensor, scale: float, out: torch.Tensor, part_out: torch.Tensor,
                  part_lse: torch.Tensor, merge: bool = True) -> torch.Tensor:
-    """Launch the item kernel over the work list and the merge over q's B rows.
+    """Launch the item kernel over the work list and (unless merge=False) the merge over q's B rows.
 
     Shapes: q (B, Hq, D) or (B, L, Hq, D) with the token at position 0 (out likewise; only [:, 0] is read or
     written), last dims contiguous; pools (Hkv, N * P, D) or (1, Hkv, N * P, D); k_new / v_new (B, [L,] Hkv, D)
