@@ -37,7 +37,7 @@ import torch
 from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
 from paged.kernels.triton_launch import CachedLauncher, capturing
 from paged.kernels.triton_mixed_source import _mixed_kernel
-from paged.kernels.triton_sizing import CTAS_PER_SM, _next_pow2, _sm_count, available, launch_options  # noqa: F401
+from paged.kernels.triton_sizing import CTAS_PER_SM, _next_pow2, _sm_count, launch_options, pipeline_budget
 from paged.kernels.triton_sizing import triton
 
 if triton is not None:
@@ -101,8 +101,7 @@ def mixed_options(dtype: torch.dtype, head_dim: int, device: torch.device, block
     """Key tile, warps and stages of a chunk launch with `block_m` packed rows: 64-key tiles (32 past head dim
     128), 8 warps for 128 rows (else 4), Hopper 3 stages in ~200 KB of shared memory (else 2 in ~96 KB), the key
     tile halved until the stages and the Q tile fit. Not measured yet (scripts/gpu_mixed_steps.py)."""
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-    stages, budget = (3, 200 * 1024) if hopper else (2, 96 * 1024)
+    _, stages, budget = pipeline_budget(device)
     d_pad = _next_pow2(max(head_dim, 16))
     row_bytes = 2 * d_pad * dtype.itemsize                                  # one key's K + V
     block_n = 64 if d_pad <= 128 else 32

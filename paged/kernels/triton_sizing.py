@@ -80,6 +80,13 @@ SMALL_TILE_MAX_SPLITS = 4
 SMALL_TILE_MAX_CTAS_PER_SM = 4
 
 
+def pipeline_budget(device: torch.device) -> tuple[bool, int, int]:
+    """(Hopper, pipeline stages, shared-memory bytes the stages may fill) of the Triton kernels on `device`:
+    3 stages in ~200 KB on Hopper (measured, see `launch_options`), else 2 in ~96 KB (not measured)."""
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return (hopper, 3, 200 * 1024) if hopper else (hopper, 2, 96 * 1024)
+
+
 @functools.lru_cache(maxsize=None)  # called once per layer: no device query on the hot path
 def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, batch: int | None = None,
                    kv_heads: int = 1) -> dict:
@@ -95,8 +102,7 @@ def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, batc
     such a batch gets 64-key tiles. The rule is fitted to those measurements, not derived. Elsewhere (not
     measured): 2 stages within ~96 KB.
     """
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-    stages, budget = (3, 200 * 1024) if hopper else (2, 96 * 1024)
+    hopper, stages, budget = pipeline_budget(device)
     row_bytes = 2 * _next_pow2(max(head_dim, 16)) * dtype.itemsize         # one key's K + V
     block_n = 128
     if hopper and batch is not None:
