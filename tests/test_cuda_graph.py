@@ -204,3 +204,44 @@ def test_one_graph_per_bucket_follows_the_batch_within_the_bucket():
         want = torch.stack([twin.run(layer, *(x[layer, :len(step)] for x in static)) for layer in range(LAYERS)])
         assert torch.equal(out[:, :len(step)], want) and not out[:, len(step):].any()
         assert torch.equal(graphed.k_pool, twin.k_pool) and torch.equal(graphed.v_pool, twin.v_pool)
+
+
+@pytest.mark.gpu
+def test_a_warm_up_without_split_rows_still_loads_the_merge_before_the_capture():
+    """run() skips the merge on a step with no split row, but never a merge launcher's first launch: Triton loads
+    a kernel's binary at its first launch, which a CUDA graph capture refuses. Here the eager warm-up step has one
+    short row (no split), the capture follows, and replays carry the row past one slice (split: the merge runs
+    in the graph), each equal to a twin run layer by layer. Head dim 32, used by no other GPU test, so that the
+    merge's binary is not already loaded by another test in the same process."""
+    spec = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=32, page_size=P, num_pages=32, max_seq_len=512,
+                     dtype=torch.bfloat16, device=torch.device("cuda"))
+    graphed, twin = (PagedKVCache(spec, policy="random", seed=3, decode_kernel="triton") for _ in range(2))
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def inputs(q_len: int) -> list[torch.Tensor]:       # (layers, 1, q_len, H, 32) queries, keys, values
+        return [torch.randn(2, 1, q_len, h, 32, generator=gen, device="cuda").to(torch.bfloat16) for h in (4, 2, 2)]
+
+    static = inputs(1)
+    prompt = inputs(20)
+    for cache in (graphed, twin):
+        cache.admit("a")
+        cache.plan(["a"], [20])                          # fresh prefill
+        for layer in range(2):
+            cache.run(layer, *(x[layer] for x in prompt))
+        cache.plan(["a"], [1])                           # 21 keys: one item, no split
+        assert not cache.current_plan.kernel_plan.split
+        for layer in range(2):
+            cache.run(layer, *(x[layer] for x in static))
+    step = GraphedStep(graphed, lambda: torch.stack([graphed.run(layer, *(x[layer] for x in static))
+                                                     for layer in range(2)]))
+    split_seen = False
+    for i in range(200):                                 # 22 .. 221 keys: slices of >= 128 keys split the row
+        for buf, x in zip(static, inputs(1)):
+            buf.copy_(x)
+        twin.plan(["a"], [1])
+        want = torch.stack([twin.run(layer, *(x[layer] for x in static)) for layer in range(2)])
+        graphed.plan(["a"], [1])
+        split_seen |= graphed.current_plan.kernel_plan.split
+        got = step.capture() if i == 0 else step.replay()
+        assert torch.equal(got, want), f"step {i}: graph replay differs from layer-by-layer launches"
+    assert split_seen, "the row never split: the merge in the graph was not exercised"
