@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from conformance.benchmarks.grid import Ctx
+from conformance.benchmarks.harness import measure_copy_bandwidth
 from paged import triton_decode as td
 from paged.plan import bucket
 
@@ -237,23 +238,38 @@ class Timer:
         return statistics.median(times)
 
 
-def copy_bandwidth(timer: Timer | None, dev: torch.device) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write): median of 10 copies of 1 GiB timed with CUDA
-    events outside a graph, as `conformance/benchmarks/harness.py::copy_bandwidth`. A graph-captured `y.copy_(x)`
-    measured 2767 GB/s on an H200 against ~4150 eagerly (a copy node in a graph may run on a copy engine), so the
-    kernels' "% of copy bandwidth" used too low a ceiling. `timer` is unused (kept for callers)."""
-    x = torch.empty(2**30, dtype=torch.uint8, device=dev).fill_(1)
-    y = torch.empty_like(x)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for i in range(13):
-        a.record()
-        y.copy_(x)
-        b.record()
-        b.synchronize()
-        if i >= 3:
-            times.append(a.elapsed_time(b) / 1e3)
-    return 2 * x.numel() / statistics.median(times)
+def copy_bandwidth(dev: torch.device) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write; `harness.measure_copy_bandwidth`: CUDA events,
+    outside a graph: the graph-captured copy this script timed before read 2767 GB/s on an H200 against ~4150)."""
+    return measure_copy_bandwidth(dev) * 1e9
+
+
+def run_cases(cases: list[dict], run, error_row, out: Path, stem: str, meta: dict, table, budget_s: float,
+              t0: float, dev: torch.device) -> int:
+    """Run `run(case)` for each case until `budget_s` seconds past t0 are spent, one case's exception recorded as
+    `error_row(case, exc)` (one shot on the GPU: a failure is not fatal); OUT/STEM.json after each case, then
+    OUT/STEM.md from `table(rows, meta)`. Returns 1 if any case failed."""
+    rows = []
+    for c in cases:
+        if time.time() - t0 > budget_s:
+            print(f"budget spent: stopped before {c['name']}", flush=True)
+            break
+        try:
+            row = run(c)
+        except Exception as exc:
+            row = error_row(c, exc)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        rows.append(row)
+        print(json.dumps(row), f"({time.time() - t0:.0f}s)", flush=True)
+        meta["seconds"] = time.time() - t0
+        (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    (out / f"{stem}.md").write_text(table([r for r in rows if "error" not in r], meta)
+                                    + "".join(f"\nerror in {r['case']}: {r['error']}\n" for r in rows if "error" in r))
+    print((out / f"{stem}.md").read_text())
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def _flashinfer_version() -> str | None:
@@ -342,32 +358,14 @@ def main() -> int:
     timer, bw, fi = None, 1.0, dict(compiled=set())
     if not dry:
         timer = Timer(dev)
-        bw = copy_bandwidth(timer, dev)
+        bw = copy_bandwidth(dev)
         fi["version"] = _flashinfer_version()
         meta.update(gpu=torch.cuda.get_device_name(dev), copy_gbps=bw / 1e9, flashinfer=fi["version"],
                     sms=torch.cuda.get_device_properties(dev).multi_processor_count)
-    rows = []
-    for c in cases():
-        if time.time() - t0 > args.budget_s:
-            print(f"budget spent: stopped before {c['name']}", flush=True)
-            break
-        try:
-            row = run_case(shrink(c) if dry else c, dev, timer, bw, fi, args.budget_s, t0)
-        except Exception as exc:  # one case's failure is recorded, not fatal (one shot on the GPU)
-            row = dict(cls=c["cls"], case=c["name"], B=len(c["lens"]), mb=0.0, error=repr(exc)[:500])
-            if not dry:
-                torch.cuda.synchronize()
-        rows.append(row)
-        print(json.dumps(row), f"({time.time() - t0:.0f}s)", flush=True)
-        meta["seconds"] = time.time() - t0
-        (args.out / "decode_classes.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    (args.out / "decode_classes.md").write_text(table([r for r in rows if "error" not in r], meta)
-                                                + "".join(f"\nerror in {r['case']}: {r['error']}\n"
-                                                          for r in rows if "error" in r))
-    print((args.out / "decode_classes.md").read_text())
-    return 1 if any("error" in r for r in rows) else 0
+    return run_cases(cases(), lambda c: run_case(shrink(c) if dry else c, dev, timer, bw, fi, args.budget_s, t0),
+                     lambda c, exc: dict(cls=c["cls"], case=c["name"], B=len(c["lens"]), mb=0.0,
+                                         error=repr(exc)[:500]),
+                     args.out, "decode_classes", meta, table, args.budget_s, t0, dev)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from conformance.benchmarks.grid import Ctx
-from gpu_decode_classes import Timer, _flashinfer_version, copy_bandwidth   # this script's folder is on sys.path
+from gpu_decode_classes import Timer, _flashinfer_version, copy_bandwidth, run_cases   # this script's folder is on sys.path
 from paged import CacheSpec, PagedKVCache
 from paged.kernels import StepLayout, flex
 
@@ -223,31 +223,13 @@ def main() -> int:
     timer, bw, fi = None, 1.0, dict(compiled=set())
     if not dry:
         timer = Timer(dev)
-        bw = copy_bandwidth(timer, dev)
+        bw = copy_bandwidth(dev)
         fi["version"] = _flashinfer_version()
         meta.update(gpu=torch.cuda.get_device_name(dev), copy_gbps=bw / 1e9, flashinfer=fi["version"])
-    rows = []
-    for c in cases()[:2] if dry else cases():
-        if time.time() - t0 > args.budget_s:
-            print(f"budget spent: stopped before {c['name']}", flush=True)
-            break
-        try:
-            row = run_case(shrink(c) if dry else c, dev, timer, bw, fi, args.budget_s, t0)
-        except Exception as exc:  # one case's failure is recorded, not fatal (one shot on the GPU)
-            row = dict(case=c["name"], B=len(c["rows"]), error=repr(exc)[:500])
-            if not dry:
-                torch.cuda.synchronize()
-        rows.append(row)
-        print(json.dumps(row), f"({time.time() - t0:.0f}s)", flush=True)
-        meta["seconds"] = time.time() - t0
-        (args.out / "mixed_steps.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    (args.out / "mixed_steps.md").write_text(table([r for r in rows if "error" not in r], meta)
-                                             + "".join(f"\nerror in {r['case']}: {r['error']}\n"
-                                                       for r in rows if "error" in r))
-    print((args.out / "mixed_steps.md").read_text())
-    return 1 if any("error" in r for r in rows) else 0
+    return run_cases(cases()[:2] if dry else cases(),
+                     lambda c: run_case(shrink(c) if dry else c, dev, timer, bw, fi, args.budget_s, t0),
+                     lambda c, exc: dict(case=c["name"], B=len(c["rows"]), error=repr(exc)[:500]),
+                     args.out, "mixed_steps", meta, table, args.budget_s, t0, dev)
 
 
 if __name__ == "__main__":
