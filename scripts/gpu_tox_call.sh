@@ -2,6 +2,7 @@
 # One device call, from the repository root of a tree sent to the offline GPU machine:
 #   1. run()'s host time with its real launches, and a cProfile of it (scripts/run_host_profile.py)
 #   2. the host-overhead benchmark (run(): cached vs Triton's own launch, in the same run; plan())
+#   0. issue 19's sizing sweeps (scripts/gpu_sweep19.py, SWEEP_BUDGET_S, 0 skips it); HOST_STAGES=0 skips 1 and 2
 #   3. the decode classes of issue 19 (scripts/gpu_decode_classes.sh, DECODE_BUDGET_S, 0 skips it), and its mixed
 #      prefill+decode steps (scripts/gpu_mixed_steps.py, MIXED_BUDGET_S, 0 skips it)
 #   4. `tox -e gpu` itself (tox-current-env: this machine's torch lives in a venv tox cannot see), timed
@@ -26,9 +27,14 @@ stage() {  # stage NAME LIMIT CMD...: run CMD under LIMIT seconds into OUT/NAME.
   timeout -s INT -k 20 "$lim" "$@" > "$out/$name.log" 2>&1
   echo "$name: exit $? in $(( $(date +%s) - t ))s (limit $lim)" | tee -a "$out/machine.txt"
 }
+if [ "${SWEEP_BUDGET_S:-0}" != 0 ]; then  # issue 19's sizing sweeps first: the data a later rule is fitted to
+  stage sweep19 $(( SWEEP_BUDGET_S + 60 )) "$PY" scripts/gpu_sweep19.py "$out/sweep" --budget-s "$SWEEP_BUDGET_S"
+fi
+if [ "${HOST_STAGES:-1}" != 0 ]; then
 stage run_profile 60 "$PY" scripts/run_host_profile.py --device cuda --launches real --rounds 1000 --profile-top 25
 stage host 90 "$PY" -m pytest conformance/benchmarks/test_host_overhead.py --device cuda -q -p no:cacheprovider \
     --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name --benchmark-json "$out/host_overhead.json"
+fi
 if [ "${DECODE_BUDGET_S:-0}" != 0 ]; then
   stage decode_classes $(( DECODE_BUDGET_S + 80 )) bash scripts/gpu_decode_classes.sh "$out/decode" "$DECODE_BUDGET_S"
 fi
@@ -41,4 +47,5 @@ grep -E "^=====|passed|failed|^FAILED|^ERROR|PASSED|conformance report" "$out/to
 cat "$out/run_profile.log" | head -60
 grep -E "test_|Name" "$out/host.log" | head -30
 cat "$out/decode/decode_classes.md" 2>/dev/null | head -60
+cat "$out/sweep/sweep19.md" 2>/dev/null
 if [ -f "$out/mixed/mixed_steps.md" ]; then head -40 "$out/mixed/mixed_steps.md"; else tail -n 30 "$out/mixed_steps.log" 2>/dev/null; fi

@@ -60,9 +60,10 @@ MAX_BLOCK_M = 128
 MAX_TILE_ELEMS = 128 * 128
 
 
-def chunk_columns(padded_batch: int, padded_q_len: int) -> int:
-    """C, the chunk tiles a (padded batch, padded query length) bucket may need: every row full."""
-    return padded_batch * -(-padded_q_len // CHUNK_TOKENS)
+def chunk_columns(padded_batch: int, padded_q_len: int, tokens: int = CHUNK_TOKENS) -> int:
+    """C, the chunk tiles of `tokens` queries a (padded batch, padded query length) bucket may need: every row
+    full."""
+    return padded_batch * -(-padded_q_len // tokens)
 
 
 def step_fields(padded_batch: int, padded_q_len: int, spec: CacheSpec) -> list[tuple]:
@@ -74,20 +75,21 @@ def step_fields(padded_batch: int, padded_q_len: int, spec: CacheSpec) -> list[t
     return [("mixed_tiles", (2, cols), torch.int32, 0), ("mixed_used", (2,), torch.int32, 0)]
 
 
-def fill_tiles(q_start: np.ndarray, q_len: np.ndarray, tiles: np.ndarray, used: np.ndarray, chunk_cols: int) -> None:
+def fill_tiles(q_start: np.ndarray, q_len: np.ndarray, tiles: np.ndarray, used: np.ndarray, chunk_cols: int,
+               tokens: int = CHUNK_TOKENS) -> None:
     """Fill the tile list (module docstring) in place for rows with q_start (B,) stored and q_len (B,) new tokens.
 
-    Rows of more than one new token get ceil(q_len / CHUNK_TOKENS) chunk tiles, ordered by the keys they attend
+    Rows of more than one new token get ceil(q_len / tokens) chunk tiles, ordered by the keys they attend
     (most first, so a persistent CTA's round-robin share ends about when the others' do); rows of one get a
     decode tile. Raises ValueError when the chunk tiles do not fit chunk_cols (a row longer than its bucket)."""
     start, lens = q_start.astype(np.int64), q_len.astype(np.int64)
     big = np.flatnonzero(lens > 1)
-    per = -(-lens[big] // CHUNK_TOKENS)                                     # (Bc,) tiles per chunk row
+    per = -(-lens[big] // tokens)                                           # (Bc,) tiles per chunk row
     n = int(per.sum())
     if n > chunk_cols:
         raise ValueError(f"{n} chunk tiles do not fit the bucket's {chunk_cols}")
     rows = np.repeat(big, per)                                              # (n,) row of each tile
-    first = (np.arange(n) - np.repeat(np.cumsum(per) - per, per)) * CHUNK_TOKENS   # (n,) its first query
+    first = (np.arange(n) - np.repeat(np.cumsum(per) - per, per)) * tokens  # (n,) its first query
     order = np.argsort(-(start[rows] + first), kind="stable")
     tiles[0, :n], tiles[1, :n] = rows[order], first[order]
     small = np.flatnonzero(lens == 1)
@@ -176,17 +178,19 @@ def _section(dtype: torch.dtype, device: torch.device, group: int, head_dim: int
 
 
 def launch_state(dtype: torch.dtype, device: torch.device, hq: int, hkv: int, head_dim: int, page_size: int,
-                 chunk_cols: int, padded_batch: int, decode_options: dict | None = None) -> tuple:
+                 chunk_cols: int, padded_batch: int, decode_options: dict | None = None, tokens: int = CHUNK_TOKENS,
+                 chunk_options: dict | None = None) -> tuple:
     """((launcher, grid, first column) of the chunk tiles, the same of the decode tiles) for `hq` query heads in a
     bucket of `chunk_cols` chunk columns and `padded_batch` rows; decode_options: the decode tiles' launch options
-    (default `launch_options` at padded_batch). Fixed per bucket and query head count."""
+    (default `launch_options` at padded_batch); tokens: queries per chunk tile (as `fill_tiles` was given);
+    chunk_options: the chunk tiles' (default `mixed_options`). Fixed per bucket and query head count."""
     group = hq // hkv
     d_pad = _next_pow2(max(head_dim, 16))
-    block_m = min(MAX_BLOCK_M, MAX_TILE_ELEMS // d_pad, _next_pow2(max(16, CHUNK_TOKENS * group)))
-    sub = -(-CHUNK_TOKENS * group // block_m)
+    block_m = min(MAX_BLOCK_M, MAX_TILE_ELEMS // d_pad, _next_pow2(max(16, tokens * group)))
+    sub = -(-tokens * group // block_m)
     programs = min(chunk_cols, math.ceil(CTAS_PER_SM * _sm_count(device) / (hkv * sub)))
-    chunk = _section(dtype, device, group, head_dim, page_size, CHUNK_TOKENS, block_m,
-                     mixed_options(dtype, head_dim, device, block_m), 0)
+    chunk = _section(dtype, device, group, head_dim, page_size, tokens, block_m,
+                     chunk_options or mixed_options(dtype, head_dim, device, block_m), 0)
     decode_options = decode_options or launch_options(dtype, head_dim, device, padded_batch, hkv)
     decode = _section(dtype, device, group, head_dim, page_size, 1, max(16, _next_pow2(group)), decode_options, 1)
     return (chunk, (hkv * sub, programs), 0), (decode, (hkv, padded_batch), chunk_cols)

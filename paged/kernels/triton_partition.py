@@ -64,10 +64,11 @@ def slice_keys(longest: int, total: int, target: int, block_n: int, min_keys: in
 
 
 def partition(lengths: np.ndarray, items: np.ndarray, row_first: np.ndarray, row_count: np.ndarray, target: int,
-              block_n: int, min_keys: int, merge_keys: int = 0) -> tuple[int, int]:
+              block_n: int, min_keys: int, merge_keys: int = 0, chunk: int = 0) -> tuple[int, int]:
     """Fill the work list for rows of `lengths` (B,) keys (int64; rows past B are padding): items (3, M),
     row_first and row_count (>= B,) in place, as the module docstring lays them out. min_keys: the shortest
-    slice (`min_slice_keys`); merge_keys: the soft one (`merge_slice_keys`).
+    slice (`min_slice_keys`); merge_keys: the soft one (`merge_slice_keys`); chunk > 0: this slice length instead
+    of the step's own (a multiple of block_n; sweeps), lengthened only where the list would overflow M.
     Returns (items used, slice length); (0, 0) when no row has keys. Vectorised: ~20 numpy calls whatever B."""
     B, M = lengths.shape[0], items.shape[1]
     longest = int(lengths.max()) if B else 0
@@ -78,10 +79,11 @@ def partition(lengths: np.ndarray, items: np.ndarray, row_first: np.ndarray, row
         items[0], items[1:] = -1, 0
         return 0, 0
     total = int(lengths.sum())
-    chunk = slice_keys(longest, total, target, block_n, min_keys)
-    if merge_keys > chunk:  # longer slices for the merge's sake, down to one CTA per SM
-        floor = slice_keys(longest, total, -(-target // CTAS_PER_SM), block_n, min_keys)
-        chunk = max(chunk, min(merge_keys, floor))
+    if chunk <= 0:
+        chunk = slice_keys(longest, total, target, block_n, min_keys)
+        if merge_keys > chunk:  # longer slices for the merge's sake, down to one CTA per SM
+            floor = slice_keys(longest, total, -(-target // CTAS_PER_SM), block_n, min_keys)
+            chunk = max(chunk, min(merge_keys, floor))
     if longest <= chunk:                                                # every row one item: no merge, no sort
         n = _whole_rows(lengths, items, row_first, row_count)
     else:

@@ -1,0 +1,214 @@
+"""Issue 19's sweeps on one GPU: how the decode work list's slice length and launch options, and the mixed kernel's
+chunk-tile size and options, move device time, each case next to the rule the cache uses now and FlashInfer, in
+the same run. The data behind the sizing rules (not a benchmark of record: gpu_decode_classes / gpu_mixed_steps).
+
+    python scripts/gpu_sweep19.py OUT [--budget-s 240] [--cpu-dry-run] [--only decode|mixed]
+
+decode  per case of gpu_decode_classes (few rows, uniform, MQA, groups, skewed): the work list at forced slice
+        lengths (the longest row in k = 1..64 slices) x launch options (key tile 128 / 64 / 32, stages 3 / 2),
+        against `rule` (what `triton_decode.plan` picks) and FlashInfer's decode wrapper. Reported per point:
+        items, CTAs (items x kv heads), CTAs per resident slot (waves, from the shared memory a CTA takes) and
+        device time.
+mixed   per headline case of gpu_mixed_steps: the chunk tiles at 16 / 32 / 64 queries x options (key tile, warps,
+        stages), against `rule` (the cache's own plan) and FlashInfer's prefill wrapper.
+Timing: gpu_decode_classes.Timer (CUDA-graphed, L2 flushed, median). Every point's output is compared with the
+rule's (max abs difference in the JSON): a configuration that computes something else is not a data point.
+Writes OUT/sweep19.json after each case and OUT/sweep19.md (the best point per case beside rule and FlashInfer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gpu_decode_classes as gdc   # this script's folder is on sys.path
+import gpu_mixed_steps as gms
+from paged import triton_decode as td
+from paged.kernels import triton_mixed as tm
+from paged.kernels.triton_sizing import _next_pow2
+
+DECODE_CASES = ["u8x16384-P64", "B1x32768", "B8x4096-P16", "B3x8192", "mqa-32x1-B8x8192", "u32x4096-P64",
+                "g6-12x2-B32x8192", "3rows-17..9000-P16", "mix-B8-256..65536", "g7-28x4-B16-mix-P16",
+                "mqa-71x1-D64-B8-mix", "u128x4096-P64", "30k+47x256-P64"]
+#: (key tile, warps, stages) of the decode sweep
+DECODE_OPTIONS = [(128, 4, 3), (64, 4, 3), (64, 4, 2), (32, 4, 3)]
+SLICES = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64]
+MIXED_CASES = ["16x(chunk128+h1..8k)", "fresh2048,16dec", "chunk512+h4k,31dec", "chunk2048+h4k,63dec"]
+#: (tokens per chunk tile, key tile, warps, stages) of the mixed sweep
+MIXED_OPTIONS = [(16, 64, 4, 3), (16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3), (32, 32, 8, 3), (32, 64, 4, 3),
+                 (64, 64, 8, 3), (64, 32, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2)]
+SMEM_PER_SM = 228 * 1024
+
+
+def resident(bn: int, stages: int, d: int, itemsize: int, block_m: int) -> int:
+    """CTAs per SM that the shared memory admits (K and V stages + the query tile); registers not counted."""
+    per_cta = stages * bn * 2 * _next_pow2(max(d, 16)) * itemsize + block_m * _next_pow2(max(d, 16)) * itemsize
+    return max(1, SMEM_PER_SM // (per_cta + 1024))
+
+
+def decode_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float) -> dict:
+    data = gdc.Data(gdc.shrink(c) if dry else c, dev)
+    rule_fn, rule_out, info = data.new()
+    rule_fn()
+    row = dict(kind="decode", case=c["name"], B=data.B, hq=data.hq, hkv=data.hkv, d=data.d, mb=data.bytes / 1e6,
+               rule=dict(info, options=data.opts), points=[])
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
+    if timer is not None:
+        row["rule"]["us"] = timer.graphed(rule_fn) * 1e6
+        gdc._time_flashinfer(data, timer, rule_out, row)
+    longest, group = int(data.lens.max()), data.hq // data.hkv
+    least_items = td.max_items(data.Bp, data.hkv, dev)         # the bucket's M: unused items cost as in the cache
+    for bn, warps, stages in (DECODE_OPTIONS[:2] if dry else DECODE_OPTIONS):
+        slots = sms * resident(bn, stages, data.d, data.dtype.itemsize, max(16, _next_pow2(group)))
+        seen = set()
+        for k in (SLICES[:2] if dry else SLICES):
+            chunk = max(-(-longest // (k * bn)) * bn, td.min_slice_keys(bn))
+            if chunk in seen or time.time() > t_end:
+                continue
+            seen.add(chunk)
+            M = max(least_items, int(((data.lens + chunk - 1) // chunk).sum()))
+            meta = td.items_meta(data.dtype, dev, data.hq, data.hkv, data.d, data.page, bn, warps, stages, M,
+                                 write_new=True)
+            parts = td.item_partials(M, data.hq, data.d, dev)
+            items = np.empty((3, M), dtype=np.int32)
+            first, count = np.empty(data.Bp, dtype=np.int32), np.empty(data.Bp, dtype=np.int32)
+            used, chunk = td.partition(data.lens, items, first, count, 1, bn, bn, 0, chunk)
+            work = [torch.from_numpy(a).to(dev) for a in (items, first, count)]
+            out = torch.empty_like(rule_out)
+
+            def fn(meta=meta, work=work, out=out, parts=parts):
+                td.launch_items(meta, data.q, data.k, data.v, data.k_new, data.v_new, data.table, data.q_start,
+                                data.q_len, *work, data.d ** -0.5, out, *parts)
+            fn()
+            p = dict(bn=bn, warps=warps, stages=stages, k=k, chunk=chunk, items=used, ctas=used * data.hkv,
+                     waves=used * data.hkv / slots, split_rows=int((count > 1).sum()),
+                     maxdiff=float((out[:data.B].float() - rule_out[:data.B].float()).abs().max()))
+            if timer is not None:
+                p["us"] = timer.graphed(fn) * 1e6
+            row["points"].append(p)
+    return row
+
+
+def mixed_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float) -> dict:
+    s = gms.Step(gms.shrink(c) if dry else c, dev)
+    rule_fn = s.triton()
+    rule_out = s.ragged(rule_fn())
+    flops, moved = gms.figures(s_case := (gms.shrink(c) if dry else c))
+    row = dict(kind="mixed", case=c["name"], gflop=flops / 1e9, points=[], rule={})
+    if timer is not None:
+        row["rule"]["us"] = timer.graphed(rule_fn) * 1e6
+        try:
+            fi_fn, fi_out = s.flashinfer()
+            row["fi_us"] = timer.graphed(fi_fn) * 1e6
+            row["fi_maxdiff"] = float((fi_out.float() - rule_out).abs().max())
+        except Exception as exc:  # recorded, the sweep goes on
+            row["fi_error"] = repr(exc)[:300]
+    cache, plan = s.cache, s.plan
+    buf, h = plan.buffers, plan.buffers.packed.host_np
+    B, L = len(s.lens), s.q.shape[1]
+    hq, hkv, d = s_case["hq"], s_case["hkv"], s_case["d"]
+    pools = cache._pools
+    for tokens, bn, warps, stages in (MIXED_OPTIONS[::3] if dry else MIXED_OPTIONS):
+        if time.time() > t_end:
+            break
+        cols = tm.chunk_columns(B, _next_pow2(L), tokens)
+        tiles, used = np.zeros((2, cols + B), np.int32), np.zeros(2, np.int32)
+        tm.fill_tiles(h["q_start"][:B], h["q_len"][:B], tiles, used, cols, tokens)
+        state = tm.launch_state(s.dtype, dev, hq, hkv, d, cache.spec.page_size, cols, B, None, tokens,
+                                dict(block_n=bn, num_warps=warps, num_stages=stages))
+        t_dev, u_dev = torch.from_numpy(tiles).to(dev), torch.from_numpy(used).to(dev)
+        out = torch.zeros_like(s.q)
+
+        def fn(state=state, t_dev=t_dev, u_dev=u_dev, out=out):
+            tm.launch(state, s.q, pools.k_layers[0], pools.v_layers[0], s.k, s.v, buf.page_table, buf.q_start,
+                      buf.q_len, t_dev, u_dev, d ** -0.5, out)
+        p = dict(tokens=tokens, bn=bn, warps=warps, stages=stages, chunk_tiles=int(used[0]))
+        try:
+            fn()
+            p["maxdiff"] = float((s.ragged(out) - rule_out).abs().max())
+            if timer is not None:
+                p["us"] = timer.graphed(fn) * 1e6
+                p["tflops"] = flops / p["us"] / 1e6
+        except Exception as exc:  # e.g. out of shared memory at these options
+            p["error"] = repr(exc)[:200]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        row["points"].append(p)
+    return row
+
+
+def table(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Issue 19 sweeps: {meta.get('gpu', '?')}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"FlashInfer {meta.get('flashinfer')}", "",
+             "Device time per call (CUDA-graphed, L2 flushed, median), µs. best = fastest swept point whose output "
+             "matches the rule's.", "",
+             "| kind | case | rule µs | FlashInfer µs | best µs | best / FI | best point |", "|" + "---|" * 7]
+    for r in rows:
+        ok = [p for p in r["points"] if "us" in p and p.get("maxdiff", 1) < 0.05]
+        best = min(ok, key=lambda p: p["us"]) if ok else None
+        fi, rule = r.get("fi_us"), r["rule"].get("us")
+        cells = [r["kind"], r["case"], f"{rule:.1f}" if rule else "-", f"{fi:.1f}" if fi else "-"]
+        if best:
+            cells += [f"{best['us']:.1f}", f"{best['us'] / fi:.2f}" if fi else "-",
+                      ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items()
+                                if k not in ("us", "maxdiff", "tflops"))]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--budget-s", type=float, default=240, help="no new point starts past this many seconds")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on the CPU's Triton interpreter")
+    ap.add_argument("--only", choices=["decode", "mixed"])
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0, dry = time.time(), args.cpu_dry_run
+    dev = torch.device("cpu" if dry else "cuda")
+    meta = dict(torch=torch.__version__, cuda=torch.version.cuda, triton=td.triton.__version__, dry_run=dry)
+    timer, fi = None, dict(compiled=set())
+    if not dry:
+        timer = gdc.Timer(dev)
+        meta.update(gpu=torch.cuda.get_device_name(dev), flashinfer=gdc._flashinfer_version())
+    by_name = {c["name"]: c for c in gdc.cases()}
+    mixed_by_name = {c["name"]: c for c in gms.cases()}
+    dec = [("decode", by_name[n]) for n in (DECODE_CASES[:2] if dry else DECODE_CASES)] if args.only != "mixed" else []
+    mix = [("mixed", mixed_by_name[n]) for n in (MIXED_CASES[:1] if dry else MIXED_CASES)] if args.only != "decode" else []
+    order = []                                              # decode and mixed cases alternate: neither is starved
+    for i in range(max(len(dec), len(mix))):
+        order += dec[i:i + 1] + mix[i:i + 1]
+    share = args.budget_s / max(1, len(order))
+    rows = []
+    for kind, c in order:
+        if time.time() - t0 > args.budget_s:
+            print(f"budget spent: stopped before {c['name']}", flush=True)
+            break
+        t_end = time.time() + 2 * share
+        try:
+            row = (decode_case if kind == "decode" else mixed_case)(c, dev, timer, dry, t_end)
+        except Exception as exc:  # one case's failure is recorded, not fatal
+            row = dict(kind=kind, case=c["name"], error=repr(exc)[:500], points=[], rule={})
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "points"}), f"{len(row['points'])} points",
+              f"({time.time() - t0:.0f}s)", flush=True)
+        meta["seconds"] = time.time() - t0
+        (args.out / "sweep19.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (args.out / "sweep19.md").write_text(table([r for r in rows if "error" not in r], meta))
+    print((args.out / "sweep19.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
