@@ -1,7 +1,8 @@
 """Deliberately broken backends: the conformance suite must FAIL on every one (tests/test_teeth.py).
 
 Each is `PagedKVCache` with one realistic bug injected, exposed as a zero-argument factory returning a
-BackendFactory, so `--backend tests.broken_backends:NAME` selects it. Add every bug met while building.
+BackendFactory, so `--backend tests.broken_backends:NAME` selects it (`NAME_eager`: the same bug with eager
+attention on the main path as well, for bugs in page bookkeeping). Add every bug met while building.
 """
 
 from __future__ import annotations
@@ -216,3 +217,14 @@ def _factory(name: str) -> BackendFactory:
 
 for _name in BROKEN:
     globals()[_name] = partial(_factory, _name)
+
+
+def _eager_factory(name: str) -> BackendFactory:
+    """The broken backend with eager attention on its main path too (`<name>_eager`): for bookkeeping bugs."""
+    f = _factory(name)
+    return BackendFactory(name=f"broken-eager:{name}", make=f.make_eager, make_eager=f.make_eager,
+                          description=f.description)
+
+
+for _name in BROKEN:
+    globals()[_name + "_eager"] = partial(_eager_factory, _name)
