@@ -57,7 +57,9 @@ class StepBuffers:
         kv_indices, full_kv_indices: (Bp, 1, Qb, Wb) int32, those pages, left-aligned.
         host: the pinned twins of all of these (on the CPU the tensors themselves): plan() writes a step's values
             there and `send()`s them in one copy (`transfer.PackedStaging`); a Triton decode or mixed step sends
-            only the fields up to new_logical.
+            only the fields up to new_logical (its kernel stores the new K/V itself: the device's slots and
+            token_rows are not this step's; read the host twins), a step storing through `paged.kernels.store`
+            up to token_rows.
     Every tensor keeps its storage for the cache's lifetime, so a CUDA graph captured over `run()` calls
     reads the next step's plan when replayed after the next `plan()` (same batch and query length).
     """
@@ -72,8 +74,8 @@ class StepBuffers:
         self.packed = PackedStaging([
             ("q_start", (Bp,), i32, 0), ("q_len", (Bp,), i32, 0), *kernel_fields,   # sent with a decode step's prefix
             ("page_table", (Bp, width), i32, -1),
+            ("new_pages", (new,), i64, 0), ("new_logical", (new,), i32, -1),       # a fused-store step's last
             ("slots", (T,), i64, 0), ("token_rows", (T,), i64, torch.arange(T)),   # decode buckets keep arange
-            ("new_pages", (new,), i64, 0), ("new_logical", (new,), i32, -1),
             ("kv_num_blocks", (Bp, 1, Qb), i32, 0), ("full_kv_num_blocks", (Bp, 1, Qb), i32, 0),
             ("kv_indices", (Bp, 1, Qb, bw), i32, 0), ("full_kv_indices", (Bp, 1, Qb, bw), i32, 0),
         ], device)
@@ -152,6 +154,8 @@ class StepPlan:
         slot_mapping: (T,) int64, pool slot (page * P + offset) of each new token, T = sum(q_lens).
         token_rows: (T,) int64, row of each new token in the caller's flattened (B * max_q_len) inputs.
             It is the identity exactly when T == B * max_q_len (every row full), and `run` relies on that.
+            Both are views of the bucket's device buffers, which a kernel storing the new K/V itself (Triton
+            decode and mixed steps) does not send: on CUDA read `buffers.host["slots"][:T]` for those steps.
         kernel_plan: the step's kernel's typed plan (`paged.kernels`: `FlexPlan`, `TritonDecodePlan`,
             `TritonMixedPlan`, `SdpaPrefillPlan`), set by
             plan() after the page bookkeeping; `kernel` is its name.

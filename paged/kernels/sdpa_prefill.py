@@ -41,7 +41,7 @@ class SdpaPrefillPlan(KernelPlan):
 
 def plan(layout: StepLayout, buffers: StepBuffers) -> SdpaPrefillPlan:
     """One copy of the fields run() and the page bookkeeping read (q_len, slots, token rows, new pages)."""
-    buffers.packed.send(last="new_logical")
+    buffers.packed.send(last="token_rows")
     return SdpaPrefillPlan()
 
 
