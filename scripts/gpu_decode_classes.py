@@ -1,5 +1,6 @@
-"""Issue 19's decode classes on one GPU: the work-list Triton decode kernel (what the cache runs now) against the
-per-row split kernel it replaced (same run: the A/B) and FlashInfer's decode wrapper, on the same pages.
+"""Issue 19's decode classes on one GPU: the work-list Triton decode kernel as the cache sizes it now against the same
+kernel as the cache sized it before 2026-12-03b (same run: the A/B) and FlashInfer's decode wrapper, on the same
+pages. (Up to 2026-12-03 the A/B column was the per-row split kernel the work list replaced.)
 
     python scripts/gpu_decode_classes.py OUT [--budget-s 180] [--cpu-dry-run]
 
@@ -9,8 +10,9 @@ head dims 64 / 128 / 256, fp16 and bf16, uniform batches (32 x 4096, 128 x 4096,
 attended (the new token included); pages at random in a pool twice the live pages.
 
 Kernels, each as the cache would run it at the case's padded batch (a power of two, padding rows without keys):
-  new         the work list (`triton_partition.partition`) + item kernel + merge, with the fused K/V store
-  old         the per-row split kernel (`decode_splits` slots, `split_keys` slices), with the fused K/V store
+  new         the work list (`triton_partition.partition`) + item kernel + merge, with the fused K/V store, sized by
+              `worklist_options` and `target_items`
+  old         the same, sized as before: `launch_options`' key tile, a target of 3 CTAs per SM
   flashinfer  BatchDecodeWithPagedKVCacheWrapper (NHD, tensor cores), `run` only (no K/V store), where
               `import flashinfer` works; its JIT compile of a new (dtype, head dim) is skipped past half the budget
 Timing: each kernel captured in a CUDA graph N times, an L2 flush (a 256 MB read) before each call; the graph of the
@@ -39,6 +41,7 @@ import torch
 from conformance.benchmarks.grid import Ctx
 from conformance.benchmarks.harness import measure_copy_bandwidth
 from paged import triton_decode as td
+from paged.kernels.triton_partition import slice_keys
 from paged.plan import bucket
 
 CALLS, REPLAYS = 10, 7
@@ -113,7 +116,8 @@ class Data:
         self.q_start = torch.from_numpy(q_start).to(dev)
         self.q_len = (torch.arange(self.Bp) < B).int().to(dev)
         self.bytes = int(self.lens.sum()) * hkv * D * 2 * self.dtype.itemsize            # K + V read
-        self.opts = td.launch_options(self.dtype, D, dev, self.Bp, hkv)
+        self.opts = td.worklist_options(self.dtype, D, dev, self.Bp, hkv)
+        self.opts_prev = td.launch_options(self.dtype, D, dev, self.Bp, hkv)
 
     def new(self) -> tuple:
         """The cache's launch: work list for the bucket, item kernel + merge. Returns (fn, out, info)."""
@@ -134,21 +138,31 @@ class Data:
         info = dict(items=used, max_items=M, slice_keys=chunk, split_rows=int((count > 1).sum()), block_n=bn)
         return fn, out, info
 
-    def old(self) -> tuple:
-        """The per-row split kernel as the cache ran it before: `decode_splits` slots, `split_keys` slices."""
-        bn = self.opts["block_n"]
-        S = td.decode_splits(self.Bp, self.hkv, max(32768, int(self.lens.max())), self.dev)
-        keys = torch.tensor([td.split_keys(self.lens.tolist(), self.hkv, S, self.dev)], device=self.dev)
-        meta = td.launch_meta(self.dtype, self.dev, self.hq, self.hkv, self.d, self.page, S, bn,
-                              max(td.MIN_SPLIT_KEYS, bn), self.opts["num_warps"], self.opts["num_stages"],
-                              write_new=True, balanced=True)
-        parts = td.partials(self.Bp, self.hq, self.d, S, self.dev)
+    def prev(self) -> tuple:
+        """The work list as the cache sized it before 2026-12-03b (the same run's A/B): `launch_options`' key tile
+        (128 unless the rows x kv heads x an even split of 3 CTAs per SM fit 4 per SM with at most 4 splits) and a
+        target of 3 CTAs per SM."""
+        bn = self.opts_prev["block_n"]
+        M = td.max_items(self.Bp, self.hkv, self.dev)
+        target = math.ceil(3 * td._sm_count(self.dev) / self.hkv)
+        longest, total = int(self.lens.max()), int(self.lens.sum())
+        chunk = slice_keys(longest, total, target, bn, td.min_slice_keys(bn))
+        merge = td.merge_slice_keys(bn, self.hq // self.hkv)
+        if merge > chunk:
+            chunk = max(chunk, min(merge, slice_keys(longest, total, -(-target // 3), bn, td.min_slice_keys(bn))))
+        items = np.empty((3, M), dtype=np.int32)
+        first, count = np.empty(self.Bp, dtype=np.int32), np.empty(self.Bp, dtype=np.int32)
+        used, chunk = td.partition(self.lens, items, first, count, target, bn, td.min_slice_keys(bn), 0, chunk)
+        work = [torch.from_numpy(a).to(self.dev) for a in (items, first, count)]
+        meta = td.items_meta(self.dtype, self.dev, self.hq, self.hkv, self.d, self.page, bn,
+                             self.opts_prev["num_warps"], self.opts_prev["num_stages"], M, write_new=True)
+        parts = td.item_partials(M, self.hq, self.d, self.dev)
         out = torch.empty(self.Bp, self.hq, self.d, dtype=self.dtype, device=self.dev)
 
         def fn():
-            td.launch(meta, self.q, self.k, self.v, self.k_new, self.v_new, self.table, self.q_start, self.q_len,
-                      keys, self.d ** -0.5, out, *parts)
-        return fn, out, dict(splits=S, split_keys=int(keys.item()))
+            td.launch_items(meta, self.q, self.k, self.v, self.k_new, self.v_new, self.table, self.q_start,
+                            self.q_len, *work, self.d ** -0.5, out, *parts)
+        return fn, out, dict(items=used, slice_keys=chunk, block_n=bn)
 
     def flashinfer(self, graph: bool) -> tuple:
         """FlashInfer's decode wrapper over the same pages and K/V (copied to its NHD layout after our first call
@@ -303,7 +317,7 @@ def run_case(c: dict, dev: torch.device, timer: Timer | None, bw: float, fi: dic
     row = dict(cls=c["cls"], case=c["name"], B=data.B, Bp=data.Bp, hq=data.hq, hkv=data.hkv, d=data.d,
                page=data.page, dtype=c["dtype"], mb=data.bytes / 1e6)
     new_fn, new_out, info = data.new()
-    old_fn, old_out, old_info = data.old()
+    old_fn, old_out, old_info = data.prev()
     row.update(info, old=old_info)
     new_fn()
     old_fn()                                   # both store the same new tokens: the pools end the same
@@ -325,8 +339,8 @@ def run_case(c: dict, dev: torch.device, timer: Timer | None, bw: float, fi: dic
 def table(rows: list[dict], meta: dict) -> str:
     lines = [f"# Decode classes: {meta.get('gpu', '?')}, torch {meta['torch']}, triton {meta['triton']}, FlashInfer "
              f"{meta.get('flashinfer')}, copy {meta.get('copy_gbps', 0):.0f} GB/s", "",
-             "new = work-list kernel (the cache's), old = per-row split kernel (before), both storing the new "
-             "token's K/V; FlashInfer = its decode wrapper's run (tensor cores). Device time per call, L2 flushed, "
+             "new = work-list kernel as the cache sizes it, old = the same kernel as the cache sized it before "
+             "2026-12-03b (3 CTAs per SM, 128-key tiles beyond 4 splits), both storing the new token's K/V; FlashInfer = its decode wrapper's run (tensor cores). Device time per call, L2 flushed, "
              "median. Padded batch Bp as the cache's CUDA graphs.", "",
              "| class | case | B | MB read | new µs | % copy BW | old µs | old % BW | new / old | FlashInfer µs | "
              "new / FI | items (split rows) | new vs old max diff |", "|" + "---|" * 13]

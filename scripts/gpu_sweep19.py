@@ -53,7 +53,7 @@ def resident(bn: int, stages: int, d: int, itemsize: int, block_m: int) -> int:
     return max(1, SMEM_PER_SM // (per_cta + 1024))
 
 
-def decode_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float) -> dict:
+def decode_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float, no_fi: bool = False) -> dict:
     data = gdc.Data(gdc.shrink(c) if dry else c, dev)
     rule_fn, rule_out, info = data.new()
     rule_fn()
@@ -62,7 +62,8 @@ def decode_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float) -> d
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2
     if timer is not None:
         row["rule"]["us"] = timer.graphed(rule_fn) * 1e6
-        gdc._time_flashinfer(data, timer, rule_out, row)
+        if not no_fi:
+            gdc._time_flashinfer(data, timer, rule_out, row)
     longest, group = int(data.lens.max()), data.hq // data.hkv
     least_items = td.max_items(data.Bp, data.hkv, dev)         # the bucket's M: unused items cost as in the cache
     for bn, warps, stages in (DECODE_OPTIONS[:2] if dry else DECODE_OPTIONS):
@@ -96,7 +97,7 @@ def decode_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float) -> d
     return row
 
 
-def mixed_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float) -> dict:
+def mixed_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float, no_fi: bool = False) -> dict:
     s = gms.Step(gms.shrink(c) if dry else c, dev)
     rule_fn = s.triton()
     rule_out = s.ragged(rule_fn())
@@ -104,6 +105,7 @@ def mixed_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float) -> di
     row = dict(kind="mixed", case=c["name"], gflop=flops / 1e9, points=[], rule={})
     if timer is not None:
         row["rule"]["us"] = timer.graphed(rule_fn) * 1e6
+    if timer is not None and not no_fi:
         try:
             fi_fn, fi_out = s.flashinfer()
             row["fi_us"] = timer.graphed(fi_fn) * 1e6
@@ -171,6 +173,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=240, help="no new point starts past this many seconds")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on the CPU's Triton interpreter")
     ap.add_argument("--only", choices=["decode", "mixed"])
+    ap.add_argument("--cases", help="comma-separated case names (default: the lists above)")
+    ap.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer (its JIT compiles take the budget)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0, dry = time.time(), args.cpu_dry_run
@@ -182,8 +186,12 @@ def main() -> int:
         meta.update(gpu=torch.cuda.get_device_name(dev), flashinfer=gdc._flashinfer_version())
     by_name = {c["name"]: c for c in gdc.cases()}
     mixed_by_name = {c["name"]: c for c in gms.cases()}
-    dec = [("decode", by_name[n]) for n in (DECODE_CASES[:2] if dry else DECODE_CASES)] if args.only != "mixed" else []
-    mix = [("mixed", mixed_by_name[n]) for n in (MIXED_CASES[:1] if dry else MIXED_CASES)] if args.only != "decode" else []
+    chosen = args.cases.split(",") if args.cases else None
+    dec_names = [n for n in DECODE_CASES if n in chosen] if chosen else DECODE_CASES[:2] if dry else DECODE_CASES
+    mix_names = [n for n in MIXED_CASES if n in chosen] if chosen else MIXED_CASES[:1] if dry else MIXED_CASES
+    dec = [("decode", by_name[n]) for n in dec_names] if args.only != "mixed" else []
+    mix = [("mixed", mixed_by_name[n]) for n in mix_names] if args.only != "decode" else []
+    fi["skip"] = args.no_flashinfer
     order = []                                              # decode and mixed cases alternate: neither is starved
     for i in range(max(len(dec), len(mix))):
         order += dec[i:i + 1] + mix[i:i + 1]
@@ -195,7 +203,7 @@ def main() -> int:
             break
         t_end = time.time() + 2 * share
         try:
-            row = (decode_case if kind == "decode" else mixed_case)(c, dev, timer, dry, t_end)
+            row = (decode_case if kind == "decode" else mixed_case)(c, dev, timer, dry, t_end, fi["skip"])
         except Exception as exc:  # one case's failure is recorded, not fatal
             row = dict(kind=kind, case=c["name"], error=repr(exc)[:500], points=[], rule={})
             if dev.type == "cuda":

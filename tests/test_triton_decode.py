@@ -218,6 +218,25 @@ def test_launch_options_follow_the_measured_rule_on_hopper():
     assert tiles == {(1, 8): 128, (8, 8): 128, (16, 8): 64, (32, 8): 64, (64, 8): 64, (128, 8): 128, (32, 32): 128}
 
 
+def test_worklist_options_take_64_key_tiles_where_rows_leave_room_on_hopper():
+    """The work-list kernel (the cache's decode steps): off Hopper `launch_options`' tiles; on a 132-SM Hopper card
+    64-key tiles in 3 stages (two CTAs per SM) while batch x kv heads <= 4 per SM, else `launch_options`'."""
+    cpu = torch.device("cpu")
+    for b, h in ((1, 8), (64, 8), (128, 8)):
+        assert triton_decode.worklist_options(torch.bfloat16, 128, cpu, b, h) == \
+            triton_decode.launch_options(torch.bfloat16, 128, cpu, b, h)
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] == 9
+            and torch.cuda.get_device_properties(0).multi_processor_count == 132):
+        return
+    cuda = torch.device("cuda")
+    tiles = {(b, h): triton_decode.worklist_options(torch.bfloat16, 128, cuda, b, h)
+             for b, h in ((1, 8), (8, 8), (64, 8), (128, 8), (8, 1), (32, 32))}
+    small = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+    assert tiles[(1, 8)] == tiles[(8, 8)] == tiles[(64, 8)] == tiles[(8, 1)] == small
+    assert tiles[(128, 8)] == tiles[(32, 32)] == triton_decode.launch_options(torch.bfloat16, 128, cuda, 128, 8)
+    assert triton_decode.worklist_options(torch.bfloat16, 256, cuda, 8, 8)["block_n"] == 64  # 3 x 64 x 1 KB fits
+
+
 def test_cache_decode_steps_match_the_oracle(kernel_device, dtype):
     """decode_kernel="triton": growth across pages, a fork sharing pages (copy-on-write), a finished sequence
     whose pages are reused, mixed steps (on the Triton mixed kernel); every output within the oracle policy."""

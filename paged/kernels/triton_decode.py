@@ -29,7 +29,7 @@ from paged.kernels.triton_partition import (MERGE_KEYS_PER_QHEAD, max_items, mer
                                             min_slice_keys, partition, target_items)
 from paged.kernels.triton_sizing import (CTAS_PER_SM, MAX_SPLITS, MIN_SPLIT_KEYS, SMALL_TILE_MAX_CTAS_PER_SM,  # noqa: F401
                                          SMALL_TILE_MAX_SPLITS, SPLIT_HEADROOM, _next_pow2, _sm_count, available,
-                                         decode_splits, launch_options, split_keys, triton)
+                                         decode_splits, launch_options, split_keys, triton, worklist_options)
 from paged.kernels.triton_source import launch, launch_meta, paged_decode, partials  # noqa: F401
 from paged.kernels.triton_worklist import (decode_balanced, item_partials, items_meta, launch_items,  # noqa: F401
                                            work_list)
@@ -74,7 +74,7 @@ def _bucket(settings: KernelSettings, buffers: StepBuffers) -> _Bucket:
     state = buffers.kernel_state.get(NAME)
     if state is None:
         spec = settings.spec
-        options = launch_options(spec.dtype, spec.head_dim, spec.device, buffers.padded_batch, spec.num_kv_heads)
+        options = worklist_options(spec.dtype, spec.head_dim, spec.device, buffers.padded_batch, spec.num_kv_heads)
         dev = buffers.packed.dev
         state = _Bucket(options, dev["work_items"].shape[1], target_items(spec.num_kv_heads, spec.device),
                         min_slice_keys(options["block_n"]), 0, (dev["work_items"], dev["row_first"], dev["row_count"]))

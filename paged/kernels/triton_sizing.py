@@ -74,6 +74,10 @@ def split_keys(lengths: Sequence[int], kv_heads: int, num_splits: int, device: t
     return max(MIN_SPLIT_KEYS, math.ceil(longest / max(1, min(k, num_splits))))
 
 
+#: The work-list kernel aims at this many CTAs per SM (`triton_partition.target_items`): two waves of the two
+#: CTAs an SM holds with 64-key tiles (`worklist_options`).
+ITEM_CTAS_PER_SM = 4
+
 #: Hopper: 64-key tiles when an even split has at most this many splits per (row, kv head) ...
 SMALL_TILE_MAX_SPLITS = 4
 #: ... and at most this many CTAs per SM (see `launch_options`).
@@ -110,6 +114,26 @@ def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, batc
         even = math.ceil(CTAS_PER_SM * sms / (batch * kv_heads))
         if even <= SMALL_TILE_MAX_SPLITS and batch * kv_heads * even <= SMALL_TILE_MAX_CTAS_PER_SM * sms:
             block_n = 64
+    while block_n > 16 and stages * block_n * row_bytes > budget:
+        block_n //= 2
+    return {"block_n": block_n, "num_warps": 4, "num_stages": stages}
+
+
+@functools.lru_cache(maxsize=None)
+def worklist_options(dtype: torch.dtype, head_dim: int, device: torch.device, batch: int, kv_heads: int) -> dict:
+    """Key tile, warps and stages of the work-list kernel (the cache's decode steps) for a bucket of `batch` rows.
+
+    Hopper: 64-key tiles in 3 stages (two CTAs fit an SM's shared memory, so one CTA's first loads overlap the
+    other's stream) unless the rows alone make more than SMALL_TILE_MAX_CTAS_PER_SM CTAs per SM (each row then is
+    one item: `launch_options`' 128-key tiles). Measured on an H200 (scripts/gpu_sweep19.py, results/h200-2026-12-03b):
+    1 x 32768 and 8 x 4096 keys (32/8 heads, D 128) ran in 42.3 and 41.7 us with 64-key tiles and 512 CTAs against
+    45.6 and 46.6 us with 128-key tiles and the 3-per-SM target (FlashInfer 41.1 and 42.3).
+    """
+    hopper, stages, budget = pipeline_budget(device)
+    if not (hopper and batch * kv_heads <= SMALL_TILE_MAX_CTAS_PER_SM * _sm_count(device)):
+        return launch_options(dtype, head_dim, device, batch, kv_heads)
+    row_bytes = 2 * _next_pow2(max(head_dim, 16)) * dtype.itemsize
+    block_n = 64
     while block_n > 16 and stages * block_n * row_bytes > budget:
         block_n //= 2
     return {"block_n": block_n, "num_warps": 4, "num_stages": stages}

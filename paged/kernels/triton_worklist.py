@@ -20,7 +20,7 @@ import torch
 
 from paged.kernels.triton_partition import merge_slice_keys, min_slice_keys, partition, target_items
 from paged.kernels.triton_launch import CachedLauncher
-from paged.kernels.triton_sizing import _next_pow2, launch_options, triton
+from paged.kernels.triton_sizing import _next_pow2, triton, worklist_options
 from paged.kernels.triton_tiles import attend_new, attend_pages
 
 #: The merge reads this many items' partials per step of its loop (at most).
@@ -193,7 +193,7 @@ def decode_balanced(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     num_items, target, min_keys: as `work_list`."""
     B, Hq, D = q.shape
     Hkv = k_pool.shape[-3]
-    o = launch_options(q.dtype, D, q.device, B, Hkv)
+    o = worklist_options(q.dtype, D, q.device, B, Hkv)
     block_n = block_n or o["block_n"]
     lengths = (q_start[:B].long() + q_len[:B].long()).cpu().numpy()
     items, first, count, _ = work_list(lengths, B, Hkv, Hq // Hkv, block_n, q.device, num_items, target, min_keys)
