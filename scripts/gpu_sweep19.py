@@ -97,6 +97,51 @@ def decode_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float, no_f
     return row
 
 
+#: (key tile, CTAs per SM the work list aims at) of the sizing sweep (--sizing); 0: `launch_options`' key tile
+SIZINGS = [(0, 3), (64, 4), (64, 3), (64, 2), (128, 2), (64, 6), (128, 4)]
+
+
+def sizing_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float, no_fi: bool = True) -> dict:
+    """One decode case under every SIZINGS rule: the work list at target ceil(CTAs per SM x SMs / Hkv) items with
+    that key tile (3 stages, 4 warps; the tile halved until the stages fit, as the cache does)."""
+    data = gdc.Data(gdc.shrink(c) if dry else c, dev)
+    row = dict(kind="sizing", case=c["name"], B=data.B, Bp=data.Bp, hq=data.hq, hkv=data.hkv, d=data.d,
+               mb=data.bytes / 1e6, points=[], rule={})
+    sms = td._sm_count(dev)
+    M = td.max_items(data.Bp, data.hkv, dev) + math.ceil(8 * sms / data.hkv)   # room for 6 per SM and more
+    ref = None
+    for bn, per_sm in (SIZINGS[:2] if dry else SIZINGS):
+        if time.time() > t_end:
+            break
+        o = td.launch_options(data.dtype, data.d, dev, data.Bp, data.hkv) if bn == 0 else \
+            dict(td.launch_options(data.dtype, data.d, dev, None, data.hkv), block_n=min(bn, td.launch_options(
+                data.dtype, data.d, dev, None, data.hkv)["block_n"]))
+        b = o["block_n"]
+        target = math.ceil(per_sm * sms / data.hkv)
+        items = np.empty((3, M), dtype=np.int32)
+        first, count = np.empty(data.Bp, dtype=np.int32), np.empty(data.Bp, dtype=np.int32)
+        used, chunk = td.partition(data.lens, items, first, count, target, b, td.min_slice_keys(b),
+                                   td.merge_slice_keys(b, data.hq // data.hkv))
+        work = [torch.from_numpy(a).to(dev) for a in (items, first, count)]
+        meta = td.items_meta(data.dtype, dev, data.hq, data.hkv, data.d, data.page, b, o["num_warps"],
+                             o["num_stages"], M, write_new=True)
+        parts = td.item_partials(M, data.hq, data.d, dev)
+        out = torch.empty(data.Bp, data.hq, data.d, dtype=data.dtype, device=dev)
+
+        def fn(meta=meta, work=work, out=out, parts=parts):
+            td.launch_items(meta, data.q, data.k, data.v, data.k_new, data.v_new, data.table, data.q_start,
+                            data.q_len, *work, data.d ** -0.5, out, *parts)
+        fn()
+        ref = out[:data.B].float().clone() if ref is None else ref
+        p = dict(bn=b, per_sm=per_sm, rule_bn=bn, items=used, chunk=chunk, ctas=used * data.hkv,
+                 maxdiff=float((out[:data.B].float() - ref).abs().max()))
+        if timer is not None:
+            p["us"] = timer.graphed(fn) * 1e6
+            p["bw"] = data.bytes / (p["us"] * 1e-6) / 1e9
+        row["points"].append(p)
+    return row
+
+
 def mixed_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float, no_fi: bool = False) -> dict:
     s = gms.Step(gms.shrink(c) if dry else c, dev)
     rule_fn = s.triton()
@@ -172,7 +217,7 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--budget-s", type=float, default=240, help="no new point starts past this many seconds")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on the CPU's Triton interpreter")
-    ap.add_argument("--only", choices=["decode", "mixed"])
+    ap.add_argument("--only", choices=["decode", "mixed", "sizing"])
     ap.add_argument("--cases", help="comma-separated case names (default: the lists above)")
     ap.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer (its JIT compiles take the budget)")
     args = ap.parse_args()
@@ -189,8 +234,10 @@ def main() -> int:
     chosen = args.cases.split(",") if args.cases else None
     dec_names = [n for n in DECODE_CASES if n in chosen] if chosen else DECODE_CASES[:2] if dry else DECODE_CASES
     mix_names = [n for n in MIXED_CASES if n in chosen] if chosen else MIXED_CASES[:1] if dry else MIXED_CASES
-    dec = [("decode", by_name[n]) for n in dec_names] if args.only != "mixed" else []
-    mix = [("mixed", mixed_by_name[n]) for n in mix_names] if args.only != "decode" else []
+    dec = [("decode", by_name[n]) for n in dec_names] if args.only not in ("mixed", "sizing") else []
+    if args.only == "sizing":                                # every case of the decode-classes grid
+        dec = [("sizing", c) for c in gdc.cases() if not chosen or c["name"] in chosen][:2 if dry else None]
+    mix = [("mixed", mixed_by_name[n]) for n in mix_names] if args.only in (None, "mixed") else []
     fi["skip"] = args.no_flashinfer
     order = []                                              # decode and mixed cases alternate: neither is starved
     for i in range(max(len(dec), len(mix))):
@@ -203,7 +250,8 @@ def main() -> int:
             break
         t_end = time.time() + 2 * share
         try:
-            row = (decode_case if kind == "decode" else mixed_case)(c, dev, timer, dry, t_end, fi["skip"])
+            case_fn = {"decode": decode_case, "mixed": mixed_case, "sizing": sizing_case}[kind]
+            row = case_fn(c, dev, timer, dry, t_end, fi["skip"])
         except Exception as exc:  # one case's failure is recorded, not fatal
             row = dict(kind=kind, case=c["name"], error=repr(exc)[:500], points=[], rule={})
             if dev.type == "cuda":

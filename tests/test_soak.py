@@ -47,9 +47,10 @@ def _env() -> dict:
 
 # ---------------------------------------------------------------- the time budget, end to end
 def test_budget_stops_a_soak_and_writes_its_report(tmp_path):
-    """A soak given 12 s stops both checks long before their 60 traces, writes a complete report with the steps that
-    ran, and fails the 10^4-step minimum judged on those. (4 s was too little beside a loaded `tox -e gpu`: the first
-    check's first trace, which always finishes, overran the whole budget and the second check ran nothing.)"""
+    """A soak given 12 s stops its checks long before their 60 traces (the second may find the budget spent and be
+    skipped, saying so), writes a complete report with the steps that ran, and fails the 10^4-step minimum judged on
+    those. (4 s was too little beside a loaded `tox -e gpu`: the first check's first trace, which always finishes,
+    overran the whole budget and the second check ran nothing.)"""
     out = tmp_path / "soak.json"
     done = subprocess.run(_conformance("--time-budget", "12", "--json", str(out), "--",
                                        "-k", "outputs_match_oracle or determinism"),
@@ -59,9 +60,16 @@ def test_budget_stops_a_soak_and_writes_its_report(tmp_path):
     assert report["status"] == "complete" and report["time_budget_s"] == 12
     checks = {c["check"]: c for c in report["checks"]}
     assert set(checks) == {"outputs_match_oracle", "determinism"}
-    for c in checks.values():
-        assert c["outcome"] == "passed" and c["stopped_by_budget"], c
-        assert c["detail"].startswith(budget.REASON) and 1 <= c["traces"] < 60, c
+    first, second = checks["outputs_match_oracle"], checks["determinism"]              # in the suite's order
+    assert first["outcome"] == "passed" and first["stopped_by_budget"], first
+    assert first["detail"].startswith(budget.REASON) and 1 <= first["traces"] < 60, first
+    # The second check runs in what the first left: on a loaded host (an H200 machine running 14 test workers,
+    # 2026-12-03b) the first check's first trace, which always finishes, spent all 12 s, and the budget skipped it.
+    if second["outcome"] == "skipped":
+        assert second["detail"].startswith(f"{budget.REASON}: the whole budget") and second["stopped_by_budget"], second
+    else:
+        assert second["outcome"] == "passed" and second["stopped_by_budget"], second
+        assert second["detail"].startswith(budget.REASON) and 1 <= second["traces"] < 60, second
     # Not "> 0": Hypothesis's first, simplest soak traces on the CPU configurations hold no plan step at all (with
     # three busy loops beside it: 4 traces per check, 0 steps, 0 refused; idle: 8 traces, 18 steps), and under load
     # the 4 s run no further. Counting is pinned by test_an_interrupted_report_holds_what_completed_and_does_not_pass.
