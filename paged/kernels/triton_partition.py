@@ -9,15 +9,15 @@ Pure host code (numpy), run once per step in `plan()` from the host's lengths:
 M = `max_items` is fixed per (padded batch, kv heads) bucket, so the grid (Hkv, M) of a CUDA graph captured once
 per bucket stays right; unused items do nothing. Every row is cut into slices of one length `chunk`: the longest
 row takes k = ceil(target x longest / total) of them, so that the step's keys make about `target` items (about
-ITEM_CTAS_PER_SM x SMs CTAs over the kv heads) and no item is longer than longest / k. A long row beside short ones
-is cut finely (all SMs stream it at once), a short row is one item; a batch of equal rows gets an even split
-(ceil(ITEM_CTAS_PER_SM x SMs / (B x Hkv)) slices per row). Rows are listed
+CTAS_PER_SM x SMs CTAs over the kv heads) and no item is longer than longest / k. A long row beside short ones
+is cut finely (all SMs stream it at once), a short row is one item; a batch of equal rows gets exactly the even
+split of the earlier per-row kernel (ceil(CTAS_PER_SM x SMs / (B x Hkv)) slices per row). Rows are listed
 longest first, so the longest items start first (the grid runs item by item, all kv heads of an item together).
 
 The merge costs a split row's every slice a float32 partial of its G query heads written and read back: 8 x G x D
 bytes per kv head against 4 x chunk x D of 16-bit K and V, i.e. 2G / chunk of the K/V read. Slices are therefore
 at least MERGE_KEYS_PER_QHEAD x G keys long (merge traffic <= 1/4 of the read), unless that leaves fewer items
-than one CTA per SM (target / ITEM_CTAS_PER_SM): large MQA groups trade some merge traffic for the card's parallelism.
+than one CTA per SM (target / CTAS_PER_SM): large MQA groups trade some merge traffic for the card's parallelism.
 A row of one item is written by the item kernel itself and pays no merge.
 """
 
@@ -28,15 +28,15 @@ import math
 import numpy as np
 import torch
 
-from paged.kernels.triton_sizing import ITEM_CTAS_PER_SM, MIN_SPLIT_KEYS, _sm_count
+from paged.kernels.triton_sizing import CTAS_PER_SM, MIN_SPLIT_KEYS, _sm_count
 
 #: Slices are at least this many keys per query head of a kv head's group (the merge's traffic, above).
 MERGE_KEYS_PER_QHEAD = 8
 
 
 def target_items(kv_heads: int, device: torch.device) -> int:
-    """Items a step aims at: about ITEM_CTAS_PER_SM x SMs CTAs over the kv heads."""
-    return math.ceil(ITEM_CTAS_PER_SM * _sm_count(device) / kv_heads)
+    """Items a step aims at: about CTAS_PER_SM x SMs CTAs over the kv heads."""
+    return math.ceil(CTAS_PER_SM * _sm_count(device) / kv_heads)
 
 
 def max_items(padded_batch: int, kv_heads: int, device: torch.device) -> int:
@@ -82,7 +82,7 @@ def partition(lengths: np.ndarray, items: np.ndarray, row_first: np.ndarray, row
     if chunk <= 0:
         chunk = slice_keys(longest, total, target, block_n, min_keys)
         if merge_keys > chunk:  # longer slices for the merge's sake, down to one CTA per SM
-            floor = slice_keys(longest, total, -(-target // ITEM_CTAS_PER_SM), block_n, min_keys)
+            floor = slice_keys(longest, total, -(-target // CTAS_PER_SM), block_n, min_keys)
             chunk = max(chunk, min(merge_keys, floor))
     if longest <= chunk:                                                # every row one item: no merge, no sort
         n = _whole_rows(lengths, items, row_first, row_count)

@@ -74,10 +74,6 @@ def split_keys(lengths: Sequence[int], kv_heads: int, num_splits: int, device: t
     return max(MIN_SPLIT_KEYS, math.ceil(longest / max(1, min(k, num_splits))))
 
 
-#: The work-list kernel aims at this many CTAs per SM (`triton_partition.target_items`): two waves of the two
-#: CTAs an SM holds with 64-key tiles (`worklist_options`).
-ITEM_CTAS_PER_SM = 4
-
 #: Hopper: 64-key tiles when an even split has at most this many splits per (row, kv head) ...
 SMALL_TILE_MAX_SPLITS = 4
 #: ... and at most this many CTAs per SM (see `launch_options`).
@@ -125,9 +121,11 @@ def worklist_options(dtype: torch.dtype, head_dim: int, device: torch.device, ba
 
     Hopper: 64-key tiles in 3 stages (two CTAs fit an SM's shared memory, so one CTA's first loads overlap the
     other's stream) unless the rows alone make more than SMALL_TILE_MAX_CTAS_PER_SM CTAs per SM (each row then is
-    one item: `launch_options`' 128-key tiles). Measured on an H200 (scripts/gpu_sweep19.py, results/h200-2026-12-03b):
-    1 x 32768 and 8 x 4096 keys (32/8 heads, D 128) ran in 42.3 and 41.7 us with 64-key tiles and 512 CTAs against
-    45.6 and 46.6 us with 128-key tiles and the 3-per-SM target (FlashInfer 41.1 and 42.3).
+    one item: `launch_options`' 128-key tiles). Fitted on an H200 (scripts/gpu_sweep19.py --only sizing, 21 cases,
+    results/h200-2026-12-03b), same run, same 3-CTAs-per-SM target, against `launch_options`' 128-key tiles: 8 x 4096
+    keys 42.7 vs 49.1 us, 8 x 16384 138.1 vs 156.9, MQA 8 x 8192 30.0 vs 33.7, 12/2 heads 32 x 8192 75.1 vs 83.1,
+    1 x 32768 46.3 vs 45.9; the one loss: 8 rows of 256..65536 keys, 111.3 vs 101.5. (A 4-per-SM target helped
+    some few-row cases and lost 18% on 32 x 4096: not taken.)
     """
     hopper, stages, budget = pipeline_budget(device)
     if not (hopper and batch * kv_heads <= SMALL_TILE_MAX_CTAS_PER_SM * _sm_count(device)):
