@@ -317,7 +317,8 @@ class PagedKVCache:
         kernel = choose(self._decode, max_q, mask_mod, score_mod, prefill=self._prefill, fresh=not any(start_lens))
         layout = StepLayout(self._settings, self.page_logical, seq_ids, q_lens, start_lens, mask_mod, score_mod)
         batches = (len(seq_ids), buf.padded_batch) if kernel.PADDED_BATCH else (len(seq_ids),)
-        return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, buf.slots[:T], buf.token_rows[:T],
+        rows = buf.packed.host if kernel.FUSED_STORE else buf.packed.dev    # what the step's one copy holds
+        return StepPlan(seq_ids, q_lens, start_lens, max_q, buf, rows["slots"][:T], rows["token_rows"][:T],
                         kernel.plan(layout, buf), set(), self._expect + (batches,))
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

@@ -154,8 +154,9 @@ class StepPlan:
         slot_mapping: (T,) int64, pool slot (page * P + offset) of each new token, T = sum(q_lens).
         token_rows: (T,) int64, row of each new token in the caller's flattened (B * max_q_len) inputs.
             It is the identity exactly when T == B * max_q_len (every row full), and `run` relies on that.
-            Both are views of the bucket's device buffers, which a kernel storing the new K/V itself (Triton
-            decode and mixed steps) does not send: on CUDA read `buffers.host["slots"][:T]` for those steps.
+            Both are views of the bucket's device buffers, except on a step whose kernel stores the new K/V
+            itself (`FUSED_STORE`: Triton decode and mixed steps), which never sends them: there they are views of
+            the host twins (pinned CPU memory on CUDA), valid until the bucket's next plan().
         kernel_plan: the step's kernel's typed plan (`paged.kernels`: `FlexPlan`, `TritonDecodePlan`,
             `TritonMixedPlan`, `SdpaPrefillPlan`), set by
             plan() after the page bookkeeping; `kernel` is its name.

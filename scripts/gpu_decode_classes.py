@@ -340,7 +340,8 @@ def table(rows: list[dict], meta: dict) -> str:
     lines = [f"# Decode classes: {meta.get('gpu', '?')}, torch {meta['torch']}, triton {meta['triton']}, FlashInfer "
              f"{meta.get('flashinfer')}, copy {meta.get('copy_gbps', 0):.0f} GB/s", "",
              "new = work-list kernel as the cache sizes it, old = the same kernel as the cache sized it before "
-             "2026-12-03b (3 CTAs per SM, 128-key tiles beyond 4 splits), both storing the new token's K/V; FlashInfer = its decode wrapper's run (tensor cores). Device time per call, L2 flushed, "
+             "2026-12-03b (3 CTAs per SM, 128-key tiles beyond 4 splits), both storing the new token's K/V; "
+             "FlashInfer = its decode wrapper's run (tensor cores). Device time per call, L2 flushed, "
              "median. Padded batch Bp as the cache's CUDA graphs.", "",
              "| class | case | B | MB read | new µs | % copy BW | old µs | old % BW | new / old | FlashInfer µs | "
              "new / FI | items (split rows) | new vs old max diff |", "|" + "---|" * 13]

@@ -2,7 +2,8 @@
 chunk-tile size and options, move device time, each case next to the rule the cache uses now and FlashInfer, in
 the same run. The data behind the sizing rules (not a benchmark of record: gpu_decode_classes / gpu_mixed_steps).
 
-    python scripts/gpu_sweep19.py OUT [--budget-s 240] [--cpu-dry-run] [--only decode|mixed]
+    python scripts/gpu_sweep19.py OUT [--budget-s 240] [--cpu-dry-run] [--only decode|mixed|sizing]
+                                      [--cases NAME,NAME] [--no-flashinfer]
 
 decode  per case of gpu_decode_classes (few rows, uniform, MQA, groups, skewed): the work list at forced slice
         lengths (the longest row in k = 1..64 slices) x launch options (key tile 128 / 64 / 32, stages 3 / 2),
@@ -13,6 +14,8 @@ mixed   per headline case of gpu_mixed_steps: the chunk tiles at 16 / 32 / 64 qu
         stages), against `rule` (the cache's own plan) and FlashInfer's prefill wrapper.
 Timing: gpu_decode_classes.Timer (CUDA-graphed, L2 flushed, median). Every point's output is compared with the
 rule's (max abs difference in the JSON): a configuration that computes something else is not a data point.
+sizing  every case of the decode-classes grid under each SIZINGS rule (key tile x CTAs per SM the work list aims
+        at), in one run, outputs cross-checked (the data behind `triton_sizing.worklist_options`).
 Writes OUT/sweep19.json after each case and OUT/sweep19.md (the best point per case beside rule and FlashInfer).
 """
 
@@ -244,25 +247,27 @@ def main() -> int:
         order += dec[i:i + 1] + mix[i:i + 1]
     share = args.budget_s / max(1, len(order))
     rows = []
-    for kind, c in order:
-        if time.time() - t0 > args.budget_s:
-            print(f"budget spent: stopped before {c['name']}", flush=True)
-            break
-        t_end = time.time() + 2 * share
-        try:
-            case_fn = {"decode": decode_case, "mixed": mixed_case, "sizing": sizing_case}[kind]
-            row = case_fn(c, dev, timer, dry, t_end, fi["skip"])
-        except Exception as exc:  # one case's failure is recorded, not fatal
-            row = dict(kind=kind, case=c["name"], error=repr(exc)[:500], points=[], rule={})
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "points"}), f"{len(row['points'])} points",
-              f"({time.time() - t0:.0f}s)", flush=True)
-        meta["seconds"] = time.time() - t0
-        (args.out / "sweep19.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (args.out / "sweep19.md").write_text(table([r for r in rows if "error" not in r], meta))
-    print((args.out / "sweep19.md").read_text())
+    try:
+        for kind, c in order:
+            if time.time() - t0 > args.budget_s:
+                print(f"budget spent: stopped before {c['name']}", flush=True)
+                break
+            t_end = min(time.time() + 2 * share, t0 + args.budget_s)
+            try:
+                case_fn = {"decode": decode_case, "mixed": mixed_case, "sizing": sizing_case}[kind]
+                row = case_fn(c, dev, timer, dry, t_end, fi["skip"])
+            except Exception as exc:  # one case's failure is recorded, not fatal
+                row = dict(kind=kind, case=c["name"], error=repr(exc)[:500], points=[], rule={})
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "points"}), f"{len(row['points'])} points",
+                  f"({time.time() - t0:.0f}s)", flush=True)
+            meta["seconds"] = time.time() - t0
+            (args.out / "sweep19.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    finally:  # the table of what ran, also when a time limit interrupts the run
+        (args.out / "sweep19.md").write_text(table([r for r in rows if "error" not in r], meta))
+        print((args.out / "sweep19.md").read_text())
     return 0
 
 

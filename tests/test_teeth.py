@@ -58,6 +58,7 @@ class _Outcomes:
 
 def test_every_broken_backend_names_its_check():
     assert set(CAUGHT_BY) == set(BROKEN)
+    assert EAGER <= set(BROKEN) and set(ONLY_CONFIGS) <= set(BROKEN)
 
 
 #: Holes found by naming the check, with the device type where each shows: a strict expected failure there (fixing
@@ -90,7 +91,8 @@ def test_suite_fails_on_broken_backend(name, device, capsys, request):
     outcomes = _Outcomes()
     only = ["--configs", ONLY_CONFIGS[name]] if name in ONLY_CONFIGS else []
     backend = f"tests.broken_backends:{name}" + ("_eager" if name in EAGER else "")
-    code = pytest.main([*plugin_args(), "--pyargs", "conformance.suite", "--backend", backend, "--device", device.type, "--profile", "ci", "--no-shrink",
+    code = pytest.main([*plugin_args(), "--pyargs", "conformance.suite", "--backend", backend, "--device",
+                        device.type, "--profile", "ci", "--no-shrink",
                         "-q", "-p", "no:cacheprovider", "-k", f"test_{check}", *only], plugins=[outcomes])
     capsys.readouterr()
     assert code == pytest.ExitCode.TESTS_FAILED, f"check {check} did not fail on broken backend {name!r} (exit {code})"

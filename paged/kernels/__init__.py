@@ -4,6 +4,8 @@ A kernel module provides:
     NAME: str                     its name ("flex", "triton"), also `StepPlan.kernel`
     LARGE_POOLS: bool             whether it runs over pools of more than 2**31 elements
     PADDED_BATCH: bool            whether run() also takes inputs of the bucket's padded batch
+    FUSED_STORE: bool             whether run() stores the new K/V itself (plan() then never sends slots /
+                                  token_rows, and the step's `slot_mapping` / `token_rows` are the host twins)
     plan(layout: StepLayout, buffers: StepBuffers) -> KernelPlan
                                   per step, after the cache's page bookkeeping: fills the kernel's fields of the
                                   bucket's host buffers, sends them, returns its typed plan (whose `run` is the

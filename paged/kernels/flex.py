@@ -28,6 +28,8 @@ NAME = "flex"
 LARGE_POOLS = False
 #: Takes run() inputs of the bucket's padded batch: no (only the step's rows).
 PADDED_BATCH = False
+#: Stores the new K/V through `paged.kernels.store` (the step's device slots / token_rows).
+FUSED_STORE = False
 
 
 @dataclass

@@ -6,9 +6,9 @@ the standalone `paged_decode`), `triton_tiles` (what both share); its sizing `tr
 `triton_partition`. They are re-exported here, and `paged.triton_decode` is this module under its old name.
 
 Per bucket (once): the work list's length M (`max_items`) and its fields in the bucket's packed buffers
-(`step_fields`), launch options (`launch_options` at the bucket's padded batch, so every batch of a bucket launches
-alike and one CUDA graph per bucket is right), the kernel's constants. Per step (`plan`): the work list from the
-host's lengths (`triton_partition.partition`: a long row in many slices, a short one in one), sent with the
+(`step_fields`), launch options (`worklist_options` at the bucket's padded batch, so every batch of a bucket
+launches alike and one CUDA graph per bucket is right), the kernel's constants. Per step (`plan`): the work list
+from the host's lengths (`triton_partition.partition`: a long row in many slices, a short one in one), sent with the
 step's one copy. Per layer (`run`): the item kernel (stores the new token's K/V, attends each item's keys) and the
 merge of the split rows. `run` also takes the bucket's padded batch: padding rows have q_len 0 and no items, store
 nothing and come back 0.
@@ -41,6 +41,8 @@ NAME = "triton"
 LARGE_POOLS = True
 #: Takes run() inputs of the bucket's padded batch too (padding rows store nothing and come back 0).
 PADDED_BATCH = True
+#: Stores the new K/V in its own launch: plan() sends no slots / token_rows.
+FUSED_STORE = True
 
 
 def step_fields(padded_batch: int, padded_q_len: int, spec: CacheSpec) -> list[tuple]:
@@ -105,7 +107,7 @@ class TritonDecodePlan(KernelPlan):
 
 def plan(layout: StepLayout, buffers: StepBuffers) -> TritonDecodePlan:
     """The step's work list from its lengths into the host buffers, then one copy of the fields the kernel reads
-    (lengths, work list, page table; slots and new pages for the cache's page bookkeeping)."""
+    (lengths, work list, page table; new pages and their logical indices for the cache's page bookkeeping)."""
     spec = layout.settings.spec
     state = _bucket(layout.settings, buffers)
     h = buffers.packed.host_np

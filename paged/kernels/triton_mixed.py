@@ -53,6 +53,8 @@ NAME = "triton_mixed"
 LARGE_POOLS = True
 #: Takes run() inputs of the bucket's padded batch too (padding rows have no tiles and come back 0).
 PADDED_BATCH = True
+#: Stores the new K/V in its own launch: plan() sends no slots / token_rows.
+FUSED_STORE = True
 #: Queries (new tokens of one row) per chunk tile; x the GQA group = the tile's packed M rows.
 CHUNK_TOKENS = 16
 #: Packed (token, head) rows of a chunk tile at most (x head dim at most MAX_TILE_ELEMS).
@@ -115,7 +117,8 @@ def mixed_options(dtype: torch.dtype, head_dim: int, device: torch.device, block
 @dataclass
 class _Bucket:
     """What the kernel fixes once per bucket: the chunk columns C, the tile list's device fields, the decode
-    launch options (the decode kernel's at the bucket's batch), and per query head count the launch state."""
+    launch options (`launch_options` at the bucket's batch: one CTA per row and kv head), and per query head count
+    the launch state."""
 
     chunk_cols: int
     decode_options: dict
@@ -155,7 +158,7 @@ class TritonMixedPlan(KernelPlan):
 
 def plan(layout: StepLayout, buffers: StepBuffers) -> TritonMixedPlan:
     """The step's tile list into the host buffers (from the lengths the page bookkeeping wrote there), then one
-    copy of the fields run() and the page bookkeeping read (lengths, tiles, page table, slots, new pages)."""
+    copy of the fields run() and the page bookkeeping read (lengths, tiles, page table, new pages)."""
     spec = layout.settings.spec
     state = _bucket(layout.settings, buffers)
     h = buffers.packed.host_np

@@ -121,11 +121,12 @@ def worklist_options(dtype: torch.dtype, head_dim: int, device: torch.device, ba
 
     Hopper: 64-key tiles in 3 stages (two CTAs fit an SM's shared memory, so one CTA's first loads overlap the
     other's stream) unless the rows alone make more than SMALL_TILE_MAX_CTAS_PER_SM CTAs per SM (each row then is
-    one item: `launch_options`' 128-key tiles). Fitted on an H200 (scripts/gpu_sweep19.py --only sizing, 21 cases,
-    results/h200-2026-12-03b), same run, same 3-CTAs-per-SM target, against `launch_options`' 128-key tiles: 8 x 4096
-    keys 42.7 vs 49.1 us, 8 x 16384 138.1 vs 156.9, MQA 8 x 8192 30.0 vs 33.7, 12/2 heads 32 x 8192 75.1 vs 83.1,
-    1 x 32768 46.3 vs 45.9; the one loss: 8 rows of 256..65536 keys, 111.3 vs 101.5. (A 4-per-SM target helped
-    some few-row cases and lost 18% on 32 x 4096: not taken.)
+    one item: `launch_options`' 128-key tiles). Chosen on an H200 from a sweep of 7 sizing rules over 21 decode
+    cases (scripts/gpu_sweep19.py --only sizing), then measured as the cache runs it against the previous sizing in
+    one run (scripts/gpu_decode_classes.py, results/h200-2026-12-03b call4; 32/8 heads, D 128 unless named):
+    8 x 16384 keys 132.5 vs 153.8 us, 8 x 4096 (page 16) 43.9 vs 47.2, 12/2 heads 32 x 8192 73.3 vs 82.3,
+    1 x 32768 43.2 vs 45.3; 13 cases within 1%; the one loss: 8 rows of 256..65536 keys, 104.0 vs 100.7. (A target
+    of 4 CTAs per SM helped some few-row cases and lost 18% on 32 x 4096: not taken.)
     """
     hopper, stages, budget = pipeline_budget(device)
     if not (hopper and batch * kv_heads <= SMALL_TILE_MAX_CTAS_PER_SM * _sm_count(device)):
