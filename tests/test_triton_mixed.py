@@ -132,6 +132,34 @@ def test_tile_list():
     assert tiles[0, cols:cols + 2].tolist() == [3, 2] and tiles[1, cols:cols + 2].tolist() == [0, 0]
     with pytest.raises(ValueError, match="do not fit"):
         triton_mixed.fill_tiles(q_start, q_len, tiles, used, 4)
+    triton_mixed.fill_tiles(q_start, q_len, tiles, used, cols, tokens=32)       # the sweeps' larger tiles
+    assert used.tolist() == [3, 2]
+    assert sorted(zip(tiles[0, :3].tolist(), tiles[1, :3].tolist())) == [(0, 0), (1, 0), (1, 32)]
+
+
+def test_larger_chunk_tiles_compute_the_same_attention(kernel_device):
+    """The chunk tile's query count is a parameter (scripts/gpu_sweep19.py): 32- and 64-query tiles (sub-tiles
+    where tokens x group pass BLOCK_M) give the default's outputs and pool writes (float32)."""
+    rows, hq, hkv, d, page = [(37, 70), (0, 45), (90, 1), (12, 33)], 4, 2, 32, 16
+    gen = torch.Generator().manual_seed(5)
+    k_pool, v_pool, table = _pools(rows, hkv, d, page, torch.float32, kernel_device, gen)
+    q, k, v = _inputs(rows, hq, hkv, d, torch.float32, kernel_device, gen)
+    q_start = torch.tensor([s for s, _ in rows], dtype=torch.int32, device=kernel_device)
+    q_len = torch.tensor([n for _, n in rows], dtype=torch.int32, device=kernel_device)
+    want = triton_mixed.mixed_attention(q, k, v, k_pool, v_pool, table, q_start, q_len, page, d ** -0.5)
+    pools = k_pool.clone(), v_pool.clone()
+    B, L = len(rows), q.shape[1]
+    for tokens in (32, 64):
+        cols = triton_mixed.chunk_columns(B, L, tokens)
+        tiles, used = np.zeros((2, cols + B), np.int32), np.zeros(2, np.int32)
+        triton_mixed.fill_tiles(q_start.cpu().numpy(), q_len.cpu().numpy(), tiles, used, cols, tokens)
+        state = triton_mixed.launch_state(torch.float32, kernel_device, hq, hkv, d, page, cols, B, tokens=tokens)
+        got, kp, vp = torch.zeros_like(q), k_pool.clone(), v_pool.clone()
+        triton_mixed.launch(state, q, kp, vp, k, v, table, q_start, q_len, torch.from_numpy(tiles).to(kernel_device),
+                            torch.from_numpy(used).to(kernel_device), d ** -0.5, got)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kp, pools[0], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(vp, pools[1], rtol=0, atol=0, equal_nan=True)
 
 
 def test_choose_sends_mixed_steps_to_the_mixed_kernel_beside_triton_decode():

@@ -201,6 +201,28 @@ def test_uniform_batches_get_the_even_split_of_the_per_row_kernel(batch, length,
     assert chunk == old and (count == math.ceil(length / old)).all()
 
 
+def test_a_forced_slice_length_is_kept_unless_the_list_would_overflow():
+    """partition(chunk=) (the sweeps): the given slice length, every key once; lengthened only past M."""
+    lens = np.array([500, 100, 0, 64], dtype=np.int64)
+    used, chunk, count = _check_partition_forced(lens, 6, 20, 192)
+    assert (used, chunk) == (5, 192) and count.tolist()[:4] == [3, 1, 0, 1]
+    used, chunk, count = _check_partition_forced(lens, 6, 8, 64)      # 11 items > M = 8: lengthened
+    assert used <= 8 and chunk > 64 and chunk % 64 == 0
+
+
+def _check_partition_forced(lengths, batch, M, chunk):
+    items = np.zeros((3, M), dtype=np.int32)
+    first, count = np.zeros(batch, dtype=np.int32), np.zeros(batch, dtype=np.int32)
+    used, got = tp.partition(lengths, items, first, count, 1, 64, 64, 0, chunk)
+    for b, n in enumerate(lengths.tolist()):
+        mine = np.flatnonzero(items[0, :used] == b)
+        covered = np.zeros(n, dtype=np.int64)
+        for s, e in zip(items[1, mine], items[2, mine]):
+            covered[s:e] += 1
+        assert (covered == 1).all() and mine.size == count[b]
+    return used, got, count
+
+
 def test_large_groups_take_longer_slices_down_to_one_cta_per_sm():
     """The merge's cost per slice grows with the GQA group: MQA with 32 query heads wants 256-key slices, and gets
     them for 8 rows of 8192 (the even split would cut 64-key ones); 71 query heads would want 640, but that leaves
