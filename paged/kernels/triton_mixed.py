@@ -37,7 +37,8 @@ import torch
 from paged.kernels.base import KernelPlan, KernelSettings, Pools, StepLayout
 from paged.kernels.triton_launch import CachedLauncher, capturing
 from paged.kernels.triton_mixed_source import _mixed_kernel
-from paged.kernels.triton_sizing import CTAS_PER_SM, _next_pow2, _sm_count, launch_options, pipeline_budget
+from paged.kernels.triton_sizing import (CTAS_PER_SM, _next_pow2, _sm_count, fit_key_tile, launch_options,
+                                         pipeline_budget)
 from paged.kernels.triton_sizing import triton
 
 if triton is not None:
@@ -107,10 +108,8 @@ def mixed_options(dtype: torch.dtype, head_dim: int, device: torch.device, block
     tile halved until the stages and the Q tile fit. Not measured yet (scripts/gpu_mixed_steps.py)."""
     _, stages, budget = pipeline_budget(device)
     d_pad = _next_pow2(max(head_dim, 16))
-    row_bytes = 2 * d_pad * dtype.itemsize                                  # one key's K + V
-    block_n = 64 if d_pad <= 128 else 32
-    while block_n > 16 and stages * block_n * row_bytes + block_m * d_pad * dtype.itemsize > budget:
-        block_n //= 2
+    block_n = fit_key_tile(64 if d_pad <= 128 else 32, head_dim, dtype, stages, budget,
+                           fixed=block_m * d_pad * dtype.itemsize)                 # + the query tile
     return {"block_n": block_n, "num_warps": 8 if block_m >= 128 else 4, "num_stages": stages}
 
 

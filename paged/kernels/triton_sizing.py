@@ -87,6 +87,15 @@ def pipeline_budget(device: torch.device) -> tuple[bool, int, int]:
     return (hopper, 3, 200 * 1024) if hopper else (hopper, 2, 96 * 1024)
 
 
+def fit_key_tile(block_n: int, head_dim: int, dtype: torch.dtype, stages: int, budget: int, fixed: int = 0) -> int:
+    """`block_n` halved (down to 16) until `stages` stages of K and V tiles plus `fixed` bytes (a query tile) fit
+    `budget` bytes of shared memory."""
+    row_bytes = 2 * _next_pow2(max(head_dim, 16)) * dtype.itemsize         # one key's K + V
+    while block_n > 16 and stages * block_n * row_bytes + fixed > budget:
+        block_n //= 2
+    return block_n
+
+
 @functools.lru_cache(maxsize=None)  # called once per layer: no device query on the hot path
 def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, batch: int | None = None,
                    kv_heads: int = 1) -> dict:
@@ -103,16 +112,13 @@ def launch_options(dtype: torch.dtype, head_dim: int, device: torch.device, batc
     measured): 2 stages within ~96 KB.
     """
     hopper, stages, budget = pipeline_budget(device)
-    row_bytes = 2 * _next_pow2(max(head_dim, 16)) * dtype.itemsize         # one key's K + V
     block_n = 128
     if hopper and batch is not None:
         sms = _sm_count(device)
         even = math.ceil(CTAS_PER_SM * sms / (batch * kv_heads))
         if even <= SMALL_TILE_MAX_SPLITS and batch * kv_heads * even <= SMALL_TILE_MAX_CTAS_PER_SM * sms:
             block_n = 64
-    while block_n > 16 and stages * block_n * row_bytes > budget:
-        block_n //= 2
-    return {"block_n": block_n, "num_warps": 4, "num_stages": stages}
+    return {"block_n": fit_key_tile(block_n, head_dim, dtype, stages, budget), "num_warps": 4, "num_stages": stages}
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,11 +137,7 @@ def worklist_options(dtype: torch.dtype, head_dim: int, device: torch.device, ba
     hopper, stages, budget = pipeline_budget(device)
     if not (hopper and batch * kv_heads <= SMALL_TILE_MAX_CTAS_PER_SM * _sm_count(device)):
         return launch_options(dtype, head_dim, device, batch, kv_heads)
-    row_bytes = 2 * _next_pow2(max(head_dim, 16)) * dtype.itemsize
-    block_n = 64
-    while block_n > 16 and stages * block_n * row_bytes > budget:
-        block_n //= 2
-    return {"block_n": block_n, "num_warps": 4, "num_stages": stages}
+    return {"block_n": fit_key_tile(64, head_dim, dtype, stages, budget), "num_warps": 4, "num_stages": stages}
 
 
 def _next_pow2(n: int) -> int:

@@ -1,5 +1,6 @@
-"""The @triton.jit pieces the Triton decode kernels (and the mixed kernel's history pass) share: attend a slice of one row's pages, and store and
-attend the row's new token. Running softmax state is (m, l, acc): max (log2 units), sum of exp2, sum of p * v.
+"""The @triton.jit pieces the Triton decode kernels (and the mixed kernel's history pass) share: attend a slice of
+one row's pages, and store and attend the row's new token. Running softmax state is (m, l, acc): max (log2 units),
+sum of exp2, sum of p * v.
 
 Products run in float32 (IEEE) when F32_DOT (float32 pools, and every dtype under the CPU interpreter, whose
 bf16/fp16 `tl.dot` is broken); otherwise q and k go through the tensor cores in their own dtype.
