@@ -41,7 +41,6 @@ import torch
 from conformance.benchmarks.grid import Ctx
 from conformance.benchmarks.harness import measure_copy_bandwidth
 from paged import triton_decode as td
-from paged.kernels.triton_partition import slice_keys
 from paged.plan import bucket
 
 CALLS, REPLAYS = 10, 7
@@ -119,16 +118,21 @@ class Data:
         self.opts = td.worklist_options(self.dtype, D, dev, self.Bp, hkv)
         self.opts_prev = td.launch_options(self.dtype, D, dev, self.Bp, hkv)
 
-    def new(self) -> tuple:
-        """The cache's launch: work list for the bucket, item kernel + merge. Returns (fn, out, info)."""
-        bn, M = self.opts["block_n"], td.max_items(self.Bp, self.hkv, self.dev)
+    def worklist(self, options: dict, target: int, num_items: int | None = None, chunk: int = 0,
+                 min_keys: int | None = None, merge: bool = True) -> tuple:
+        """The work-list kernel on this case at `options` (block_n, num_warps, num_stages): the work list for
+        `target` items (`partition`; chunk > 0 forces the slice length; min_keys default `min_slice_keys`; merge:
+        the merge's soft floor) in `num_items` columns (default the bucket's `max_items`), item kernel + merge.
+        Returns (fn, out (Bp, Hq, D), info)."""
+        bn = options["block_n"]
+        M = num_items or td.max_items(self.Bp, self.hkv, self.dev)
         items = np.empty((3, M), dtype=np.int32)
         first, count = np.empty(self.Bp, dtype=np.int32), np.empty(self.Bp, dtype=np.int32)
-        used, chunk = td.partition(self.lens, items, first, count, td.target_items(self.hkv, self.dev), bn,
-                                   td.min_slice_keys(bn), td.merge_slice_keys(bn, self.hq // self.hkv))
+        used, chunk = td.partition(self.lens, items, first, count, target, bn, min_keys or td.min_slice_keys(bn),
+                                   td.merge_slice_keys(bn, self.hq // self.hkv) if merge else 0, chunk)
         work = [torch.from_numpy(a).to(self.dev) for a in (items, first, count)]
-        meta = td.items_meta(self.dtype, self.dev, self.hq, self.hkv, self.d, self.page, bn, self.opts["num_warps"],
-                             self.opts["num_stages"], M, write_new=True)
+        meta = td.items_meta(self.dtype, self.dev, self.hq, self.hkv, self.d, self.page, bn, options["num_warps"],
+                             options["num_stages"], M, write_new=True)
         parts = td.item_partials(M, self.hq, self.d, self.dev)
         out = torch.empty(self.Bp, self.hq, self.d, dtype=self.dtype, device=self.dev)
 
@@ -138,31 +142,15 @@ class Data:
         info = dict(items=used, max_items=M, slice_keys=chunk, split_rows=int((count > 1).sum()), block_n=bn)
         return fn, out, info
 
+    def new(self) -> tuple:
+        """The cache's launch: `worklist_options` for the bucket, its target. Returns (fn, out, info)."""
+        return self.worklist(self.opts, td.target_items(self.hkv, self.dev))
+
     def prev(self) -> tuple:
         """The work list as the cache sized it before 2026-12-03b (the same run's A/B): `launch_options`' key tile
-        (128 unless the rows x kv heads x an even split of 3 CTAs per SM fit 4 per SM with at most 4 splits) and a
-        target of 3 CTAs per SM."""
-        bn = self.opts_prev["block_n"]
-        M = td.max_items(self.Bp, self.hkv, self.dev)
-        target = math.ceil(3 * td._sm_count(self.dev) / self.hkv)
-        longest, total = int(self.lens.max()), int(self.lens.sum())
-        chunk = slice_keys(longest, total, target, bn, td.min_slice_keys(bn))
-        merge = td.merge_slice_keys(bn, self.hq // self.hkv)
-        if merge > chunk:
-            chunk = max(chunk, min(merge, slice_keys(longest, total, -(-target // 3), bn, td.min_slice_keys(bn))))
-        items = np.empty((3, M), dtype=np.int32)
-        first, count = np.empty(self.Bp, dtype=np.int32), np.empty(self.Bp, dtype=np.int32)
-        used, chunk = td.partition(self.lens, items, first, count, target, bn, td.min_slice_keys(bn), 0, chunk)
-        work = [torch.from_numpy(a).to(self.dev) for a in (items, first, count)]
-        meta = td.items_meta(self.dtype, self.dev, self.hq, self.hkv, self.d, self.page, bn,
-                             self.opts_prev["num_warps"], self.opts_prev["num_stages"], M, write_new=True)
-        parts = td.item_partials(M, self.hq, self.d, self.dev)
-        out = torch.empty(self.Bp, self.hq, self.d, dtype=self.dtype, device=self.dev)
-
-        def fn():
-            td.launch_items(meta, self.q, self.k, self.v, self.k_new, self.v_new, self.table, self.q_start,
-                            self.q_len, *work, self.d ** -0.5, out, *parts)
-        return fn, out, dict(items=used, slice_keys=chunk, block_n=bn)
+        (128 unless the rows x kv heads x an even split of 3 CTAs per SM fit 4 per SM with at most 4 splits), the
+        same target."""
+        return self.worklist(self.opts_prev, td.target_items(self.hkv, self.dev))
 
     def flashinfer(self, graph: bool) -> tuple:
         """FlashInfer's decode wrapper over the same pages and K/V (copied to its NHD layout after our first call

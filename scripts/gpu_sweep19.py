@@ -78,21 +78,12 @@ def decode_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float, no_f
                 continue
             seen.add(chunk)
             M = max(least_items, int(((data.lens + chunk - 1) // chunk).sum()))
-            meta = td.items_meta(data.dtype, dev, data.hq, data.hkv, data.d, data.page, bn, warps, stages, M,
-                                 write_new=True)
-            parts = td.item_partials(M, data.hq, data.d, dev)
-            items = np.empty((3, M), dtype=np.int32)
-            first, count = np.empty(data.Bp, dtype=np.int32), np.empty(data.Bp, dtype=np.int32)
-            used, chunk = td.partition(data.lens, items, first, count, 1, bn, bn, 0, chunk)
-            work = [torch.from_numpy(a).to(dev) for a in (items, first, count)]
-            out = torch.empty_like(rule_out)
-
-            def fn(meta=meta, work=work, out=out, parts=parts):
-                td.launch_items(meta, data.q, data.k, data.v, data.k_new, data.v_new, data.table, data.q_start,
-                                data.q_len, *work, data.d ** -0.5, out, *parts)
+            fn, out, info = data.worklist(dict(block_n=bn, num_warps=warps, num_stages=stages), 1, M, chunk,
+                                          min_keys=bn, merge=False)
             fn()
-            p = dict(bn=bn, warps=warps, stages=stages, k=k, chunk=chunk, items=used, ctas=used * data.hkv,
-                     waves=used * data.hkv / slots, split_rows=int((count > 1).sum()),
+            p = dict(bn=bn, warps=warps, stages=stages, k=k, chunk=info["slice_keys"], items=info["items"],
+                     ctas=info["items"] * data.hkv, waves=info["items"] * data.hkv / slots,
+                     split_rows=info["split_rows"],
                      maxdiff=float((out[:data.B].float() - rule_out[:data.B].float()).abs().max()))
             if timer is not None:
                 p["us"] = timer.graphed(fn) * 1e6
@@ -119,24 +110,11 @@ def sizing_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float, no_f
         o = td.launch_options(data.dtype, data.d, dev, data.Bp, data.hkv) if bn == 0 else \
             dict(td.launch_options(data.dtype, data.d, dev, None, data.hkv), block_n=min(bn, td.launch_options(
                 data.dtype, data.d, dev, None, data.hkv)["block_n"]))
-        b = o["block_n"]
-        target = math.ceil(per_sm * sms / data.hkv)
-        items = np.empty((3, M), dtype=np.int32)
-        first, count = np.empty(data.Bp, dtype=np.int32), np.empty(data.Bp, dtype=np.int32)
-        used, chunk = td.partition(data.lens, items, first, count, target, b, td.min_slice_keys(b),
-                                   td.merge_slice_keys(b, data.hq // data.hkv))
-        work = [torch.from_numpy(a).to(dev) for a in (items, first, count)]
-        meta = td.items_meta(data.dtype, dev, data.hq, data.hkv, data.d, data.page, b, o["num_warps"],
-                             o["num_stages"], M, write_new=True)
-        parts = td.item_partials(M, data.hq, data.d, dev)
-        out = torch.empty(data.Bp, data.hq, data.d, dtype=data.dtype, device=dev)
-
-        def fn(meta=meta, work=work, out=out, parts=parts):
-            td.launch_items(meta, data.q, data.k, data.v, data.k_new, data.v_new, data.table, data.q_start,
-                            data.q_len, *work, data.d ** -0.5, out, *parts)
+        fn, out, info = data.worklist(o, math.ceil(per_sm * sms / data.hkv), M)
         fn()
         ref = out[:data.B].float().clone() if ref is None else ref
-        p = dict(bn=b, per_sm=per_sm, rule_bn=bn, items=used, chunk=chunk, ctas=used * data.hkv,
+        p = dict(bn=o["block_n"], per_sm=per_sm, rule_bn=bn, items=info["items"], chunk=info["slice_keys"],
+                 ctas=info["items"] * data.hkv,
                  maxdiff=float((out[:data.B].float() - ref).abs().max()))
         if timer is not None:
             p["us"] = timer.graphed(fn) * 1e6
