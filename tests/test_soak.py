@@ -67,6 +67,7 @@ def test_budget_stops_a_soak_and_writes_its_report(tmp_path):
     # 2026-12-03b) the first check's first trace, which always finishes, spent all 12 s, and the budget skipped it.
     if second["outcome"] == "skipped":
         assert second["detail"].startswith(f"{budget.REASON}: the whole budget") and second["stopped_by_budget"], second
+        assert second.get("traces", 0) == 0 and second.get("steps", 0) == 0, second       # it ran nothing
     else:
         assert second["outcome"] == "passed" and second["stopped_by_budget"], second
         assert second["detail"].startswith(budget.REASON) and 1 <= second["traces"] < 60, second
