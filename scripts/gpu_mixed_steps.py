@@ -11,7 +11,7 @@ cases first: --budget-s stops the run before a case that would start past it.
 
 Each case: a one-layer PagedKVCache(decode_kernel="triton"), its rows' histories prefilled one row per step, then the
 mixed step planned once. Kernels, timed over that step (each stores the same new K/V, so repeats are idempotent):
-  triton      the step's `triton_mixed` plan's run (two launches: chunk tiles, decode tiles), out zero-filled
+  triton      the step's `triton_mixed` plan's run (one launch: tiles, then the output's padding zeroed)
   flex        `paged.kernels.flex.plan` of the same step and buffers, its run (K/V store, compiled FlexAttention,
               padding zeroed): the path the cache took for these steps before
   flashinfer  the prefill wrapper's run on ragged queries (no K/V store), where `import flashinfer` works; a new

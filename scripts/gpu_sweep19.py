@@ -10,8 +10,8 @@ decode  per case of gpu_decode_classes (few rows, uniform, MQA, groups, skewed):
         against `rule` (what `triton_decode.plan` picks) and FlashInfer's decode wrapper. Reported per point:
         items, CTAs (items x kv heads), CTAs per resident slot (waves, from the shared memory a CTA takes) and
         device time.
-mixed   per headline case of gpu_mixed_steps: the chunk tiles at 16 / 32 / 64 queries x options (key tile, warps,
-        stages), against `rule` (the cache's own plan) and FlashInfer's prefill wrapper.
+mixed   per headline case of gpu_mixed_steps: tiles of 16 / 32 / 64 queries x options (key tile, warps, stages,
+        persistent CTAs per SM), against `rule` (the cache's own plan) and FlashInfer's prefill wrapper.
 Timing: gpu_decode_classes.Timer (CUDA-graphed, L2 flushed, median). Every point's output is compared with the
 rule's (max abs difference in the JSON): a configuration that computes something else is not a data point.
 sizing  every case of the decode-classes grid under each SIZINGS rule (key tile x CTAs per SM the work list aims
@@ -44,9 +44,10 @@ DECODE_CASES = ["u8x16384-P64", "B1x32768", "B8x4096-P16", "B3x8192", "mqa-32x1-
 DECODE_OPTIONS = [(128, 4, 3), (64, 4, 3), (64, 4, 2), (32, 4, 3)]
 SLICES = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64]
 MIXED_CASES = ["16x(chunk128+h1..8k)", "fresh2048,16dec", "chunk512+h4k,31dec", "chunk2048+h4k,63dec"]
-#: (tokens per chunk tile, key tile, warps, stages) of the mixed sweep
-MIXED_OPTIONS = [(16, 64, 4, 3), (16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3), (32, 32, 8, 3), (32, 64, 4, 3),
-                 (64, 64, 8, 3), (64, 32, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2)]
+#: (queries per tile, key tile, warps, stages, persistent CTAs per SM) of the mixed sweep
+MIXED_OPTIONS = [(16, 64, 4, 3, 3), (16, 64, 4, 3, 2), (16, 64, 4, 2, 3), (16, 32, 4, 3, 3), (16, 64, 8, 3, 2),
+                 (32, 64, 8, 3, 1), (32, 64, 8, 2, 2), (32, 32, 8, 3, 2), (32, 64, 4, 2, 2), (32, 128, 8, 2, 1),
+                 (64, 64, 8, 2, 1), (64, 32, 8, 3, 2)]
 SMEM_PER_SM = 228 * 1024
 
 
@@ -143,21 +144,22 @@ def mixed_case(c: dict, dev: torch.device, timer, dry: bool, t_end: float, no_fi
     B, L = len(s.lens), s.q.shape[1]
     hq, hkv, d = s_case["hq"], s_case["hkv"], s_case["d"]
     pools = cache._pools
-    for tokens, bn, warps, stages in (MIXED_OPTIONS[::3] if dry else MIXED_OPTIONS):
+    for tokens, bn, warps, stages, per_sm in (MIXED_OPTIONS[::3] if dry else MIXED_OPTIONS):
         if time.time() > t_end:
             break
         cols = tm.chunk_columns(B, _next_pow2(L), tokens)
-        tiles, used = np.zeros((2, cols + B), np.int32), np.zeros(2, np.int32)
+        tiles, used = np.zeros((2, cols), np.int32), np.zeros(1, np.int32)
         tm.fill_tiles(h["q_start"][:B], h["q_len"][:B], tiles, used, cols, tokens)
-        state = tm.launch_state(s.dtype, dev, hq, hkv, d, cache.spec.page_size, cols, B, None, tokens,
-                                dict(block_n=bn, num_warps=warps, num_stages=stages))
+        state = tm.launch_state(s.dtype, dev, hq, hkv, d, cache.spec.page_size, tokens,
+                                dict(block_n=bn, num_warps=warps, num_stages=stages), per_sm)
         t_dev, u_dev = torch.from_numpy(tiles).to(dev), torch.from_numpy(used).to(dev)
-        out = torch.zeros_like(s.q)
+        counter = torch.zeros(2, dtype=torch.int32, device=dev)
+        out = torch.empty_like(s.q).contiguous()
 
-        def fn(state=state, t_dev=t_dev, u_dev=u_dev, out=out):
+        def fn(state=state, t_dev=t_dev, u_dev=u_dev, out=out, counter=counter):
             tm.launch(state, s.q, pools.k_layers[0], pools.v_layers[0], s.k, s.v, buf.page_table, buf.q_start,
-                      buf.q_len, t_dev, u_dev, d ** -0.5, out)
-        p = dict(tokens=tokens, bn=bn, warps=warps, stages=stages, chunk_tiles=int(used[0]))
+                      buf.q_len, t_dev, u_dev, counter, d ** -0.5, out)
+        p = dict(tokens=tokens, bn=bn, warps=warps, stages=stages, ctas_per_sm=per_sm, tiles=int(used[0]))
         try:
             fn()
             p["maxdiff"] = float((s.ragged(out) - rule_out).abs().max())

@@ -118,48 +118,66 @@ def test_kernel_matches_float64_attention(kernel_device, dtype, case):
 
 
 def test_tile_list():
-    """Chunk tiles most keys first, decode tiles longest history first, counts, and a bucket overflow refused."""
+    """Every row with new tokens gets ceil(q_len / tokens) tiles (a decode row one), most keys first; padding rows
+    none; a bucket overflow refused."""
     q_start = np.array([100, 0, 7, 50, 3], np.int32)
     q_len = np.array([20, 40, 1, 1, 0], np.int32)
     cols = 8
-    tiles, used = np.full((2, cols + 5), -7, np.int32), np.zeros(2, np.int32)
+    tiles, used = np.full((2, cols), -7, np.int32), np.zeros(1, np.int32)
     triton_mixed.fill_tiles(q_start, q_len, tiles, used, cols)
-    assert used.tolist() == [5, 2]
-    chunk = sorted(zip(tiles[0, :5].tolist(), tiles[1, :5].tolist()))
-    assert chunk == [(0, 0), (0, 16), (1, 0), (1, 16), (1, 32)]
-    keys = [q_start[r] + f for r, f in zip(tiles[0, :5], tiles[1, :5])]
-    assert keys == sorted(keys, reverse=True)
-    assert tiles[0, cols:cols + 2].tolist() == [3, 2] and tiles[1, cols:cols + 2].tolist() == [0, 0]
+    assert used.tolist() == [7]
+    assert sorted(zip(tiles[0, :7].tolist(), tiles[1, :7].tolist())) == [(0, 0), (0, 16), (1, 0), (1, 16), (1, 32),
+                                                                        (2, 0), (3, 0)]
+    keys = [q_start[r] + f for r, f in zip(tiles[0, :7], tiles[1, :7])]
+    assert keys == sorted(keys, reverse=True) and keys[:3] == [116, 100, 50]
+    assert tiles[:, 7].tolist() == [-7, -7]
     with pytest.raises(ValueError, match="do not fit"):
-        triton_mixed.fill_tiles(q_start, q_len, tiles, used, 4)
+        triton_mixed.fill_tiles(q_start, q_len, tiles, used, 6)
     triton_mixed.fill_tiles(q_start, q_len, tiles, used, cols, tokens=32)       # the sweeps' larger tiles
-    assert used.tolist() == [3, 2]
-    assert sorted(zip(tiles[0, :3].tolist(), tiles[1, :3].tolist())) == [(0, 0), (1, 0), (1, 32)]
+    assert used.tolist() == [5]
+    assert sorted(zip(tiles[0, :5].tolist(), tiles[1, :5].tolist())) == [(0, 0), (1, 0), (1, 32), (2, 0), (3, 0)]
 
 
-def test_larger_chunk_tiles_compute_the_same_attention(kernel_device):
-    """The chunk tile's query count is a parameter (scripts/gpu_sweep19.py): 32- and 64-query tiles (sub-tiles
-    where tokens x group pass BLOCK_M) give the default's outputs and pool writes (float32)."""
-    rows, hq, hkv, d, page = [(37, 70), (0, 45), (90, 1), (12, 33)], 4, 2, 32, 16
+def test_tile_options_and_grid_sizes_compute_the_same_attention(kernel_device):
+    """The tile's query count, the launch options and the persistent grid are parameters (scripts/gpu_sweep19.py):
+    32- and 64-query tiles (sub-tiles where tokens x group pass BLOCK_M, one CTA drawing every unit, more CTAs
+    than units) give the default's outputs and pool writes (float32), and leave the work counter at 0."""
+    rows, hq, hkv, d, page = [(37, 70), (0, 45), (90, 1), (12, 33), (0, 0)], 4, 2, 32, 16
     gen = torch.Generator().manual_seed(5)
     k_pool, v_pool, table = _pools(rows, hkv, d, page, torch.float32, kernel_device, gen)
     q, k, v = _inputs(rows, hq, hkv, d, torch.float32, kernel_device, gen)
     q_start = torch.tensor([s for s, _ in rows], dtype=torch.int32, device=kernel_device)
     q_len = torch.tensor([n for _, n in rows], dtype=torch.int32, device=kernel_device)
     want = triton_mixed.mixed_attention(q, k, v, k_pool, v_pool, table, q_start, q_len, page, d ** -0.5)
+    assert not want[4].ne(0).any() and not want[2, 1:].ne(0).any()
     pools = k_pool.clone(), v_pool.clone()
     B, L = len(rows), q.shape[1]
-    for tokens in (32, 64):
+    sms = triton_mixed._sm_count(kernel_device)
+    for tokens, ctas_per_sm in ((32, 1 / sms), (64, 200)):
         cols = triton_mixed.chunk_columns(B, L, tokens)
-        tiles, used = np.zeros((2, cols + B), np.int32), np.zeros(2, np.int32)
+        tiles, used = np.zeros((2, cols), np.int32), np.zeros(1, np.int32)
         triton_mixed.fill_tiles(q_start.cpu().numpy(), q_len.cpu().numpy(), tiles, used, cols, tokens)
-        state = triton_mixed.launch_state(torch.float32, kernel_device, hq, hkv, d, page, cols, B, tokens=tokens)
-        got, kp, vp = torch.zeros_like(q), k_pool.clone(), v_pool.clone()
+        state = triton_mixed.launch_state(torch.float32, kernel_device, hq, hkv, d, page, tokens=tokens,
+                                          ctas_per_sm=ctas_per_sm)
+        got, kp, vp = torch.full_like(q, NAN).contiguous(), k_pool.clone(), v_pool.clone()
+        counter = torch.zeros(2, dtype=torch.int32, device=kernel_device)
         triton_mixed.launch(state, q, kp, vp, k, v, table, q_start, q_len, torch.from_numpy(tiles).to(kernel_device),
-                            torch.from_numpy(used).to(kernel_device), d ** -0.5, got)
+                            torch.from_numpy(used).to(kernel_device), counter, d ** -0.5, got)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kp, pools[0], rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(vp, pools[1], rtol=0, atol=0, equal_nan=True)
+        assert counter.tolist() == [0, 0]
+
+
+def test_launch_refuses_an_output_it_cannot_zero_by_rows(kernel_device):
+    """The zero units write each position's (Hq, D) as one flat run: a strided output is refused up front."""
+    state = triton_mixed.launch_state(torch.float32, kernel_device, 4, 2, 32, 16)
+    q = torch.zeros(1, 4, 4, 32, device=kernel_device)
+    out = torch.zeros(1, 4, 8, 32, device=kernel_device)[:, :, ::2]
+    one = torch.zeros(1, dtype=torch.int32, device=kernel_device)
+    with pytest.raises(ValueError, match="contiguous per position"):
+        triton_mixed.launch(state, q, q, q, q, q, one[None], one, one, one[None].expand(2, 1), one, one.repeat(2),
+                            1.0, out)
 
 
 def test_choose_sends_mixed_steps_to_the_mixed_kernel_beside_triton_decode():
@@ -203,7 +221,7 @@ def test_cache_runs_mixed_steps_on_the_mixed_kernel(kernel_device):
     gen = torch.Generator().manual_seed(4)
     steps = [("admit", "a"), ("admit", "b"), (["a", "b"], [9, 20]), ("admit", "c"), (["a", "b", "c"], [1, 1, 21]),
              ("fork", "a", "d"), (["d", "c", "a"], [5, 1, 1]), ("finish", "b"), (["c", "a", "d"], [3, 2, 1]),
-             (["c", "d"], [4, 3])]              # chunks only, in a bucket whose decode tiles ran: no decode launch
+             (["c", "d"], [4, 3])]              # chunks only
     kernels = []
     for s in steps:
         if isinstance(s[0], str):

@@ -1,14 +1,21 @@
-"""The @triton.jit source of the mixed prefill+decode kernel (`triton_mixed`): one tile of a row's new queries
-against the row's history (through the page table) and its own new keys (from the inputs), with the tile's new K/V
-stored into the pool in the same launch.
+"""The @triton.jit source of the mixed prefill+decode kernel (`triton_mixed`): tiles of a row's new queries against
+the row's history (through the page table) and its own new keys (from the inputs), the tiles' new K/V stored into
+the pool and the output's padding zeroed, all in one launch.
 
-    grid (Hkv x SUB, NP)  CTA (h, sub, p) takes the section's tiles p, p + NP, p + 2NP, ... < used[SECTION] (a
-                          persistent loop: the section's fixed length never costs idle CTAs). Tile i is row
-                          Tiles[0, first_tile + i], queries [q0, q0 + TOKENS) of its new tokens, q0 = Tiles[1, ...].
+    grid (NP,)  persistent CTAs that take work units from a shared counter (`Counter[0]`, one atomic add per unit)
+                until none is left, so a CTA that drew short tiles takes more of them: the tiles come longest first,
+                and grabbing them in that order places them as a longest-first greedy schedule would (a fixed
+                round-robin share left CTAs idle for up to 1.3x the mean work at 16 rows of 128-token chunks).
+                Units, in order:
+      tiles     u < used x HKV x SUB: tile u // (HKV x SUB) of the list (row Tiles[0, i], its new tokens
+                [q0, q0 + TOKENS), q0 = Tiles[1, i]) for kv head h and sub-tile s of u % (HKV x SUB) = h x SUB + s
+      zeros     the rest, rows x zero_blocks: block j of ZERO_ELEMS elements of row b's output past its q_len
+    The last CTA to finish (`Counter[1]`) sets both counters back to 0 for the next launch.
 
 The tile's M dimension packs (query token, query head) pairs of kv head h: M row r is token r // GROUP, head
 h * GROUP + r % GROUP, for r in [sub * BLOCK_M, (sub + 1) * BLOCK_M) of TOKENS * GROUP (SUB sub-tiles when one
-BLOCK_M cannot hold them). Group sizes need not be powers of two (7: 16 tokens x 7 heads = 112 of 128 rows used).
+BLOCK_M cannot hold them; a sub-tile past the tile's real tokens does nothing). Group sizes need not be powers of
+two (7: 16 tokens x 7 heads = 112 of 128 rows used). A row of one new token (a decode row) is a tile of one token.
 
 Keys of the tile, in order (online softmax, running max in log2 units, float32 statistics):
   history   logical positions [0, q_start) of the row, from the pool through its page-table row (`attend_pages`)
@@ -17,7 +24,8 @@ Keys of the tile, in order (online softmax, running max in log2 units, float32 s
             down to BLOCK_N.
 New keys are read from the inputs, never from the pool: the launch stores them (each tile its own TOKENS
 tokens, sub-tile 0 of each kv head), so no CTA reads a slot another CTA writes. Padding positions of the inputs
-(past q_len) are never loaded: they may hold NaN / Inf. Out is written at the tile's real tokens only.
+(past q_len) are never loaded: they may hold NaN / Inf. Out is written at the tile's real tokens by the tiles and
+past them by the zero units (Out's (Hq, D) per position contiguous): every element once.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from paged.kernels.triton_sizing import triton
 from paged.kernels.triton_tiles import attend_pages
 
 _mixed_kernel = None  # without Triton (the module then only imports)
+#: Output elements a zero unit covers (256 KB at 2 bytes), and per store.
+ZERO_ELEMS = 1 << 17
+ZERO_STORE = 2048
 
 if triton is not None:
     import triton.language as tl
@@ -81,31 +92,26 @@ if triton is not None:
         tl.store(v_head + slot[:, None] * stride_ks + dims[None, :], vn, mask=io)
 
     @triton.jit
-    def _mixed_kernel(
-        Q, K, V, KNew, VNew, PageTable, QStart, QLen, Tiles, Used, Out,
-        stride_qb, stride_ql, stride_qh, stride_kh, stride_ks, stride_knb, stride_knl, stride_knh,
-        stride_vnb, stride_vnl, stride_vnh, stride_pt, stride_ob, stride_ol, stride_oh, first_tile, tile_cols,
-        scale_log2e,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, TOK_PAD: tl.constexpr,
-        SUB: tl.constexpr, SECTION: tl.constexpr, F32_DOT: tl.constexpr,
-    ):
-        h = tl.program_id(0) // SUB
-        sub = tl.program_id(0) % SUB
-        used = tl.load(Used + SECTION)
-        r = sub * BLOCK_M + tl.arange(0, BLOCK_M)                           # (M,) packed (token, head) rows
-        tok = r // GROUP                                                    # (M,) token of the tile
-        heads = h * GROUP + r % GROUP                                       # (M,) query head
-        dims = tl.arange(0, D_PAD)                                          # (D,)
-        dim_ok = dims < HEAD_DIM
-        k_head = K + h.to(tl.int64) * stride_kh
-        v_head = V + h.to(tl.int64) * stride_kh
-        for i in range(tl.program_id(1), used, tl.num_programs(1)):
-            b = tl.load(Tiles + first_tile + i)
-            q0 = tl.load(Tiles + tile_cols + first_tile + i)
-            b64 = b.to(tl.int64)
-            start = tl.load(QStart + b)
-            n = tl.load(QLen + b)
+    def _tile(Q, K, V, KNew, VNew, PageTable, QStart, QLen, Tiles, Out, i, h, sub,
+              stride_qb, stride_ql, stride_qh, stride_kh, stride_ks, stride_knb, stride_knl, stride_knh,
+              stride_vnb, stride_vnl, stride_vnh, stride_pt, stride_ob, stride_ol, stride_oh, tile_cols, scale_log2e,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, TOK_PAD: tl.constexpr,
+              F32_DOT: tl.constexpr):
+        """Tile i of the list for kv head h, sub-tile sub (module docstring)."""
+        b = tl.load(Tiles + i)
+        q0 = tl.load(Tiles + tile_cols + i)
+        b64 = b.to(tl.int64)
+        start = tl.load(QStart + b)
+        n = tl.load(QLen + b)
+        if sub * BLOCK_M < (tl.minimum(q0 + TOKENS, n) - q0) * GROUP:      # the sub-tile holds real queries
+            r = sub * BLOCK_M + tl.arange(0, BLOCK_M)                       # (M,) packed (token, head) rows
+            tok = r // GROUP                                                # (M,) token of the tile
+            heads = h * GROUP + r % GROUP                                   # (M,) query head
+            dims = tl.arange(0, D_PAD)                                      # (D,)
+            dim_ok = dims < HEAD_DIM
+            k_head = K + h.to(tl.int64) * stride_kh
+            v_head = V + h.to(tl.int64) * stride_kh
             qidx = q0 + tok                                                 # (M,) new-token index of each row
             row_ok = (tok < TOKENS) & (qidx < n)
             io = row_ok[:, None] & dim_ok[None, :]
@@ -128,3 +134,47 @@ if triton is not None:
             out = acc / tl.where(l > 0, l, 1.0)[:, None]                    # (M, D)
             tl.store(Out + b64 * stride_ob + qidx[:, None] * stride_ol + heads[:, None] * stride_oh + dims[None, :],
                      out.to(Out.dtype.element_ty), mask=io)
+
+    @triton.jit
+    def _zero(Out, QLen, b, j, stride_ob, stride_ol, out_len, ZERO_ELEMS: tl.constexpr,
+              ZERO_STORE: tl.constexpr):
+        """Zero block j (ZERO_ELEMS elements of stride_ol per position) of row b's output past its q_len."""
+        n = tl.load(QLen + b)
+        lo = tl.maximum(j * ZERO_ELEMS, n * stride_ol)
+        hi = tl.minimum((j + 1) * ZERO_ELEMS, out_len * stride_ol)
+        row = Out + b.to(tl.int64) * stride_ob
+        for e in range(lo, hi, ZERO_STORE):
+            idx = e + tl.arange(0, ZERO_STORE)
+            tl.store(row + idx, tl.zeros([ZERO_STORE], Out.dtype.element_ty), mask=idx < hi)
+
+    @triton.jit
+    def _mixed_kernel(
+        Q, K, V, KNew, VNew, PageTable, QStart, QLen, Tiles, Used, Counter, Out,
+        stride_qb, stride_ql, stride_qh, stride_kh, stride_ks, stride_knb, stride_knl, stride_knh,
+        stride_vnb, stride_vnl, stride_vnh, stride_pt, stride_ob, stride_ol, stride_oh, tile_cols,
+        out_rows, out_len, zero_blocks, scale_log2e,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, TOK_PAD: tl.constexpr,
+        SUB: tl.constexpr, HKV: tl.constexpr, F32_DOT: tl.constexpr, ZERO_ELEMS: tl.constexpr,
+        ZERO_STORE: tl.constexpr,
+    ):
+        tile_units = tl.load(Used) * (HKV * SUB)
+        units = tile_units + out_rows * zero_blocks
+        u = tl.atomic_add(Counter, 1)
+        while u < units:
+            if u < tile_units:
+                hs = u % (HKV * SUB)
+                _tile(Q, K, V, KNew, VNew, PageTable, QStart, QLen, Tiles, Out, u // (HKV * SUB), hs // SUB,
+                      hs % SUB, stride_qb, stride_ql, stride_qh, stride_kh, stride_ks, stride_knb, stride_knl,
+                      stride_knh, stride_vnb, stride_vnl, stride_vnh, stride_pt, stride_ob, stride_ol, stride_oh,
+                      tile_cols, scale_log2e, GROUP, HEAD_DIM, D_PAD, PAGE, BLOCK_M, BLOCK_N, TOKENS, TOK_PAD,
+                      F32_DOT)
+            else:
+                z = u - tile_units
+                _zero(Out, QLen, z // zero_blocks, z % zero_blocks, stride_ob, stride_ol, out_len, ZERO_ELEMS,
+                      ZERO_STORE)
+            u = tl.atomic_add(Counter, 1)
+        # Every CTA has drawn its last unit before it counts itself done: the last one resets both counters.
+        if tl.atomic_add(Counter + 1, 1) == tl.num_programs(0) - 1:
+            tl.atomic_xchg(Counter, 0)
+            tl.atomic_xchg(Counter + 1, 0)
