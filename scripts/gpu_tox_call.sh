@@ -6,6 +6,8 @@
 #   3. the decode classes of issue 19 (scripts/gpu_decode_classes.sh, DECODE_BUDGET_S, 0 skips it), and its mixed
 #      prefill+decode steps (scripts/gpu_mixed_steps.py, MIXED_BUDGET_S, 0 skips it)
 #   4. `tox -e gpu` itself (tox-current-env: this machine's torch lives in a venv tox cannot see), timed
+#   SWEEP_ARGS: more arguments of the sweep (e.g. `--only mixed --cases NAME --no-flashinfer`); PACK=1 packs every
+#   output but machine.txt into OUTDIR/all.tgz at the end (a device call brings back at most 8 files)
 #   bash scripts/gpu_tox_call.sh OUTDIR [TOX_LIMIT_S]
 # Needs ./.whl from `bash ../shared/tools/device-wheels.sh --peers` and `--tox`, plus the pytest-xdist and execnet
 # wheels (`pip download --no-deps pytest-xdist execnet -d .whl`).
@@ -28,7 +30,8 @@ stage() {  # stage NAME LIMIT CMD...: run CMD under LIMIT seconds into OUT/NAME.
   echo "$name: exit $? in $(( $(date +%s) - t ))s (limit $lim)" | tee -a "$out/machine.txt"
 }
 if [ "${SWEEP_BUDGET_S:-0}" != 0 ]; then  # issue 19's sizing sweeps first: the data a later rule is fitted to
-  stage sweep19 $(( SWEEP_BUDGET_S + 60 )) "$PY" scripts/gpu_sweep19.py "$out/sweep" --budget-s "$SWEEP_BUDGET_S"
+  stage sweep19 $(( SWEEP_BUDGET_S + 60 )) "$PY" scripts/gpu_sweep19.py "$out/sweep" --budget-s "$SWEEP_BUDGET_S" \
+      ${SWEEP_ARGS:-}
 fi
 if [ "${HOST_STAGES:-1}" != 0 ]; then
 stage run_profile 60 "$PY" scripts/run_host_profile.py --device cuda --launches real --rounds 1000 --profile-top 25
@@ -49,3 +52,7 @@ grep -E "test_|Name" "$out/host.log" | head -30
 cat "$out/decode/decode_classes.md" 2>/dev/null | head -60
 cat "$out/sweep/sweep19.md" 2>/dev/null
 if [ -f "$out/mixed/mixed_steps.md" ]; then head -40 "$out/mixed/mixed_steps.md"; else tail -n 30 "$out/mixed_steps.log" 2>/dev/null; fi
+if [ "${PACK:-0}" = 1 ]; then
+  (cd "$out" && tar czf /tmp/all.tgz --exclude machine.txt . && find . -mindepth 1 ! -name machine.txt -delete \
+      && mv /tmp/all.tgz .)
+fi

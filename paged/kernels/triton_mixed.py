@@ -97,9 +97,11 @@ def fill_tiles(q_start: np.ndarray, q_len: np.ndarray, tiles: np.ndarray, used: 
 
 def mixed_options(dtype: torch.dtype, head_dim: int, device: torch.device, block_m: int) -> dict:
     """Key tile, warps and stages of a launch with `block_m` packed rows: 64-key tiles (32 past head dim 128), 8
-    warps for 128 rows (else 4), Hopper 3 stages in ~200 KB of shared memory (else 2 in ~96 KB), the key tile
-    halved until the stages and the Q tile fit. Swept on an H200 (scripts/gpu_sweep19.py --only mixed)."""
+    warps for 128 rows (else 4), 2 stages, the key tile halved until the stages and the Q tile fit the card's
+    pipeline budget. On an H200 (scripts/gpu_sweep19.py --only mixed, results/h200-2026-12-03c): 2 stages were 2-3%
+    faster than 3 on each of the four headline mixed steps, and no 32- or 64-query tile was faster than 16."""
     _, stages, budget = pipeline_budget(device)
+    stages = min(stages, 2)
     d_pad = _next_pow2(max(head_dim, 16))
     block_n = fit_key_tile(64 if d_pad <= 128 else 32, head_dim, dtype, stages, budget,
                            fixed=block_m * d_pad * dtype.itemsize)                 # + the query tile
