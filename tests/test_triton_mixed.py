@@ -139,9 +139,9 @@ def test_tile_list():
 
 
 def test_tile_options_and_grid_sizes_compute_the_same_attention(kernel_device):
-    """The tile's query count, the launch options and the persistent grid are parameters (scripts/gpu_sweep19.py):
-    32- and 64-query tiles (sub-tiles where tokens x group pass BLOCK_M, one CTA drawing every unit, more CTAs
-    than units) give the default's outputs and pool writes (float32), and leave the work counter at 0."""
+    """The tile's query count and the persistent grid are parameters (scripts/gpu_sweep19.py): 32- and 64-query
+    tiles, with one CTA drawing every unit and with more CTAs than units, give the default's outputs and pool writes
+    (float32), and leave the work counter at 0. (Sub-tiles: CASES[2], a group of 9.)"""
     rows, hq, hkv, d, page = [(37, 70), (0, 45), (90, 1), (12, 33), (0, 0)], 4, 2, 32, 16
     gen = torch.Generator().manual_seed(5)
     k_pool, v_pool, table = _pools(rows, hkv, d, page, torch.float32, kernel_device, gen)
@@ -169,6 +169,38 @@ def test_tile_options_and_grid_sizes_compute_the_same_attention(kernel_device):
         assert counter.tolist() == [0, 0]
 
 
+def test_padding_over_several_zero_blocks_is_zeroed_launch_after_launch(kernel_device):
+    """Rows whose padding spans several zero units (L x Hq x D > ZERO_ELEMS), into a NaN-filled output, three
+    launches on one counter (a cache's layers): every padding element 0, the real positions as the reference, the
+    counter back at 0 after each launch."""
+    from paged.kernels.triton_mixed_source import ZERO_ELEMS
+    rows, hq, hkv, d, page = [(5, 40), (3, 1), (0, 0)], 8, 2, 64, 16
+    L = 300
+    assert ZERO_ELEMS < L * hq * d <= 2 * ZERO_ELEMS                                   # 2 zero blocks per row
+    gen = torch.Generator().manual_seed(7)
+    k_pool, v_pool, table = _pools(rows, hkv, d, page, torch.float32, kernel_device, gen)
+    q, k, v = _inputs(rows, hq, hkv, d, torch.float32, kernel_device, gen)
+    pad = (lambda x: torch.cat([x, torch.full((3, L - x.shape[1], *x.shape[2:]), NAN, device=x.device)], 1))
+    q, k, v = pad(q), pad(k), pad(v)
+    starts, lens = [s for s, _ in rows], [n for _, n in rows]
+    q_start, q_len = (torch.tensor(x, dtype=torch.int32, device=kernel_device) for x in (starts, lens))
+    gold = reference(q, k, v, k_pool, v_pool, table, starts, lens, page, d ** -0.5, torch.float64)
+    cols = triton_mixed.chunk_columns(3, L)
+    tiles, used = np.zeros((2, cols), np.int32), np.zeros(1, np.int32)
+    triton_mixed.fill_tiles(np.array(starts, np.int32), np.array(lens, np.int32), tiles, used, cols)
+    state = triton_mixed.launch_state(torch.float32, kernel_device, hq, hkv, d, page)
+    counter = torch.zeros(2, dtype=torch.int32, device=kernel_device)
+    for _ in range(3):
+        out = torch.full(q.shape, NAN, device=kernel_device)
+        triton_mixed.launch(state, q, k_pool, v_pool, k, v, table, q_start, q_len,
+                            torch.from_numpy(tiles).to(kernel_device), torch.from_numpy(used).to(kernel_device),
+                            counter, d ** -0.5, out)
+        assert counter.tolist() == [0, 0]
+        for b, n in enumerate(lens):
+            assert out[b, n:].eq(0).all(), f"row {b}: padding not 0"
+            torch.testing.assert_close(out[b, :n].double().cpu(), gold[b, :n], rtol=1e-4, atol=1e-4)
+
+
 def test_launch_refuses_an_output_it_cannot_zero_by_rows(kernel_device):
     """The zero units write each position's (Hq, D) as one flat run: a strided output is refused up front."""
     state = triton_mixed.launch_state(torch.float32, kernel_device, 4, 2, 32, 16)
@@ -178,6 +210,13 @@ def test_launch_refuses_an_output_it_cannot_zero_by_rows(kernel_device):
     with pytest.raises(ValueError, match="contiguous per position"):
         triton_mixed.launch(state, q, q, q, q, q, one[None], one, one, one[None].expand(2, 1), one, one.repeat(2),
                             1.0, out)
+    with pytest.raises(ValueError, match="does not fit this launch state"):
+        triton_mixed.launch(state, q, q, q, q, q, one[None], one, one, one[None].expand(2, 1), one, one.repeat(2),
+                            1.0, torch.zeros(1, 4, 2, 32, device=kernel_device))
+    huge = torch.zeros(2 ** 31 // (4 * 32), 4, 32, device="meta")[None]                # a row of 2**31 elements
+    with pytest.raises(ValueError, match="32-bit row offsets"):
+        triton_mixed.launch(state, q, q, q, q, q, one[None], one, one, one[None].expand(2, 1), one, one.repeat(2),
+                            1.0, huge)
 
 
 def test_choose_sends_mixed_steps_to_the_mixed_kernel_beside_triton_decode():

@@ -111,7 +111,9 @@ def mixed_options(dtype: torch.dtype, head_dim: int, device: torch.device, block
 @dataclass
 class _Bucket:
     """What the kernel fixes once per bucket: the tile columns C, the tile list's device fields, the launch's work
-    counter (2,) int32 (at 0 between launches), and per query head count the launch state."""
+    counter (2,) int32 (at 0 between launches), and per query head count the launch state. The bucket's launches
+    share the counter, so they must run one after another (one stream, or graph nodes in sequence): two at once
+    would split one another's work units."""
 
     cols: int
     tiles: torch.Tensor                                                     # (2, C) int32, device
@@ -186,9 +188,15 @@ def launch(state: tuple, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     (Hkv, N * P, D) or (1, Hkv, N * P, D); page_table (>= B, W), q_start / q_len (>= B,) int32, q_len 0 for rows
     without tiles; tiles (2, C), used (1,) int32 (`fill_tiles`, rows < B); counter (2,) int32, 0 (left at 0)."""
     B, L, Hq, D = out.shape
+    launcher, grid = state
+    c = launcher.constexprs
+    if (Hq, D) != (c["GROUP"] * c["HKV"], c["HEAD_DIM"]) or q_len.numel() < B:
+        raise ValueError(f"out {tuple(out.shape)} does not fit this launch state ({c['GROUP'] * c['HKV']} query "
+                         f"heads of {c['HEAD_DIM']}) or its {q_len.numel()} row lengths")
     if out.stride(3) != 1 or out.stride(2) != D or out.stride(1) != Hq * D:
         raise ValueError(f"out's (Hq, D) must be contiguous per position, not strides {out.stride()}")
-    launcher, grid = state
+    if L * Hq * D + ZERO_ELEMS >= 2 ** 31:      # the kernel's offsets within a row are 32-bit
+        raise ValueError(f"a row of {L} positions x {Hq * D} elements is past the kernel's 32-bit row offsets")
     zero_blocks = -(-L * Hq * D // ZERO_ELEMS)
     tensors = (q, k_pool, v_pool, k_new, v_new, page_table, q_start, q_len, tiles, used, counter, out)
     scalars = (q.stride(0), q.stride(1), q.stride(2), k_pool.stride(-3), k_pool.stride(-2), k_new.stride(0),
