@@ -2,7 +2,7 @@
 FlexAttention's path in the same cache (the step's flex plan over the same pages) and FlashInfer's
 BatchPrefillWithPagedKVCacheWrapper (causal, NHD, a copy of the same pages).
 
-    python scripts/gpu_mixed_steps.py OUT [--budget-s 60] [--cpu-dry-run]
+    python scripts/gpu_mixed_steps.py OUT [--budget-s 60] [--cpu-dry-run] [--no-flashinfer]
 
 Cases (rows as history + new tokens; decode rows' histories log-uniform in 1k..8k; Hq/Hkv 32/8, D 128, page 64
 unless named): one 512- or 2048-token chunk over a 4k history among 31 / 63 decode rows, a fresh 2048-token prompt
@@ -215,6 +215,7 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--budget-s", type=float, default=60, help="no new case starts past this many seconds")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on the CPU's Triton interpreter")
+    ap.add_argument("--no-flashinfer", action="store_true", help="time only triton and flex")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0, dry = time.time(), args.cpu_dry_run
@@ -224,7 +225,7 @@ def main() -> int:
     if not dry:
         timer = Timer(dev)
         bw = copy_bandwidth(dev)
-        fi["version"] = _flashinfer_version()
+        fi["version"] = None if args.no_flashinfer else _flashinfer_version()
         meta.update(gpu=torch.cuda.get_device_name(dev), copy_gbps=bw / 1e9, flashinfer=fi["version"])
     return run_cases(cases()[:2] if dry else cases(),
                      lambda c: run_case(shrink(c) if dry else c, dev, timer, bw, fi, args.budget_s, t0),
